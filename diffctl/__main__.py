@@ -1,0 +1,5 @@
+import sys
+
+from diffctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""The `diffctl` console script: subcommands dispatched to Hydra applications."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+import diffctl  # noqa: F401  (torchvision shim before lightning/torchmetrics import it)
+from diffctl.errors import DiffctlError
+
+def config_dir() -> Path:
+    """conf/ ships inside the wheel as the `diffctl.conf` package; in a source checkout that was
+    not installed it is the top-level conf/ directory next to the package."""
+    try:
+        path = Path(str(resources.files("diffctl.conf")))
+        if (path / "train.yaml").is_file():
+            return path
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def config_groups() -> dict[str, list[str]]:
+    root = config_dir()
+    groups = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        choices = sorted(f.stem for f in d.glob("*.yaml"))
+        if choices:
+            groups[d.name] = choices
+    return groups
+
+
+def _print_error(err: BaseException) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {err}", soft_wrap=True)
+
+
+def user_errors(task):
+    """Turn DiffctlError into one line on stderr and exit code 1 (HYDRA_FULL_ERROR=1 shows the traceback)."""
+
+    @functools.wraps(task)
+    def wrapper(cfg):
+        try:
+            return task(cfg)
+        except DiffctlError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            _print_error(err)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _train_task(cfg):
+    from diffctl.train import train
+
+    result = train(cfg)
+    # Hydra sweepers (Optuna) optimise the task's return value.
+    return result["loss"] if cfg.get("optimized_metric") == "train/loss" else result
+
+
+# command -> (Hydra task, config name, one-line description)
+SUBCOMMANDS = {
+    "train": (_train_task, "train", "train a diffusion model"),
+}
+
+
+def _usage() -> str:
+    lines = [
+        "usage: diffctl <command> [key=value ...] [--multirun] [--help]",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<8} {desc}" for name, (_, _, desc) in SUBCOMMANDS.items()]
+    lines += ["", "config groups (choose with group=choice):"]
+    lines += [f"  {g:<15} {' | '.join(c)}" for g, c in config_groups().items()]
+    lines += [
+        "",
+        "examples:",
+        "  diffctl train                                 # offline quickstart (digits, small U-Net, VP, DDPM loss)",
+        "  diffctl train model=dit sde=ve objective=ncsn trainer.max_steps=2000",
+        "  diffctl train --multirun model=unet,dit sde=vp,ve",
+        "  diffctl train --help                          # every config key of train",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in ("-V", "--version"):
+        print(diffctl.__version__)
+        return 0
+    if command not in SUBCOMMANDS:
+        _print_error(f"unknown command {command!r}; choose one of: {', '.join(SUBCOMMANDS)} (see `diffctl --help`)")
+        return 2
+    import hydra
+
+    task, config_name, _ = SUBCOMMANDS[command]
+    # Hydra reads sys.argv; its program name shows up in --help output.
+    sys.argv = [f"diffctl {command}", *rest]
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(user_errors(task))
+    app()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

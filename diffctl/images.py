@@ -1,0 +1,40 @@
+"""Image conversion and PNG grids."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] float NCHW -> uint8 NHWC; clipping and rounding happen here and only here."""
+    x = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2, min_tile: int = 32) -> np.ndarray:
+    """uint8 NHWC -> one HxWxC uint8 grid; tiny images are upscaled (nearest) to min_tile px."""
+    n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    scale = max(1, math.ceil(min_tile / max(h, w)))
+    if scale > 1:
+        images = images.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        h, w = h * scale, w * scale
+    grid = torch.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y0 : y0 + h, x0 : x0 + w] = images[i]
+    return grid.numpy()
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> np.ndarray:
+    grid = make_grid(images, nrow)
+    Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(path)
+    return grid

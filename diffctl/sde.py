@@ -1,0 +1,173 @@
+"""Forward SDEs in continuous time t in [eps, 1] (Song et al., 2021).
+
+Each SDE is described by its Gaussian perturbation kernel
+    x_t = alpha(t) * x_0 + sigma(t) * z,   z ~ N(0, I)
+and by the drift f(x, t) and diffusion g(t) of  dx = f(x, t) dt + g(t) dw.
+Everything else (samplers, objectives, likelihoods) is written in terms of these.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-sample [B] tensor so it broadcasts against x [B, ...]."""
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+class SDE(ABC):
+    """Base class; subclasses define log_alpha, sigma, beta-like rates and the prior."""
+
+    name = "sde"
+
+    def __init__(self, eps: float = 1e-5):
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"sde.eps must be in (0, 1), got {eps}")
+        self.eps = float(eps)
+        self.T = 1.0
+
+    # --- marginals -------------------------------------------------------------------
+    @abstractmethod
+    def alpha(self, t: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def sigma(self, t: Tensor) -> Tensor: ...
+
+    def marginal(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * noise
+
+    def noise_ratio(self, t: Tensor) -> Tensor:
+        """sigma/alpha: the noise level of x_t/alpha, which is a VE process (monotone in t)."""
+        return self.sigma(t) / self.alpha(t)
+
+    def t_from_noise_ratio(self, ratio: Tensor, iters: int = 64) -> Tensor:
+        """Invert noise_ratio by bisection (it is strictly increasing on [eps, 1])."""
+        ratio = torch.as_tensor(ratio, dtype=torch.float64)
+        lo = torch.full_like(ratio, 0.0)
+        hi = torch.full_like(ratio, self.T)
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            below = self.noise_ratio(mid) < ratio
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        return (lo + hi) / 2
+
+    # --- the SDE itself --------------------------------------------------------------
+    @abstractmethod
+    def drift(self, x: Tensor, t: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def diffusion(self, t: Tensor) -> Tensor: ...
+
+    # --- prior -----------------------------------------------------------------------
+    def prior_std(self) -> float:
+        return 1.0
+
+    def prior_sample(self, shape, generator: torch.Generator | None = None, device=None) -> Tensor:
+        return torch.randn(shape, generator=generator, device=device) * self.prior_std()
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """Log-density of the isotropic Gaussian prior, summed over all but the batch dim."""
+        s = self.prior_std()
+        d = z[0].numel()
+        return -0.5 * d * math.log(2 * math.pi * s * s) - z.flatten(1).pow(2).sum(1) / (2 * s * s)
+
+    def __repr__(self) -> str:  # shows up in logs and error messages
+        params = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class VPSDE(SDE):
+    """Variance preserving: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta linear in t.
+
+    The continuous limit of DDPM's linear schedule: beta_i = beta(t_i)/N with N steps.
+    """
+
+    name = "vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5):
+        super().__init__(eps)
+        if not 0.0 <= beta_min < beta_max:
+            raise ValueError(f"VP SDE needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def integrated_beta(self, t: Tensor) -> Tensor:
+        """int_0^t beta(s) ds."""
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(-0.5 * self.integrated_beta(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        # -expm1 keeps precision when t is tiny (sigma ~ sqrt(beta_min * t)).
+        return torch.sqrt(-torch.expm1(-self.integrated_beta(t)))
+
+    def drift(self, x: Tensor, t: Tensor) -> Tensor:
+        return -0.5 * _bcast(self.beta(t), x) * x
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return torch.sqrt(self.beta(t))
+
+
+class SubVPSDE(VPSDE):
+    """sub-VP: same drift as VP, diffusion g^2 = beta(t) (1 - exp(-2 int beta)); its marginal
+    std 1 - exp(-int beta) is below VP's, which gave better likelihoods in Song et al."""
+
+    name = "vpsub"
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return -torch.expm1(-self.integrated_beta(t))
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return torch.sqrt(self.beta(t) * -torch.expm1(-2.0 * self.integrated_beta(t)))
+
+
+class VESDE(SDE):
+    """Variance exploding: dx = sqrt(d sigma^2/dt) dw with sigma(t) geometric in t (SMLD/NCSN)."""
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, eps: float = 1e-5):
+        super().__init__(eps)
+        if not 0.0 < sigma_min < sigma_max:
+            raise ValueError(f"VE SDE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def t_from_noise_ratio(self, ratio: Tensor, iters: int = 64) -> Tensor:
+        ratio = torch.as_tensor(ratio, dtype=torch.float64)
+        return torch.log(ratio / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+
+    def drift(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return self.sigma(t) * math.sqrt(2.0 * math.log(self.sigma_max / self.sigma_min))
+
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+
+def ddpm_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """DDPM's discrete linear schedule (float64). Step i corresponds to VP time t=(i+1)/N with
+    beta_min = N*beta_start and beta_max = N*beta_end (0.1 and 20 for the defaults)."""
+    return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+
+
+def ddpm_alphas_cumprod(betas: Tensor) -> Tensor:
+    return torch.cumprod(1.0 - betas, dim=0)

@@ -1,0 +1,154 @@
+"""`diffctl train`: the Hydra task that builds everything from the config and runs Lightning."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffctl.build import _instantiate, build_denoiser, build_objective, build_sde, load_denoiser, plain, same_sde
+from diffctl.callbacks import SampleGrid, StepCheckpoint, TrainSummary
+from diffctl.checkpoint import checkpoint_config, load_checkpoint, resolve_checkpoint
+from diffctl.errors import ConfigError
+from diffctl.module import DiffusionModule
+
+# Parts of the config that define what is trained; on resume they come from the checkpoint.
+MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout")
+# Keys of a data config that are hints for other groups, not DataModule arguments.
+DATA_HINT_KEYS = ("ve_sigma_max",)
+
+
+def _apply_resume(cfg: DictConfig) -> Path | None:
+    if not cfg.get("resume"):
+        return None
+    path = resolve_checkpoint(cfg.resume)
+    stored = checkpoint_config(load_checkpoint(path), path)
+    with open_dict(cfg):
+        for key in MODEL_KEYS:
+            if key in stored:
+                cfg[key] = stored[key]
+    print(f"Resuming from {path} (model/sde/objective/data taken from the checkpoint)")
+    return path
+
+
+def _ddp_child_command(local_rank: int) -> tuple[list[str], str]:
+    """Command Lightning runs for DDP ranks > 0 when it launches them itself.
+
+    Lightning's own version replays sys.argv, which under `--multirun` would start a whole
+    sweep per rank and under Hydra's timestamped dirs a second run directory. We replay only
+    this job's overrides into this job's directory instead (cf. lightning-hydra-template #393).
+    """
+    from hydra.utils import get_original_cwd
+
+    hc = HydraConfig.get()
+    command = [sys.executable, "-m", "diffctl", "train", *hc.overrides.task]
+    command += [
+        f"hydra.run.dir='{hc.runtime.output_dir}'",
+        f"hydra.job.name=train_ddp_rank{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    return command, get_original_cwd()
+
+
+def _patch_ddp_launcher() -> None:
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    subprocess_script._hydra_subprocess_cmd = _ddp_child_command
+
+
+def _build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any] | bool:
+    if not cfg.get("logger"):
+        return False
+    return [_instantiate(cfg.logger, "logger")]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ckpt_path = _apply_resume(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in DATA_HINT_KEYS])
+    datamodule = _instantiate(data_cfg, "data", seed=cfg.seed)
+    if cfg.conditional and datamodule.num_classes == 0:
+        raise ConfigError(
+            f"conditional=true needs class labels, but data={cfg.data.name} has none; "
+            "use a dataset with classes or set conditional=false"
+        )
+    shape = {
+        "channels": datamodule.channels,
+        "resolution": datamodule.resolution,
+        "num_classes": datamodule.num_classes if cfg.conditional else 0,
+    }
+    with open_dict(cfg):
+        cfg.data_shape = shape
+
+    sde = build_sde(cfg)
+    objective = build_objective(cfg, sde)
+    if getattr(objective, "teacher_path", None):
+        teacher, teacher_cfg = load_denoiser(objective.teacher_path, use_ema=True)
+        if not same_sde(teacher.sde, sde):
+            raise ConfigError(
+                f"consistency distillation needs the teacher's SDE: teacher has {teacher.sde}, this run has {sde}; "
+                f"set sde={teacher.sde.name} with the same parameters"
+            )
+        if teacher.prediction == "consistency" or dict(teacher_cfg.data_shape) != shape:
+            raise ConfigError(
+                "objective.teacher must be a diffusion (ddpm/ncsn) checkpoint trained on the same data shape "
+                f"(teacher: {dict(teacher_cfg.data_shape)}, prediction {teacher.prediction}; this run: {shape})"
+            )
+        objective.teacher = teacher
+    denoiser = build_denoiser(cfg, sde, objective, shape)
+
+    module = DiffusionModule(
+        denoiser,
+        objective,
+        optim=plain(cfg.optim),
+        ema=plain(cfg.ema),
+        conditional=cfg.conditional,
+        label_dropout=cfg.label_dropout,
+        config=plain(cfg),
+        seed=cfg.seed,
+    )
+    grid = SampleGrid(
+        out_dir=str(run_dir / "samples"),
+        every_n_steps=cfg.sample_grid.every_n_steps,
+        num=cfg.sample_grid.num,
+        sampler="consistency" if objective.prediction == "consistency" else cfg.sample_grid.sampler,
+        steps=cfg.sample_grid.consistency_steps if objective.prediction == "consistency" else cfg.sample_grid.steps,
+        seed=cfg.sample_grid.seed,
+    )
+    callbacks = [
+        StepCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            filename="step_{step:07d}",
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+            save_top_k=-1,
+            save_last=True,
+            auto_insert_metric_name=False,
+        ),
+        grid,
+        TrainSummary(str(run_dir)),
+    ]
+    if cfg.progress_bar:
+        callbacks.append(RichProgressBar())
+    loggers = _build_loggers(cfg, run_dir)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+
+    _patch_ddp_launcher()
+    trainer = _instantiate(
+        cfg.trainer,
+        "trainer",
+        callbacks=callbacks,
+        logger=loggers,
+        default_root_dir=str(run_dir),
+        enable_progress_bar=bool(cfg.progress_bar),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    metric = trainer.callback_metrics.get("train/loss")
+    return {"run_dir": str(run_dir), "global_step": trainer.global_step, "loss": float(metric) if metric is not None else None}

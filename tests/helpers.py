@@ -1,0 +1,73 @@
+"""Shared test utilities: compose the real train config in-process, and run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from diffctl.cli import config_dir
+
+# A network, dataset and schedule small enough that a few steps take well under a second.
+TINY_UNET = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]"]
+TINY_DIT = ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2"]
+TINY_RUN = [
+    "data=digits",
+    "data.limit=128",
+    "data.batch_size=16",
+    "trainer=cpu",
+    "trainer.max_steps=3",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+    "logger=none",
+    "progress_bar=false",
+    "sample_grid.every_n_steps=0",
+    "sample_grid.num=4",
+    "sample_grid.steps=2",
+    "checkpoint.every_n_steps=1000",
+]
+
+
+def tiny_overrides(model: str = "unet") -> list[str]:
+    return [f"model={model}", *TINY_RUN, *(TINY_DIT if model == "dit" else TINY_UNET)]
+
+
+def compose_train(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The config `diffctl train <overrides>` would run with, output going to run_dir."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_train(run_dir: Path, overrides: list[str]) -> dict:
+    from diffctl.train import train
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return train(compose_train(run_dir, overrides))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m diffctl <args>` as a user would, capturing output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "diffctl", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def subtree(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
