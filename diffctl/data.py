@@ -433,6 +433,10 @@ class DiffusionDataModule(L.LightningDataModule):
             world_size=trainer.world_size if trainer else 1,
             seed=self.seed,
         )
+        if trainer is not None and trainer.global_step > 0:
+            # Resuming mid-epoch: continue the epoch's permutation where the checkpoint left it.
+            consumed = trainer.global_step * trainer.accumulate_grad_batches
+            sampler.skip = max(0, consumed - trainer.current_epoch * len(sampler)) % max(len(sampler), 1)
         return DataLoader(
             self.dataset("train"),
             batch_sampler=sampler,

@@ -66,17 +66,20 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.n, self.batch_size, self.rank, self.world, self.seed = num_samples, batch_size, rank, world_size, seed
         self.epoch = 0
+        self.skip = 0  # batches of the current epoch already consumed before a resume
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
         self.epoch = epoch
 
     def __len__(self) -> int:
+        """Batches in a full epoch."""
         return self.n // (self.batch_size * self.world)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(_key(self.seed, self.epoch))
         perm = torch.randperm(self.n, generator=gen)
         g = self.batch_size * self.world
-        for k in range(len(self)):
+        skip, self.skip = self.skip, 0  # only the first epoch after resuming is partial
+        for k in range(skip, len(self)):
             start = k * g + self.rank * self.batch_size
             yield perm[start : start + self.batch_size].tolist()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -149,6 +151,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=str(run_dir),
         enable_progress_bar=bool(cfg.progress_bar),
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    environ = dict(os.environ)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    finally:
+        # The next job of a --multirun sweep runs in this process and needs a fresh process group.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        # Lightning's DDP launcher leaves WORLD_SIZE/MASTER_PORT/... in os.environ, which would make
+        # the next job believe it was launched externally and wait for peers that never come.
+        os.environ.clear()
+        os.environ.update(environ)
     metric = trainer.callback_metrics.get("train/loss")
     return {"run_dir": str(run_dir), "global_step": trainer.global_step, "loss": float(metric) if metric is not None else None}

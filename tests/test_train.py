@@ -90,18 +90,19 @@ def test_ema_is_the_exponential_average_of_raw_weights(tmp_path):
 
 def test_resume_continues_step_count_and_optimizer_state(tmp_path):
     first = tmp_path / "first"
-    run_train(first, [*tiny_overrides("unet"), "trainer.max_steps=4", "checkpoint.every_n_steps=2"])
-    step2 = first / "checkpoints" / "step_0000002.ckpt"
-    assert step2.is_file()
+    # 128 images / batch 16 = 8 steps per epoch: resume mid-epoch at 6 and cross the epoch boundary.
+    run_train(first, [*tiny_overrides("unet"), "trainer.max_steps=12", "checkpoint.every_n_steps=6"])
+    step6 = first / "checkpoints" / "step_0000006.ckpt"
+    assert step6.is_file()
 
     resumed = tmp_path / "resumed"
-    result = run_train(resumed, [*tiny_overrides("unet"), "trainer.max_steps=4", f"resume={step2}"])
-    assert result["global_step"] == 4
+    result = run_train(resumed, [*tiny_overrides("unet"), "trainer.max_steps=12", f"resume={step6}"])
+    assert result["global_step"] == 12
     a = load_ckpt(first / "checkpoints" / "last.ckpt")
     b = load_ckpt(resumed / "checkpoints" / "last.ckpt")
-    assert b["global_step"] == 4
+    assert b["global_step"] == 12
     adam_a, adam_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert float(adam_b[0]["step"]) == 4  # Adam's step counter continued from 2, not restarted
+    assert float(adam_b[0]["step"]) == 12  # Adam's step counter continued from 6, not restarted
     # Same data order and noise after resuming: the weights match the uninterrupted run.
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6)
