@@ -121,3 +121,18 @@ def test_config_tree_found_from_installed_wheel(tmp_path):
     out = run_cli(["train", *tiny_overrides("dit"), "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_runs_trials_and_reports_best(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper (the optuna extra) not installed")
+    sweep = tmp_path / "sweep"
+    out = run_cli(
+        ["train", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+         *tiny_overrides("unet"), f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "optim.lr" in results and "best_value" in results

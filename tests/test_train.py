@@ -128,3 +128,63 @@ def test_class_conditional_training_with_label_dropout(tmp_path):
     # The class table has a row for every class plus the null class used for guidance.
     tables = [v for k, v in state.items() if k.startswith("denoiser.") and v.ndim == 2 and v.shape[0] == 11]
     assert tables, "no (num_classes + 1)-row class embedding in the checkpoint"
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    result = run_train(tmp_path, [*tiny_overrides("unet"), "trainer.accumulate_grad_batches=2", "trainer.max_steps=3"])
+    assert result["global_step"] == 3
+    assert float(load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["optimizer_states"][0]["state"][0]["step"]) == 3
+
+
+def test_tensorboard_logger_gets_loss_and_sample_grid(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(tmp_path, [*tiny_overrides("unet"), "logger=tensorboard"])
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    assert "samples" in events.Tags()["images"]
+
+
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_train(tmp_path, [*tiny_overrides("unet"), "logger=wandb"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_consistency_distillation_from_a_trained_teacher(tmp_path):
+    teacher = tmp_path / "teacher"
+    run_train(teacher, [*tiny_overrides("unet"), "sde=ve", "trainer.max_steps=2"])
+    student = tmp_path / "student"
+    result = run_train(
+        student,
+        [*tiny_overrides("unet"), "sde=ve", "objective=consistency", f"objective.teacher={teacher}",
+         "objective.num_scales_start=18", "objective.num_scales_end=18", "objective.target_decay_start=0.95"],
+    )
+    assert math.isfinite(result["loss"])
+    state = load_ckpt(student / "checkpoints" / "last.ckpt")["state_dict"]
+    assert any(k.startswith("target.") for k in state)  # the EMA target network is checkpointed
+
+
+def test_distillation_teacher_with_another_sde_is_refused(tmp_path):
+    from diffctl.errors import ConfigError
+
+    teacher = tmp_path / "teacher"
+    run_train(teacher, [*tiny_overrides("unet"), "sde=vp", "trainer.max_steps=1"])
+    with pytest.raises(ConfigError, match="teacher's SDE"):
+        run_train(tmp_path / "student", [*tiny_overrides("unet"), "sde=ve", "objective=consistency", f"objective.teacher={teacher}"])
+    assert not (tmp_path / "student" / "checkpoints").exists()
+
+
+def test_conditional_training_on_unlabelled_data_is_refused(tmp_path):
+    from PIL import Image
+
+    from diffctl.errors import ConfigError
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), color=i * 60).save(folder / f"{i}.png")
+    with pytest.raises(ConfigError, match="conditional=true needs class labels"):
+        run_train(tmp_path / "run", [*tiny_overrides("unet"), "data=imagefolder", f"data.root={folder}", "conditional=true"])
