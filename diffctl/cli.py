@@ -23,6 +23,41 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "conf"
 
 
+def run_dir_name(root: str) -> str:
+    """Directory for a new run: <root>/<date>/<time with microseconds>.
+
+    Ranks started by torchrun or SLURM each run Hydra themselves, so they must agree on the name
+    without talking: they use the launcher's shared job id. If there is none (torchrun without
+    --rdzv-id/--standalone), ranks > 0 put their Hydra logs in a temporary directory instead of
+    creating a second run directory; they write no outputs of their own.
+    """
+    env = os.environ
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return f"{root}/torchrun-{run_id}"
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_NTASKS", "1") != "1":
+        return f"{root}/slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '0')}"
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")) or 0)
+    if rank > 0:
+        import tempfile
+
+        return tempfile.mkdtemp(prefix=f"diffctl-rank{rank}-")
+    from datetime import datetime
+
+    now = datetime.now()
+    return f"{root}/{now:%Y-%m-%d}/{now:%H-%M-%S-%f}"
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("diffctl_run_dir"):
+        OmegaConf.register_new_resolver("diffctl_run_dir", run_dir_name, use_cache=True)
+
+
+_register_resolvers()
+
+
 def config_groups() -> dict[str, list[str]]:
     root = config_dir()
     groups = {}

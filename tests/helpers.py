@@ -46,6 +46,8 @@ def compose_train(run_dir: Path, overrides: list[str]) -> DictConfig:
         cfg.hydra.runtime.output_dir = str(run_dir)
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):  # the task function never sees the hydra node
+        del cfg["hydra"]
     return cfg
 
 

@@ -136,3 +136,17 @@ def test_optuna_sweep_runs_trials_and_reports_best(tmp_path):
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     results = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in results and "optim.lr" in results and "best_value" in results
+
+
+@pytest.mark.slow
+def test_torchrun_launch_shares_one_run_directory(tmp_path):
+    """torchrun starts every rank itself (each runs Hydra); they must land in one run directory."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffctl", "train",
+           *tiny_overrides("unet"), "trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=8"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [p for p in (tmp_path / "outputs" / "train").iterdir()]
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun-")
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    assert load_ckpt(runs[0] / "checkpoints" / "last.ckpt")["global_step"] == 3
