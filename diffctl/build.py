@@ -15,7 +15,7 @@ from diffctl.objectives import Objective
 from diffctl.sde import SDE
 
 
-def _instantiate(node, what: str, **kwargs):
+def instantiate_config(node, what: str, **kwargs):
     """hydra instantiate, turning constructor ValueErrors into one-line config errors."""
     try:
         return instantiate(node, **kwargs)
@@ -27,16 +27,16 @@ def _instantiate(node, what: str, **kwargs):
 
 
 def build_sde(cfg: DictConfig) -> SDE:
-    return _instantiate(cfg.sde, "sde")
+    return instantiate_config(cfg.sde, "sde")
 
 
 def build_objective(cfg: DictConfig, sde: SDE) -> Objective:
-    return _instantiate(cfg.objective, "objective", sde=sde)
+    return instantiate_config(cfg.objective, "objective", sde=sde)
 
 
 def build_denoiser(cfg: DictConfig, sde: SDE, objective: Objective, shape: dict[str, int]) -> Denoiser:
     """shape: {'channels', 'resolution', 'num_classes'} of the data the network models."""
-    net = _instantiate(
+    net = instantiate_config(
         cfg.model,
         "model",
         in_channels=shape["channels"],

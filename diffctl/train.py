@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffctl.build import _instantiate, build_denoiser, build_objective, build_sde, load_denoiser, plain, same_sde
+from diffctl.build import instantiate_config, build_denoiser, build_objective, build_sde, load_denoiser, plain, same_sde
 from diffctl.callbacks import SampleGrid, StepCheckpoint, TrainSummary
 from diffctl.checkpoint import checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
@@ -67,7 +67,7 @@ def _patch_ddp_launcher() -> None:
 def _build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any] | bool:
     if not cfg.get("logger"):
         return False
-    return [_instantiate(cfg.logger, "logger")]
+    return [instantiate_config(cfg.logger, "logger")]
 
 
 def _quiet_expected_warnings() -> None:
@@ -83,7 +83,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in DATA_HINT_KEYS])
-    datamodule = _instantiate(data_cfg, "data", seed=cfg.seed)
+    datamodule = instantiate_config(data_cfg, "data", seed=cfg.seed)
     if cfg.conditional and datamodule.num_classes == 0:
         raise ConfigError(
             f"conditional=true needs class labels, but data={cfg.data.name} has none; "
@@ -151,7 +151,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
 
     _patch_ddp_launcher()
-    trainer = _instantiate(
+    trainer = instantiate_config(
         cfg.trainer,
         "trainer",
         callbacks=callbacks,

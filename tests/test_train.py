@@ -47,7 +47,7 @@ def test_bf16_mixed_precision_trains(tmp_path):
     result = run_train(tmp_path, [*tiny_overrides("unet"), "trainer.precision=bf16-mixed"])
     assert math.isfinite(result["loss"])
     ckpt = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")
-    assert ckpt["state_dict"]["denoiser.net.out_conv.weight"].dtype == torch.float32 if "denoiser.net.out_conv.weight" in ckpt["state_dict"] else True
+    # Mixed precision keeps fp32 master weights; the checkpoint holds no bf16 tensors.
     assert all(v.dtype == torch.float32 for k, v in ckpt["state_dict"].items() if v.is_floating_point())
 
 
