@@ -98,9 +98,16 @@ def _train_task(cfg):
     return result["loss"] if cfg.get("optimized_metric") == "train/loss" else result
 
 
+def _sample_task(cfg):
+    from diffctl.sample import sample
+
+    return sample(cfg)
+
+
 # command -> (Hydra task, config name, one-line description)
 SUBCOMMANDS = {
     "train": (_train_task, "train", "train a diffusion model"),
+    "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
 }
 
 
@@ -119,6 +126,7 @@ def _usage() -> str:
         "  diffctl train                                 # offline quickstart (digits, small U-Net, VP, DDPM loss)",
         "  diffctl train model=dit sde=ve objective=ncsn trainer.max_steps=2000",
         "  diffctl train --multirun model=unet,dit sde=vp,ve",
+        "  diffctl sample sampler=ode steps=50           # sample from the newest checkpoint under outputs/",
         "  diffctl train --help                          # every config key of train",
     ]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Sampler
 
 
-def _key(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """Mix integers into one 63-bit generator seed."""
     h = 0x9E3779B97F4A7C15
     for p in parts:
@@ -28,7 +28,7 @@ class BatchRandom:
     def __init__(self, seed: int, step: int, micro: int, rank: int, world_size: int, local_size: int, device):
         self.device = torch.device(device)
         self.gen = torch.Generator(device=self.device)
-        self.gen.manual_seed(_key(seed, step, micro))
+        self.gen.manual_seed(mix_seed(seed, step, micro))
         self.rank, self.world, self.local = rank, world_size, local_size
         self._rows = slice(rank * local_size, (rank + 1) * local_size)
 
@@ -76,7 +76,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return self.n // (self.batch_size * self.world)
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(_key(self.seed, self.epoch))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         perm = torch.randperm(self.n, generator=gen)
         g = self.batch_size * self.world
         skip, self.skip = self.skip, 0  # only the first epoch after resuming is partial

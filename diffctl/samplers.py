@@ -1,7 +1,8 @@
-"""Samplers: pure functions of a denoiser, its SDE, a start noise and a generator.
+"""Samplers: pure functions of a denoiser, its SDE, a start noise and per-sample generators.
 
-Each takes `denoiser(x, t, labels) -> Prediction` and returns x0 (float, unclipped). Noise is
-drawn on the CPU from `generator` so the same seed gives the same images on any device.
+Each takes `denoiser(x, t, labels) -> Prediction` and returns x0 (float, unclipped). Sample i draws
+all its noise from its own CPU generator seeded by (seed, i), so it is the same image whatever the
+batch size, the number of devices or the device type.
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ import torch
 from torch import Tensor
 
 from diffctl.denoiser import Denoiser
+from diffctl.rng import mix_seed
 from diffctl.sde import _bcast
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+def sample_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per sample index, seeded by (seed, index)."""
+    return [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
+
+
+def _randn_like(x: Tensor, generators: list[torch.Generator]) -> Tensor:
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generators]).to(x.device)
 
 
 def time_grid(denoiser: Denoiser, steps: int, device) -> Tensor:
@@ -26,7 +33,7 @@ def time_grid(denoiser: Denoiser, steps: int, device) -> Tensor:
 
 
 @torch.inference_mode()
-def euler_maruyama(denoiser: Denoiser, x: Tensor, steps: int, labels=None, generator=None) -> Tensor:
+def euler_maruyama(denoiser: Denoiser, x: Tensor, steps: int, labels=None, generators=None) -> Tensor:
     """Reverse-time SDE dx = [f - g^2 score] dt + g dw, Euler-Maruyama; the last step returns the
     denoised x0 prediction instead of adding noise (as in Song et al. 2021)."""
     sde = denoiser.sde
@@ -36,12 +43,12 @@ def euler_maruyama(denoiser: Denoiser, x: Tensor, steps: int, labels=None, gener
         dt = float(ts[i + 1] - ts[i])  # negative
         pred = denoiser(x, t, labels)
         g = _bcast(sde.diffusion(t), x)
-        x = x + (sde.drift(x, t) - g * g * pred.score) * dt + g * abs(dt) ** 0.5 * _randn_like(x, generator)
+        x = x + (sde.drift(x, t) - g * g * pred.score) * dt + g * abs(dt) ** 0.5 * _randn_like(x, generators)
     return denoiser(x, ts[-1].to(x.dtype).expand(x.shape[0]), labels).x0
 
 
 @torch.inference_mode()
-def heun_ode(denoiser: Denoiser, x: Tensor, steps: int, labels=None, generator=None) -> Tensor:
+def heun_ode(denoiser: Denoiser, x: Tensor, steps: int, labels=None, generators=None) -> Tensor:
     """Probability-flow ODE dx/dt = f - g^2 score / 2 with Heun's method (2 NFE per step)."""
     sde = denoiser.sde
 
@@ -60,7 +67,7 @@ def heun_ode(denoiser: Denoiser, x: Tensor, steps: int, labels=None, generator=N
 
 
 @torch.inference_mode()
-def consistency(denoiser: Denoiser, x: Tensor, steps: int, labels=None, generator=None) -> Tensor:
+def consistency(denoiser: Denoiser, x: Tensor, steps: int, labels=None, generators=None) -> Tensor:
     """Consistency sampling: one evaluation at T, then (steps-1) re-noise/denoise rounds at noise
     ratios spaced uniformly between s(1) and s(eps) (multistep sampling, Song et al. 2023)."""
     sde = denoiser.sde
@@ -71,7 +78,7 @@ def consistency(denoiser: Denoiser, x: Tensor, steps: int, labels=None, generato
     s_max = float(sde.noise_ratio(torch.tensor(sde.T, dtype=torch.float64)))
     for s in torch.linspace(s_max, s_min, steps + 1, dtype=torch.float64)[1:-1]:
         t = sde.t_from_noise_ratio(s).to(x.dtype).expand(n).to(x.device)
-        y = x0 + (float(s) ** 2 - s_min**2) ** 0.5 * _randn_like(x0, generator)
+        y = x0 + (float(s) ** 2 - s_min**2) ** 0.5 * _randn_like(x0, generators)
         x0 = denoiser(_bcast(sde.alpha(t), y) * y, t, labels).x0
     return x0
 
@@ -92,12 +99,14 @@ def generate(
     seed: int = 0,
     labels: Tensor | None = None,
     device=None,
+    first_index: int = 0,
 ) -> Tensor:
-    """Draw `num` samples of `shape` from the prior with a fixed seed and run `sampler`."""
+    """Samples first_index .. first_index+num-1 of `shape` for `seed`, run through `sampler`."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    generator = torch.Generator().manual_seed(seed)
-    x = denoiser.sde.prior_sample((num, *shape), generator=generator).to(device)
-    return SAMPLERS[sampler](denoiser, x, steps, labels=labels, generator=generator)
+    generators = sample_generators(seed, range(first_index, first_index + num))
+    std = denoiser.sde.prior_std()
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device) * std
+    return SAMPLERS[sampler](denoiser, x, steps, labels=labels, generators=generators)

@@ -9,18 +9,21 @@ from scipy import integrate
 
 from diffctl.sde import SubVPSDE, VESDE, VPSDE, ddpm_alphas_cumprod, ddpm_betas
 
-torch.set_default_dtype(torch.float64)
-
 SDES = {
     "vp": lambda: VPSDE(0.1, 20.0),
     "vpsub": lambda: SubVPSDE(0.1, 20.0),
     "ve": lambda: VESDE(0.01, 50.0),
 }
-TIMES = torch.tensor([1e-4, 0.01, 0.1, 0.3, 0.5, 0.8, 1.0])
+TIMES = torch.tensor([1e-4, 0.01, 0.1, 0.3, 0.5, 0.8, 1.0], dtype=torch.float64)
 
 
-def teardown_module(_):
-    torch.set_default_dtype(torch.float32)
+@pytest.fixture(autouse=True)
+def float64():
+    """These tests compare against closed forms to ~1e-12: run them in double precision."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def test_vp_marginal_matches_numerical_integral_of_beta():
