@@ -26,12 +26,19 @@ def newest_checkpoint(root: Path = Path("outputs")) -> Path:
     return candidates[-1]
 
 
-def _check(cfg: DictConfig, prediction: str) -> None:
+TABLE_COLUMNS = ("sampler", "steps", "nfe_per_sample", "num_samples", "time_s", "images_per_s", "weights")
+
+
+def _check_options(cfg: DictConfig) -> None:
+    """Checks that need no checkpoint: done before loading anything."""
     for key in ("steps", "num_samples", "batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if cfg.sampler.name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {cfg.sampler.name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def _check_sampler_fits(cfg: DictConfig, prediction: str) -> None:
     if (prediction == "consistency") != (cfg.sampler.name == "consistency"):
         raise ConfigError(
             "consistency checkpoints sample with sampler=consistency, and sampler=consistency needs a consistency checkpoint "
@@ -53,12 +60,16 @@ def _labels(cfg: DictConfig, num_classes: int, first: int, n: int, device) -> to
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    _check_options(cfg)
     ckpt = resolve_checkpoint(cfg.ckpt).resolve() if cfg.ckpt else newest_checkpoint().resolve()
     if not cfg.ckpt:
         print(f"Using the newest checkpoint: {ckpt}")
     denoiser, train_cfg = load_denoiser(ckpt, use_ema=cfg.use_ema)
-    _check(cfg, denoiser.prediction)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    _check_sampler_fits(cfg, denoiser.prediction)
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
     denoiser.to(device)
     nfe = [0]
     denoiser.register_forward_hook(lambda *_: nfe.__setitem__(0, nfe[0] + 1))
@@ -109,8 +120,8 @@ def _print_table(result: dict[str, Any], out_dir: Path) -> None:
     from rich.table import Table
 
     table = Table(title="diffctl sample")
-    for key in ("sampler", "steps", "nfe_per_sample", "num_samples", "time_s", "images_per_s", "weights"):
+    for key in TABLE_COLUMNS:
         table.add_column(key)
-    table.add_row(*(str(result[k]) for k in ("sampler", "steps", "nfe_per_sample", "num_samples", "time_s", "images_per_s", "weights")))
+    table.add_row(*(str(result[k]) for k in TABLE_COLUMNS))
     Console().print(table)
     Console().print(f"samples: {out_dir / 'samples.npz'}  grid: {out_dir / 'samples.png'}  metrics: {out_dir / 'metrics.json'}")

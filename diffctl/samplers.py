@@ -22,8 +22,13 @@ def sample_generators(seed: int, indices) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
 
 
+def _randn(generators: list[torch.Generator], shape, dtype=torch.float32, device=None) -> Tensor:
+    """A batch of standard normals of per-sample `shape`, row i drawn from generators[i]."""
+    return torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in generators]).to(device)
+
+
 def _randn_like(x: Tensor, generators: list[torch.Generator]) -> Tensor:
-    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generators]).to(x.device)
+    return _randn(generators, x.shape[1:], x.dtype, x.device)
 
 
 def time_grid(denoiser: Denoiser, steps: int, device) -> Tensor:
@@ -107,6 +112,5 @@ def generate(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     generators = sample_generators(seed, range(first_index, first_index + num))
-    std = denoiser.sde.prior_std()
-    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device) * std
+    x = denoiser.sde.prior_std() * _randn(generators, shape, device=device)
     return SAMPLERS[sampler](denoiser, x, steps, labels=labels, generators=generators)

