@@ -113,3 +113,31 @@ class Denoiser(nn.Module):
     def _consistency_output(self, x: Tensor, t: Tensor, out: Tensor, alpha: Tensor) -> Tensor:
         c_skip, c_out = self.consistency_scalings(t)
         return _bcast(c_skip, x) * (x / alpha) + _bcast(c_out, x) * out
+
+
+class GuidedDenoiser(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022) around a conditional denoiser.
+
+    D_w = D_null + w (D_label - D_null), applied to x0 and eps alike (the weights sum to one, so
+    x = alpha x0 + sigma eps still holds). w = 1 is the plain conditional model, w = 0 the
+    unconditional one, w > 1 strengthens the condition (the `cfg_scale` of DiT and diffusers).
+    Both halves run as one doubled batch, so one call is one network evaluation.
+    """
+
+    def __init__(self, denoiser: Denoiser, scale: float):
+        super().__init__()
+        self.denoiser = denoiser
+        self.scale = float(scale)
+
+    @property
+    def sde(self) -> SDE:
+        return self.denoiser.sde
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Prediction:
+        null = torch.full_like(labels, self.denoiser.num_classes)  # the networks' null-class row
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+        (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)
+        w = self.scale
+        return Prediction(x0=x0_u + w * (x0_c - x0_u), eps=eps_u + w * (eps_c - eps_u), sigma=both.sigma[: x.shape[0]])

@@ -1,8 +1,14 @@
-"""`diffctl sample`: load a checkpoint, generate, and write samples.npz, a PNG grid and metrics.json."""
+"""`diffctl sample`: load a checkpoint, generate on one or more devices, and write samples.npz, a PNG
+grid and metrics.json.
+
+With trainer.devices=K the sample indices 0..N-1 are cut into K contiguous shards, one per process;
+sample i depends only on (seed, i), so the images are the same for any K and any batch size.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,13 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffctl.build import load_denoiser
 from diffctl.checkpoint import resolve_checkpoint
-from diffctl.errors import CheckpointError, ConfigError
+from diffctl.denoiser import GuidedDenoiser
+from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, to_uint8
-from diffctl.samplers import SAMPLERS, generate
+from diffctl.samplers import check_sampler, generate
+
+TABLE_COLUMNS = ("sampler", "steps", "nfe_per_sample", "num_samples", "time_s", "images_per_s", "weights")
+METRIC_COLUMNS = ("fid", "kid_mean", "is_mean")
 
 
 def newest_checkpoint(root: Path = Path("outputs")) -> Path:
@@ -26,93 +36,215 @@ def newest_checkpoint(root: Path = Path("outputs")) -> Path:
     return candidates[-1]
 
 
-TABLE_COLUMNS = ("sampler", "steps", "nfe_per_sample", "num_samples", "time_s", "images_per_s", "weights")
-
-
 def _check_options(cfg: DictConfig) -> None:
     """Checks that need no checkpoint: done before loading anything."""
     for key in ("steps", "num_samples", "batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    if cfg.sampler.name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {cfg.sampler.name!r}; choose one of {', '.join(SAMPLERS)}")
+    devices = cfg.trainer.devices
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"trainer.devices must be a positive integer (processes to sample with), got {devices!r}")
+    if devices > cfg.num_samples:
+        raise ConfigError(f"trainer.devices={devices} is more than num_samples={cfg.num_samples}; use fewer devices")
+    if not float(cfg.guidance) >= 0:
+        raise ConfigError(f"guidance must be >= 0 (1 = no guidance), got {cfg.guidance}")
+    check_sampler(cfg.sampler)
 
 
-def _check_sampler_fits(cfg: DictConfig, prediction: str) -> None:
+def _check_fits(cfg: DictConfig, prediction: str, train_cfg: DictConfig) -> None:
+    """Checks of the sampler options against the checkpoint."""
     if (prediction == "consistency") != (cfg.sampler.name == "consistency"):
         raise ConfigError(
             "consistency checkpoints sample with sampler=consistency, and sampler=consistency needs a consistency checkpoint "
             f"(this checkpoint predicts {prediction!r}, sampler is {cfg.sampler.name!r})"
         )
+    num_classes = train_cfg.data_shape.num_classes
+    if cfg.class_label is not None:
+        if num_classes == 0:
+            raise ConfigError("class_label was given, but the checkpoint is unconditional")
+        if not 0 <= int(cfg.class_label) < num_classes:
+            raise ConfigError(f"class_label must be in [0, {num_classes - 1}], got {cfg.class_label}")
+    if float(cfg.guidance) != 1.0:
+        if num_classes == 0:
+            raise ConfigError("guidance needs a class-conditional checkpoint (train with conditional=true); this one is unconditional")
+        if not train_cfg.get("label_dropout", 0) > 0:
+            raise ConfigError(
+                "guidance needs a checkpoint trained with label_dropout > 0 (its null class was never trained); "
+                "use guidance=1 or retrain with e.g. label_dropout=0.1"
+            )
 
 
 def _labels(cfg: DictConfig, num_classes: int, first: int, n: int, device) -> torch.Tensor | None:
+    """Sample i gets class_label, or class i mod num_classes (balanced) when class_label is null."""
     if num_classes == 0:
-        if cfg.class_label is not None:
-            raise ConfigError("class_label was given, but the checkpoint is unconditional")
         return None
     if cfg.class_label is not None:
-        if not 0 <= int(cfg.class_label) < num_classes:
-            raise ConfigError(f"class_label must be in [0, {num_classes - 1}], got {cfg.class_label}")
         return torch.full((n,), int(cfg.class_label), device=device)
     return torch.arange(first, first + n, device=device) % num_classes
 
 
+def shard(num: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of sample indices 0..num-1 (sizes differ by at most one)."""
+    return range(rank * num // world, (rank + 1) * num // world)
+
+
 def sample(cfg: DictConfig) -> dict[str, Any]:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     _check_options(cfg)
     ckpt = resolve_checkpoint(cfg.ckpt).resolve() if cfg.ckpt else newest_checkpoint().resolve()
     if not cfg.ckpt:
         print(f"Using the newest checkpoint: {ckpt}")
     denoiser, train_cfg = load_denoiser(ckpt, use_ema=cfg.use_ema)
-    _check_sampler_fits(cfg, denoiser.prediction)
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check_fits(cfg, denoiser.prediction, train_cfg)  # before any process is started
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.trainer.devices == 1:
+        result = _run(None, plain_cfg, str(ckpt), str(out_dir), (denoiser, train_cfg))
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: join its processes
+        result = _run(_fabric(cfg.trainer), plain_cfg, str(ckpt), str(out_dir))
     else:
-        device = torch.device(cfg.device)
+        result = _spawn(cfg.trainer.devices, plain_cfg, str(ckpt), str(out_dir))
+    if result is not None and "error" in result:  # a worker's one-line error, raised here in the parent
+        raise result["error"][0](result["error"][1])
+    return result
+
+
+def _fabric(trainer_cfg):
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=trainer_cfg["accelerator"], devices=trainer_cfg["devices"], strategy="ddp")
+    fabric.launch()  # joins the process group; processes were started by torchrun or _spawn
+    return fabric
+
+
+def _spawn(devices: int, cfg: dict, ckpt: str, out_dir: str) -> dict[str, Any] | None:
+    """Start one worker per device that runs only the sampling (not the Hydra command line again).
+    Our own entry point rather than Fabric's ddp_spawn, so each worker imports diffctl (and its
+    torchvision shim) before Lightning."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_worker, args=(devices, port, cfg, ckpt, out_dir, queue), nprocs=devices, start_method="spawn")
+    return queue.get()
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict, ckpt: str, out_dir: str, queue) -> None:
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "NODE_RANK": "0"}
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    result = _run(_fabric(cfg["trainer"]), cfg, ckpt, out_dir)
+    if rank == 0:
+        queue.put(result)
+
+
+def _device(fabric, accelerator: str) -> torch.device:
+    if fabric is not None:
+        return fabric.device
+    if accelerator == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if accelerator == "gpu" else accelerator)
+
+
+def _run(fabric, cfg: dict, ckpt: str, out_dir: str, loaded=None) -> dict[str, Any] | None:
+    """One process's share of the work; rank 0 writes the outputs and returns the result.
+    `loaded`: (denoiser, train config) when the caller already loaded the checkpoint."""
+    try:
+        cfg = OmegaConf.create(cfg)
+        loaded = loaded or load_denoiser(ckpt, use_ema=cfg.use_ema)
+        return _sample_shard(fabric, cfg, ckpt, Path(out_dir), *loaded)
+    except DiffctlError as err:
+        return {"error": (type(err), str(err))}
+
+
+def _sample_shard(fabric, cfg: DictConfig, ckpt: str, out_dir: Path, denoiser, train_cfg) -> dict[str, Any] | None:
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    device = _device(fabric, cfg.trainer.accelerator)
     denoiser.to(device)
-    nfe = [0]
-    denoiser.register_forward_hook(lambda *_: nfe.__setitem__(0, nfe[0] + 1))
+    calls = [0]
+    denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    model = GuidedDenoiser(denoiser, cfg.guidance) if float(cfg.guidance) != 1.0 else denoiser
     shape = train_cfg.data_shape
     image_shape = (shape.channels, shape.resolution, shape.resolution)
 
     from rich.progress import Progress
 
-    images, labels, batches = [], [], range(0, cfg.num_samples, cfg.batch_size)
+    mine = shard(cfg.num_samples, rank, world)
+    batches = range(mine.start, mine.stop, cfg.batch_size)
+    images, labels = [], []
     start = time.perf_counter()
-    with Progress(disable=not cfg.progress_bar) as progress:
-        task = progress.add_task("sampling", total=cfg.num_samples)
+    with Progress(disable=not cfg.progress_bar or rank > 0) as progress:
+        task = progress.add_task(f"sampling ({world} process{'es' if world > 1 else ''})", total=len(mine))
         for first in batches:
-            n = min(cfg.batch_size, cfg.num_samples - first)
+            n = min(cfg.batch_size, mine.stop - first)
             y = _labels(cfg, shape.num_classes, first, n, device)
-            x = generate(denoiser, n, image_shape, cfg.sampler.name, cfg.steps, cfg.seed, y, device, first_index=first)
+            x = generate(model, n, image_shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first_index=first)
             images.append(to_uint8(x))
             if y is not None:
                 labels.append(y.cpu())
             progress.advance(task, n)
+    mine_images = torch.cat(images)
+    all_images, all_labels = _gather(fabric, mine_images, torch.cat(labels) if labels else None, cfg.num_samples)
     elapsed = time.perf_counter() - start
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples = torch.cat(images).numpy()
-    arrays = {"samples": samples}
-    if labels:
-        arrays["labels"] = torch.cat(labels).numpy()
-    np.savez(out_dir / "samples.npz", **arrays)
-    save_grid(torch.from_numpy(samples[:64]), out_dir / "samples.png")
     result = {
-        "checkpoint": str(ckpt),
+        "checkpoint": ckpt,
         "weights": "ema" if cfg.use_ema else "raw",
         "sampler": cfg.sampler.name,
+        **{f"sampler.{k}": v for k, v in cfg.sampler.items() if k != "name"},
         "steps": cfg.steps,
-        "nfe_per_sample": nfe[0] // len(batches),
+        "guidance": float(cfg.guidance),
+        "nfe_per_sample": round(calls[0] / len(batches), 2),
         "num_samples": cfg.num_samples,
+        "devices": world,
         "seed": cfg.seed,
         "time_s": round(elapsed, 3),
         "images_per_s": round(cfg.num_samples / elapsed, 2),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    _print_table(result, out_dir)
-    return result
+    if rank == 0:  # samples first: whatever happens to the metrics, the images are kept
+        _write_samples(out_dir, all_images, all_labels)
+    metrics_error = None
+    if cfg.get("metrics") is not None and cfg.metrics.names:
+        from diffctl.metrics import MetricsUnavailable, evaluate
+
+        try:
+            nchw = mine_images.permute(0, 3, 1, 2).contiguous()
+            result.update(evaluate(nchw, cfg.metrics, train_cfg.data, device))
+        except MetricsUnavailable as err:
+            metrics_error = err
+    if rank == 0:
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        _print_table(result, out_dir)
+    if metrics_error is not None:
+        raise type(metrics_error)(f"{metrics_error} (the samples were saved in {out_dir})")
+    return result if rank == 0 else None
+
+
+def _gather(fabric, images: torch.Tensor, labels: torch.Tensor | None, num: int):
+    """All ranks' shards in index order (the shards are contiguous, so rank order is index order)."""
+    if fabric is None or fabric.world_size == 1:
+        return images, labels
+    pad = -(-num // fabric.world_size)  # all_gather needs equal shapes: pad every shard to the largest
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros((pad, *t.shape[1:]), dtype=t.dtype, device=fabric.device)
+        padded[: len(t)] = t
+        parts = fabric.all_gather(padded).cpu()
+        return torch.cat([parts[r][: len(shard(num, r, fabric.world_size))] for r in range(fabric.world_size)])
+
+    return gather(images), (gather(labels) if labels is not None else None)
+
+
+def _write_samples(out_dir: Path, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = images.cpu().numpy()
+    arrays = {"samples": samples}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy()
+    np.savez(out_dir / "samples.npz", **arrays)
+    save_grid(torch.from_numpy(samples[:64]), out_dir / "samples.png")
 
 
 def _print_table(result: dict[str, Any], out_dir: Path) -> None:
@@ -120,8 +252,10 @@ def _print_table(result: dict[str, Any], out_dir: Path) -> None:
     from rich.table import Table
 
     table = Table(title="diffctl sample")
-    for key in TABLE_COLUMNS:
-        table.add_column(key)
-    table.add_row(*(str(result[k]) for k in TABLE_COLUMNS))
+    table.add_column("")
+    table.add_column("value")
+    for key in (*TABLE_COLUMNS, *METRIC_COLUMNS):
+        if result.get(key) is not None:
+            table.add_row(key, f"{result[key]:.4g}" if isinstance(result[key], float) else str(result[key]))
     Console().print(table)
     Console().print(f"samples: {out_dir / 'samples.npz'}  grid: {out_dir / 'samples.png'}  metrics: {out_dir / 'metrics.json'}")

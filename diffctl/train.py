@@ -18,6 +18,7 @@ from diffctl.build import instantiate_config, build_denoiser, build_objective, b
 from diffctl.callbacks import SampleGrid, StepCheckpoint, TrainSummary
 from diffctl.checkpoint import checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
+from diffctl.samplers import check_sampler
 from diffctl.module import DiffusionModule
 
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
@@ -80,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _quiet_expected_warnings()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     ckpt_path = _apply_resume(cfg)
+    check_sampler({"name": cfg.sample_grid.sampler})
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in DATA_HINT_KEYS])

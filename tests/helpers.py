@@ -38,10 +38,10 @@ def tiny_overrides(model: str = "unet") -> list[str]:
     return [f"model={model}", *TINY_RUN, *(TINY_DIT if model == "dit" else TINY_UNET)]
 
 
-def compose_train(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The config `diffctl train <overrides>` would run with, output going to run_dir."""
+def compose_train(run_dir: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The config `diffctl train <overrides>` (or another command) would run with, output going to run_dir."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
         cfg.hydra.job.num = 0
@@ -56,6 +56,13 @@ def run_train(run_dir: Path, overrides: list[str]) -> dict:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return train(compose_train(run_dir, overrides))
+
+
+def run_sample(out_dir: Path, overrides: list[str]) -> dict:
+    """`diffctl sample <overrides>` in this process, writing to out_dir."""
+    from diffctl.sample import sample
+
+    return sample(compose_train(out_dir, ["progress_bar=false", *overrides], config_name="sample"))
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,10 +1,15 @@
-"""`diffctl sample` from checkpoints made by `diffctl train` (real CLI in subprocesses)."""
+"""`diffctl sample` from checkpoints made by `diffctl train`: every sampler, guidance, multi-process
+sampling, sweeps and errors (in-process where possible, the real CLI where the user's view matters)."""
 
 import json
 
 import numpy as np
 import pytest
-from helpers import run_cli, run_train, tiny_overrides
+from helpers import run_cli, run_sample, run_train, tiny_overrides
+
+from diffctl.errors import ConfigError
+
+NO_METRICS = ["metrics.names=[]"]
 
 
 @pytest.fixture(scope="module")
@@ -15,42 +20,107 @@ def trained(tmp_path_factory):
     return root, run_dir
 
 
-def _sample(cwd, out, *args):
-    result = run_cli(["sample", *args, f"hydra.run.dir={out}", "progress_bar=false"], cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return np.load(out / "samples.npz")["samples"], json.loads((out / "metrics.json").read_text()), result
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cond") / "run"
+    run_train(run_dir, [*tiny_overrides("unet"), "trainer.max_steps=30", "optim.lr=3e-3", "conditional=true", "label_dropout=0.2"])
+    return run_dir
 
 
-@pytest.mark.parametrize("sampler,steps,nfe", [("ode", 3, 7), ("pc", 4, 5)])
-def test_sample_writes_npz_grid_and_metrics(trained, tmp_path, sampler, steps, nfe):
-    root, run_dir = trained
-    samples, metrics, _ = _sample(root, tmp_path, f"ckpt={run_dir}", f"sampler={sampler}", f"steps={steps}", "num_samples=5", "batch_size=2")
-    assert samples.shape == (5, 8, 8, 1) and samples.dtype == np.uint8
+def _load(out):
+    return np.load(out / "samples.npz"), json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "overrides,nfe",
+    [
+        (["sampler=ddpm"], 4),
+        (["sampler=ddim", "sampler.eta=0.5", "sampler.spacing=trailing"], 4),
+        (["sampler=pc"], 8),
+        (["sampler=pc", "sampler.predictor=none", "sampler.corrector=ald", "sampler.corrector_steps=2"], 9),
+        (["sampler=ode", "sampler.solver=heun"], 7),
+        (["sampler=ode", "sampler.solver=rk4"], 13),
+        (["sampler=ode", "sampler.solver=dpmpp_2m"], 4),
+        (["sampler=ode", "sampler.solver=adaptive", "sampler.rtol=1e-3", "sampler.atol=1e-3"], None),
+    ],
+)
+def test_every_sampler_writes_npz_grid_and_metrics(trained, tmp_path, overrides, nfe):
+    _, run_dir = trained
+    run_sample(tmp_path, [f"ckpt={run_dir}", *overrides, "steps=4", "num_samples=5", "batch_size=3", *NO_METRICS])
+    arrays, metrics = _load(tmp_path)
+    assert arrays["samples"].shape == (5, 8, 8, 1) and arrays["samples"].dtype == np.uint8
     assert (tmp_path / "samples.png").is_file()
-    assert metrics["nfe_per_sample"] == nfe  # Heun: 2 per step; EM: 1 per step; +1 final denoising
-    assert metrics["num_samples"] == 5 and metrics["weights"] == "ema"
+    if nfe is not None:
+        assert metrics["nfe_per_sample"] == nfe
+    else:  # adaptive: dopri5 spends 6 evaluations per accepted step, plus the first and the final denoising
+        assert metrics["nfe_per_sample"] >= 8
+    assert metrics["num_samples"] == 5 and metrics["weights"] == "ema" and metrics["sampler"] == overrides[0].split("=")[1]
 
 
-def test_same_seed_gives_same_images_whatever_the_batch_size(trained, tmp_path):
-    root, run_dir = trained
-    a, _, _ = _sample(root, tmp_path / "a", f"ckpt={run_dir}", "sampler=pc", "steps=3", "num_samples=6", "batch_size=4", "seed=3")
-    b, _, _ = _sample(root, tmp_path / "b", f"ckpt={run_dir}", "sampler=pc", "steps=3", "num_samples=6", "batch_size=6", "seed=3")
-    c, _, _ = _sample(root, tmp_path / "c", f"ckpt={run_dir}", "sampler=pc", "steps=3", "num_samples=6", "batch_size=6", "seed=4")
-    np.testing.assert_array_equal(a, b)
+def test_same_images_whatever_the_batch_size_and_number_of_processes(trained, tmp_path):
+    _, run_dir = trained
+    common = [f"ckpt={run_dir}", "sampler=pc", "steps=3", "num_samples=7", "seed=3", *NO_METRICS]
+    run_sample(tmp_path / "a", [*common, "batch_size=4"])
+    run_sample(tmp_path / "b", [*common, "batch_size=2", "trainer.accelerator=cpu", "trainer.devices=2"])
+    run_sample(tmp_path / "c", [*common, "batch_size=7", "seed=4"])
+    a, b, c = (_load(tmp_path / d)[0]["samples"] for d in "abc")
+    np.testing.assert_array_equal(a, b)  # 7 samples over 2 processes x batches of 2: none lost or repeated
     assert not np.array_equal(a, c)
-    assert len({s.tobytes() for s in a}) == 6  # no duplicated samples
+    assert len({s.tobytes() for s in a}) == 7
+    assert _load(tmp_path / "b")[1]["devices"] == 2
+
+
+def test_class_labels_and_guidance(conditional, tmp_path):
+    common = [f"ckpt={conditional}", "sampler=ddim", "steps=3", "num_samples=6", *NO_METRICS]
+    run_sample(tmp_path / "plain", common)
+    run_sample(tmp_path / "guided", [*common, "guidance=3"])
+    run_sample(tmp_path / "one", [*common, "class_label=7"])
+    plain, guided, one = (_load(tmp_path / d) for d in ("plain", "guided", "one"))
+    assert plain[0]["labels"].tolist() == [0, 1, 2, 3, 4, 5]  # balanced round-robin
+    assert one[0]["labels"].tolist() == [7] * 6
+    assert not np.array_equal(plain[0]["samples"], guided[0]["samples"])
+    assert plain[1]["nfe_per_sample"] == guided[1]["nfe_per_sample"] == 3  # both halves in one batched call
+    with pytest.raises(ConfigError, match="class_label must be in"):
+        run_sample(tmp_path / "bad", [*common, "class_label=10"])
+
+
+def test_guidance_needs_a_conditional_checkpoint_with_label_dropout(trained, tmp_path):
+    _, run_dir = trained
+    with pytest.raises(ConfigError, match="guidance needs a class-conditional checkpoint"):
+        run_sample(tmp_path, [f"ckpt={run_dir}", "guidance=2", *NO_METRICS])
+
+
+def test_sweep_over_samplers_and_steps_gives_one_row_per_job(trained):
+    root, run_dir = trained
+    result = run_cli(["sample", "--multirun", f"ckpt={run_dir}", "sampler=ddpm,ode", "steps=2,3", "num_samples=2",
+                      "progress_bar=false", *NO_METRICS, "hydra.sweep.dir=sweep"], root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((root / "sweep" / "summary.json").read_text())
+    assert sorted((r["sampler"], r["steps"], r["nfe_per_sample"]) for r in rows) == [("ddpm", 2, 2), ("ddpm", 3, 3), ("ode", 2, 3), ("ode", 3, 5)]
+    table = result.stdout[result.stdout.index("diffctl sample sweep (4 jobs)"):]
+    assert all(word in table for word in ("sampler", "steps", "nfe_per", "ddpm", "ode"))
 
 
 def test_without_ckpt_uses_newest_checkpoint_under_outputs(trained, tmp_path):
     root, run_dir = trained
-    _, metrics, result = _sample(root, tmp_path, "steps=2", "num_samples=2")
-    assert "Using the newest checkpoint" in result.stdout and str(run_dir) in metrics["checkpoint"]
+    result = run_cli(["sample", "steps=2", "num_samples=2", f"hydra.run.dir={tmp_path}", "progress_bar=false", *NO_METRICS], root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Using the newest checkpoint" in result.stdout and str(run_dir) in _load(tmp_path)[1]["checkpoint"]
 
 
-def test_consistency_sampler_needs_a_consistency_checkpoint(trained, tmp_path):
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sampler=consistency"], "sampler=consistency"),
+        (["sampler=ddim", "sampler.eta=2"], "eta must be in [0, 1]"),
+        (["steps=0"], "steps must be a positive integer"),
+        (["sampler=ode", "sampler.solver=rk45"], "solver must be one of"),
+    ],
+)
+def test_bad_options_are_one_line_errors(trained, tmp_path, args, message):
     root, run_dir = trained
-    result = run_cli(["sample", f"ckpt={run_dir}", "sampler=consistency", f"hydra.run.dir={tmp_path}"], root)
-    assert result.returncode == 1 and "sampler=consistency" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(["sample", f"ckpt={run_dir}", *args, f"hydra.run.dir={tmp_path}"], root)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):

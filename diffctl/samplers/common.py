@@ -1,0 +1,94 @@
+"""What every sampler shares: per-sample noise, the noise-level grid, and denoiser calls at a level.
+
+All samplers work in the variables y = x / alpha(t), s = sigma(t) / alpha(t). In them every SDE
+(VP, sub-VP, VE) is the same VE process y_t = x0 + s(t) eps, so one formula serves all three; the
+network is still called on x = alpha * y at the time t(s).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from diffctl.denoiser import Denoiser, Prediction
+from diffctl.rng import mix_seed
+
+SPACINGS = ("uniform", "quadratic", "trailing", "karras", "logsnr")
+
+
+def sample_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per sample index, seeded by (seed, index)."""
+    return [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
+
+
+def randn(generators: list[torch.Generator], shape, dtype=torch.float32, device=None) -> Tensor:
+    """A batch of standard normals of per-sample `shape`, row i drawn from generators[i], so a sample's
+    noise does not depend on which other samples share its batch (or device)."""
+    return torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in generators]).to(device)
+
+
+def randn_like(x: Tensor, generators: list[torch.Generator]) -> Tensor:
+    return randn(generators, x.shape[1:], x.dtype, x.device)
+
+
+def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0) -> Tensor:
+    """`steps` diffusion times t_0 = T > t_1 > ... > t_{steps-1} (float64) at which a sampler calls the
+    network. Every sampler ends with a step from the last level to noise level 0, i.e. it returns the
+    denoised x0 prediction there (no noise added at the end).
+
+    uniform / quadratic: uniform in t or in sqrt(t - eps) (DDIM's two schedules), from T to eps.
+    trailing: T, T(N-1)/N, ..., T/N (Lin et al. 2024: start exactly at T, evenly spaced).
+    karras: s = sigma/alpha spaced uniformly in s^(1/rho) from s(T) to s(eps) (EDM, rho = 7).
+    logsnr: uniform in log s, i.e. in log-SNR (DPM-Solver's choice).
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    T, eps = sde.T, sde.eps
+    u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    if spacing == "trailing":
+        return T * torch.arange(steps, 0, -1, dtype=torch.float64) / steps
+    if spacing == "uniform":
+        t = T + (eps - T) * u
+    elif spacing == "quadratic":
+        t = eps + (T - eps) * (1.0 - u) ** 2
+    else:
+        s_max = float(sde.noise_ratio(torch.tensor(T, dtype=torch.float64)))
+        s_min = float(sde.noise_ratio(torch.tensor(eps, dtype=torch.float64)))
+        if spacing == "karras":
+            s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        else:
+            s = torch.exp(math.log(s_max) + u * (math.log(s_min) - math.log(s_max)))
+        t = sde.t_from_noise_ratio(s)
+    t[0] = T  # exact end points despite rounding and the bisection in t_from_noise_ratio
+    if steps > 1:
+        t[-1] = eps
+    return t
+
+
+class Level:
+    """A noise level: time t, alpha(t), sigma(t) and s = sigma/alpha as Python floats (float64)."""
+
+    def __init__(self, sde, t: float):
+        tt = torch.tensor(float(t), dtype=torch.float64)
+        self.t = float(t)
+        self.alpha = float(sde.alpha(tt))
+        self.sigma = float(sde.sigma(tt))
+        self.s = self.sigma / self.alpha
+
+    @classmethod
+    def from_ratio(cls, sde, s: float) -> "Level":
+        return cls(sde, float(sde.t_from_noise_ratio(torch.tensor(s, dtype=torch.float64))))
+
+
+def denoise(denoiser: Denoiser, y: Tensor, level: Level, labels) -> Prediction:
+    """The denoiser's prediction for y = x / alpha at `level`."""
+    t = torch.full((y.shape[0],), level.t, dtype=y.dtype, device=y.device)
+    return denoiser(level.alpha * y, t, labels)
+
+
+def levels_of(sde, times: Tensor) -> list[Level]:
+    return [Level(sde, float(t)) for t in times]

@@ -1,0 +1,167 @@
+"""Stochastic samplers: DDPM ancestral, DDIM (any eta) and score-SDE predictor-corrector.
+
+Each walks the noise levels of `noise_levels` in y = x/alpha, s = sigma/alpha variables (see
+common.py) and ends by returning the x0 prediction at the last level.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, randn_like
+
+
+def _posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, float]:
+    """Mean and std of q(y_s | y_t, x0) for the VE process in y (s = nxt.s < t's now.s).
+
+    In x variables this is DDPM's posterior with variance beta-tilde for VP, and the SMLD
+    ancestral rule sigma'^2 (sigma^2 - sigma'^2) / sigma^2 for VE (Song et al. 2021, App. F).
+    """
+    ratio = (nxt.s / now.s) ** 2
+    return ratio * y + (1.0 - ratio) * x0, nxt.s * math.sqrt(1.0 - ratio)
+
+
+@torch.inference_mode()
+def ddpm(denoiser, x: Tensor, steps: int, labels=None, generators=None, spacing: str = "uniform") -> Tensor:
+    """Ancestral sampling: draw x_s ~ q(x_s | x_t, x0 = predicted x0) level by level (Ho et al. 2020)."""
+    levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
+    y = x / levels[0].alpha
+    for now, nxt in zip(levels, levels[1:]):
+        mean, std = _posterior(y, denoise(denoiser, y, now, labels).x0, now, nxt)
+        y = mean + std * randn_like(y, generators)
+    return denoise(denoiser, y, levels[-1], labels).x0
+
+
+@torch.inference_mode()
+def ddim(denoiser, x: Tensor, steps: int, labels=None, generators=None, eta: float = 0.0, spacing: str = "uniform") -> Tensor:
+    """DDIM (Song et al. 2021): y_s = x0 + sqrt(s'^2 - c^2) eps + c z with c = eta * posterior std.
+
+    eta = 0 is deterministic (an Euler step of the probability-flow ODE in y, s); eta = 1 is exactly
+    DDPM's ancestral step.
+    """
+    levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
+    y = x / levels[0].alpha
+    for now, nxt in zip(levels, levels[1:]):
+        pred = denoise(denoiser, y, now, labels)
+        c = eta * nxt.s * math.sqrt(1.0 - (nxt.s / now.s) ** 2)
+        y = pred.x0 + math.sqrt(max(nxt.s**2 - c * c, 0.0)) * pred.eps
+        if c > 0:
+            y = y + c * randn_like(y, generators)
+    return denoise(denoiser, y, levels[-1], labels).x0
+
+
+# ------------------------------------------------------------------ predictor-corrector
+# A predictor moves y from level `now` to level `nxt`; a corrector runs Langevin steps at `now`.
+# Both return the new y; `score` of x at a level is -eps / sigma.
+
+
+def _euler_maruyama(denoiser, y, now: Level, nxt: Level, labels, generators):
+    """Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dw_bar, in x and t."""
+    sde = denoiser.sde
+    x = now.alpha * y
+    t = torch.full((x.shape[0],), now.t, dtype=x.dtype, device=x.device)
+    dt = nxt.t - now.t  # negative
+    g = float(sde.diffusion(torch.tensor(now.t, dtype=torch.float64)))
+    score = denoise(denoiser, y, now, labels).score
+    x = x + (sde.drift(x, t) - g * g * score) * dt + g * math.sqrt(-dt) * randn_like(x, generators)
+    return x / nxt.alpha
+
+
+def _reverse_diffusion(denoiser, y, now: Level, nxt: Level, labels, generators):
+    """Reverse of the discretized forward step x_t = a x_s + b z (a = alpha_t/alpha_s,
+    b^2 = sigma_t^2 - a^2 sigma_s^2): x_s = (2 - a) x_t + b^2 score + b z (score SDE's
+    ReverseDiffusionPredictor, written for any alpha, sigma)."""
+    a = now.alpha / nxt.alpha
+    b2 = max(now.sigma**2 - a * a * nxt.sigma**2, 0.0)
+    x = now.alpha * y
+    score = denoise(denoiser, y, now, labels).score
+    x = (2.0 - a) * x + b2 * score + math.sqrt(b2) * randn_like(x, generators)
+    return x / nxt.alpha
+
+
+def _ancestral(denoiser, y, now: Level, nxt: Level, labels, generators):
+    mean, std = _posterior(y, denoise(denoiser, y, now, labels).x0, now, nxt)
+    return mean + std * randn_like(y, generators)
+
+
+def _no_predictor(denoiser, y, now, nxt, labels, generators):
+    return y
+
+
+PREDICTORS = {
+    "euler_maruyama": _euler_maruyama,
+    "reverse_diffusion": _reverse_diffusion,
+    "ancestral": _ancestral,
+    "none": _no_predictor,
+}
+
+
+def _langevin_step(denoiser, y, now: Level, labels, generators, step_size):
+    """One Langevin step x <- x + e * score + sqrt(2 e) z at a fixed level; e = step_size(score, z)."""
+    x = now.alpha * y
+    score = denoise(denoiser, y, now, labels).score
+    z = randn_like(x, generators)
+    e = step_size(score, z)
+    return (x + e * score + torch.sqrt(2.0 * e) * z) / now.alpha
+
+
+def _langevin(denoiser, y, now: Level, nxt: Level | None, labels, generators, snr: float):
+    """score SDE's Langevin corrector: the step makes the signal-to-noise ratio ||e score|| /
+    ||sqrt(2e) z|| equal `snr`, per sample (so a sample does not depend on its batch). For VP-type
+    SDEs the step is scaled by a^2 = (alpha_t / alpha_next)^2, score SDE's alpha_i = 1 - beta_i."""
+    a2 = (now.alpha / nxt.alpha) ** 2 if nxt is not None else 1.0
+
+    def step_size(score, z):
+        ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-12)
+        return (2.0 * a2 * (snr * ratio) ** 2).reshape((-1,) + (1,) * (z.ndim - 1))
+
+    return _langevin_step(denoiser, y, now, labels, generators, step_size)
+
+
+def _annealed_langevin(denoiser, y, now: Level, nxt: Level | None, labels, generators, snr: float):
+    """NCSN's annealed Langevin dynamics: step e = 2 a^2 (snr * sigma_t)^2 at each level."""
+    a2 = (now.alpha / nxt.alpha) ** 2 if nxt is not None else 1.0
+    e = 2.0 * a2 * (snr * now.sigma) ** 2
+
+    def step_size(score, z):
+        return torch.tensor(e, dtype=z.dtype, device=z.device)
+
+    return _langevin_step(denoiser, y, now, labels, generators, step_size)
+
+
+CORRECTORS = {"langevin": _langevin, "ald": _annealed_langevin, "none": None}
+
+
+@torch.inference_mode()
+def pc(
+    denoiser,
+    x: Tensor,
+    steps: int,
+    labels=None,
+    generators=None,
+    predictor: str = "reverse_diffusion",
+    corrector: str = "langevin",
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+    spacing: str = "uniform",
+) -> Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, Alg. 1): at each level run `corrector_steps`
+    corrector steps, then one predictor step to the next level; the last level denoises to x0.
+    predictor=none with corrector=ald is NCSN's annealed Langevin dynamics."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
+    if corrector not in CORRECTORS:
+        raise ValueError(f"unknown corrector {corrector!r}; choose one of {', '.join(CORRECTORS)}")
+    levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
+    correct, predict = CORRECTORS[corrector], PREDICTORS[predictor]
+    y = x / levels[0].alpha
+    for i, now in enumerate(levels):
+        nxt = levels[i + 1] if i + 1 < len(levels) else None
+        for _ in range(corrector_steps if correct else 0):
+            y = correct(denoiser, y, now, nxt, labels, generators, snr)
+        if nxt is not None:
+            y = predict(denoiser, y, now, nxt, labels, generators)
+    return denoise(denoiser, y, levels[-1], labels).x0

@@ -1,0 +1,205 @@
+"""Samplers against an exact model: data x0 ~ N(m, c^2 I), whose denoiser, probability-flow ODE
+solution and sample distribution are all closed-form under every SDE."""
+
+import math
+
+import pytest
+import torch
+
+from diffctl.denoiser import Denoiser, GuidedDenoiser, Prediction
+from diffctl.errors import ConfigError
+from diffctl.samplers import check_sampler, generate, noise_levels, sample_generators
+from diffctl.samplers.common import Level, randn
+from diffctl.samplers.ode import ode
+from diffctl.samplers.stochastic import CORRECTORS, ddim, ddpm, pc
+from diffctl.sde import SubVPSDE, VESDE, VPSDE, _bcast
+
+SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(sigma_max=20.0)}
+M, C = 0.5, 0.3
+
+
+class ExactGaussian:
+    """E[x0 | x_t] for x0 ~ N(M, C^2): M + alpha C^2 / (alpha^2 C^2 + sigma^2) (x_t - alpha M)."""
+
+    def __init__(self, sde):
+        self.sde, self.calls = sde, 0
+
+    def __call__(self, x, t, labels=None):
+        self.calls += 1
+        t = t.double()
+        a, s = _bcast(self.sde.alpha(t), x), _bcast(self.sde.sigma(t), x)
+        x0 = M + a * C**2 / (a * a * C**2 + s * s) * (x.double() - a * M)
+        eps = (x.double() - a * x0) / s
+        return Prediction(x0=x0.to(x.dtype), eps=eps.to(x.dtype), sigma=s.to(x.dtype))
+
+
+def _start(sde, n, dim, seed=0, dtype=torch.float64):
+    generators = sample_generators(seed, range(n))
+    return sde.prior_std() * randn(generators, (dim,), dtype=dtype), generators
+
+
+def _exact_ode_x0(sde, x_T):
+    """The PF-ODE in y = x/alpha, s = sigma/alpha moves y - M by the factor sqrt(C^2 + s^2): the exact
+    end point at s(eps), then the x0 prediction there (what every solver returns)."""
+    level = lambda t: (float(sde.alpha(torch.tensor(t, dtype=torch.float64))), float(sde.noise_ratio(torch.tensor(t, dtype=torch.float64))))
+    a_T, s_T = level(sde.T)
+    _, s_0 = level(sde.eps)
+    y = M + (x_T / a_T - M) * math.sqrt(C**2 + s_0**2) / math.sqrt(C**2 + s_T**2)
+    return M + C**2 / (C**2 + s_0**2) * (y - M)
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "trailing", "karras", "logsnr"])
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_noise_levels_start_at_T_and_decrease(sde_name, spacing):
+    sde = SDES[sde_name]
+    t = noise_levels(sde, 10, spacing)
+    assert t.shape == (10,) and t[0] == sde.T and bool((t[1:] < t[:-1]).all())
+    assert t[-1] == (sde.T / 10 if spacing == "trailing" else sde.eps)
+    s = sde.noise_ratio(t)
+    if spacing == "karras":  # EDM: s^(1/7) evenly spaced
+        torch.testing.assert_close(s ** (1 / 7), torch.linspace(float(s[0]) ** (1 / 7), float(s[-1]) ** (1 / 7), 10, dtype=torch.float64))
+    if spacing == "logsnr":
+        torch.testing.assert_close(s.log(), torch.linspace(math.log(s[0]), math.log(s[-1]), 10, dtype=torch.float64))
+    if spacing == "quadratic":
+        torch.testing.assert_close((t - sde.eps).sqrt(), torch.linspace(math.sqrt(sde.T - sde.eps), 0, 10, dtype=torch.float64))
+    assert noise_levels(sde, 1, spacing).tolist() == [sde.T]
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2), ("rk4", 4), ("dpmpp_2m", 2)])
+def test_ode_solvers_converge_at_their_order(sde_name, solver, order):
+    sde = SDES[sde_name]
+    x, _ = _start(sde, 64, 2)
+    exact = _exact_ode_x0(sde, x)
+    n = {"euler": 64, "heun": 32, "rk4": 16, "dpmpp_2m": 32}[solver]
+    errors = [float((ode(ExactGaussian(sde), x, k, solver=solver) - exact).abs().max()) for k in (n, 2 * n)]
+    measured = math.log2(errors[0] / errors[1])
+    assert abs(measured - order) < 0.35, f"{solver}: errors {errors}, order {measured:.2f}"
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_adaptive_solver_meets_its_tolerance(sde_name):
+    sde = SDES[sde_name]
+    x, _ = _start(sde, 64, 2)
+    model = ExactGaussian(sde)
+    out = ode(model, x, 1, solver="adaptive", rtol=1e-7, atol=1e-7)
+    assert float((out - _exact_ode_x0(sde, x)).abs().max()) < 1e-4
+    assert 10 < model.calls < 2000
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_ddim_identities(sde_name):
+    """DDIM eta=0 is Euler on the PF-ODE in (x/alpha, sigma/alpha); DDIM eta=1 is DDPM ancestral,
+    and so is pc with the ancestral predictor and no corrector."""
+    sde = SDES[sde_name]
+    model = ExactGaussian(sde)
+    x, _ = _start(sde, 16, 3)
+    torch.testing.assert_close(ddim(model, x, 20, eta=0.0, spacing="logsnr"), ode(model, x, 20, solver="euler", spacing="logsnr"))
+    runs = [f(model, x, 20, generators=sample_generators(1, range(16)), **kw) for f, kw in
+            [(ddim, {"eta": 1.0}), (ddpm, {}), (pc, {"predictor": "ancestral", "corrector": "none"})]]
+    torch.testing.assert_close(runs[0], runs[1])
+    torch.testing.assert_close(runs[2], runs[1])
+
+
+STOCHASTIC = [
+    ({"name": "ddpm", "spacing": "quadratic"}, 200, 16),
+    ({"name": "ddim", "eta": 0.5, "spacing": "quadratic"}, 200, 16),
+    ({"name": "pc", "predictor": "reverse_diffusion", "corrector": "none"}, 500, 16),
+    ({"name": "pc", "predictor": "euler_maruyama", "corrector": "none"}, 500, 16),
+    # the Langevin step size uses the per-sample score norm, which is meant for high dimensions
+    ({"name": "pc", "predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.05}, 200, 256),
+    ({"name": "ode", "solver": "heun"}, 30, 16),
+    ({"name": "ode", "solver": "adaptive"}, 1, 16),
+]
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("spec,steps,dim", STOCHASTIC, ids=lambda v: "-".join(map(str, v.values())) if isinstance(v, dict) else None)
+def test_samplers_reach_the_data_distribution(sde_name, spec, steps, dim):
+    """Mean and std of the samples against N(M, C^2): 5 standard errors of the estimates plus 2%
+    of C for the discretization."""
+    sde = SDES[sde_name]
+    n = 8192 // dim  # 8192 independent coordinates: the model's dimensions are independent
+    x = generate(ExactGaussian(sde), n, (dim,), spec, steps, seed=0).double()
+    count = x.numel()
+    assert abs(float(x.mean()) - M) < 5 * C / math.sqrt(count) + 0.02 * C
+    assert abs(float(x.std()) - C) < 5 * C / math.sqrt(2 * count) + 0.02 * C
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("corrector,snr,dim", [("ald", 0.3, 16), ("langevin", 0.3, 256)])
+def test_correctors_keep_the_marginal_of_their_level(sde_name, corrector, snr, dim):
+    """Langevin steps at a fixed level, started off target, settle at p_t = N(alpha M, alpha^2 C^2 + sigma^2);
+    for ALD's fixed step e the unadjusted Langevin stationary variance is exactly v / (1 - e / (2 v))."""
+    sde = SDES[sde_name]
+    level = Level.from_ratio(sde, C)  # s = C: data and noise matter equally
+    v = level.alpha**2 * C**2 + level.sigma**2
+    model, n = ExactGaussian(sde), 8192 // dim
+    generators = sample_generators(0, range(n))
+    y = math.sqrt(2 * v) / level.alpha * randn(generators, (dim,), dtype=torch.float64)  # x off: mean 0, variance 2v
+    for _ in range(150):
+        y = CORRECTORS[corrector](model, y, level, None, None, generators, snr)
+    x = level.alpha * y
+    target_var = v / (1 - (snr * level.sigma) ** 2 / v) if corrector == "ald" else v
+    count = x.numel()
+    assert abs(float(x.mean()) - level.alpha * M) < 5 * math.sqrt(v / count)
+    assert abs(float(x.var()) / target_var - 1) < 5 * math.sqrt(2 / count) + (0 if corrector == "ald" else 0.05)
+
+
+@pytest.mark.parametrize("spec", [{"name": "ddpm"}, {"name": "ddim", "eta": 0.3}, {"name": "pc", "corrector_steps": 2}, {"name": "ode", "solver": "dpmpp_2m"}])
+def test_a_sample_does_not_depend_on_its_batch(spec):
+    model = ExactGaussian(SDES["vp"])
+    whole = generate(model, 6, (5,), spec, 6, seed=3)
+    parts = torch.cat([generate(model, 2, (5,), spec, 6, seed=3, first_index=i) for i in (0, 2, 4)])
+    torch.testing.assert_close(whole, parts)
+    assert not torch.allclose(whole, generate(model, 6, (5,), spec, 6, seed=4))
+
+
+@pytest.mark.parametrize(
+    "spec,nfe",
+    [({"name": "ddpm"}, 7), ({"name": "ddim"}, 7), ({"name": "ode", "solver": "euler"}, 7), ({"name": "ode", "solver": "heun"}, 13),
+     ({"name": "ode", "solver": "rk4"}, 25), ({"name": "ode", "solver": "dpmpp_2m"}, 7), ({"name": "pc"}, 14),
+     ({"name": "pc", "corrector_steps": 2}, 21), ({"name": "pc", "predictor": "none", "corrector": "ald", "corrector_steps": 3}, 22),
+     ({"name": "pc", "corrector": "none"}, 7), ({"name": "consistency"}, 7)],
+)
+def test_network_evaluations_per_sampler(spec, nfe):
+    model = ExactGaussian(SDES["ve"])
+    generate(model, 2, (3,), spec, 7)
+    assert model.calls == nfe
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [({"name": "dpm"}, "unknown sampler 'dpm'"), ({"name": "ddim", "eta": 1.5}, "eta must be in [0, 1]"),
+     ({"name": "ddpm", "eta": 0.5}, "sampler=ddpm has no option eta"), ({"name": "ode", "solver": "rk45"}, "solver must be one of"),
+     ({"name": "pc", "predictor": "langevin"}, "predictor must be one of"), ({"name": "pc", "snr": 0}, "snr must be > 0"),
+     ({"name": "ddim", "spacing": "linear"}, "spacing must be one of"), ({"name": "pc", "corrector_steps": -1}, "corrector_steps")],
+)
+def test_bad_sampler_options_are_config_errors(spec, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        check_sampler(spec)
+
+
+class _ClassMeans(torch.nn.Module):
+    """A conditional 'network' predicting x0 = the class mean (row num_classes = the null class)."""
+
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.means = torch.tensor([1.0, -2.0, 0.25])
+
+    def forward(self, x, noise, labels):
+        return self.means[labels].reshape(-1, 1) .expand_as(x).clone()
+
+
+def test_classifier_free_guidance_extrapolates_from_the_null_class():
+    denoiser = Denoiser(_ClassMeans(), VPSDE(), prediction="x0", scale_input=False)
+    x, t, labels = torch.randn(4, 3), torch.full((4,), 0.5), torch.tensor([0, 1, 0, 1])
+    for w in (0.0, 1.0, 3.0):
+        pred = GuidedDenoiser(denoiser, w)(x, t, labels)
+        expected = 0.25 + w * (torch.tensor([1.0, -2.0, 1.0, -2.0]) - 0.25)
+        torch.testing.assert_close(pred.x0, expected.reshape(-1, 1).expand(4, 3))
+        plain = denoiser(x, t, labels) if w == 1.0 else None
+        if plain is not None:
+            torch.testing.assert_close(pred.eps, plain.eps)
