@@ -104,10 +104,17 @@ def _sample_task(cfg):
     return sample(cfg)
 
 
+def _fid_stats_task(cfg):
+    from diffctl.fid_stats import fid_stats
+
+    return fid_stats(cfg)
+
+
 # command -> (Hydra task, config name, one-line description)
 SUBCOMMANDS = {
     "train": (_train_task, "train", "train a diffusion model"),
     "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
+    "fid-stats": (_fid_stats_task, "fid_stats", "precompute reference statistics for FID/KID"),
 }
 
 
@@ -117,7 +124,7 @@ def _usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<8} {desc}" for name, (_, _, desc) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<9} {desc}" for name, (_, _, desc) in SUBCOMMANDS.items()]
     lines += ["", "config groups (choose with group=choice):"]
     lines += [f"  {g:<15} {' | '.join(c)}" for g, c in config_groups().items()]
     lines += [
@@ -127,6 +134,7 @@ def _usage() -> str:
         "  diffctl train model=dit sde=ve objective=ncsn trainer.max_steps=2000",
         "  diffctl train --multirun model=unet,dit sde=vp,ve",
         "  diffctl sample sampler=ode steps=50           # sample from the newest checkpoint under outputs/",
+        "  diffctl fid-stats data=cifar10 data.root=data # cache FID/KID reference statistics",
         "  diffctl train --help                          # every config key of train",
     ]
     return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""`diffctl fid-stats`: reference statistics of a dataset split, cached and written as ref_stats.npz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from diffctl.errors import ConfigError
+from diffctl.metrics import check_config, load_detector, ref_source, reference
+
+
+def fid_stats(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_config(cfg.metrics)
+    if cfg.metrics.ref is not None:
+        raise ConfigError("fid-stats computes the statistics of data=<dataset> split=<split>; leave metrics.ref unset")
+    src = ref_source(cfg.metrics, cfg.data, split=cfg.split)  # config errors before any weights are loaded
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    detector = load_detector(cfg.metrics, device)
+    ref = reference(cfg.metrics, src, detector, device, cfg.metrics.progress_bar)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "ref_stats.npz"
+    np.savez(out, mu=ref.mu.numpy(), sigma=ref.sigma.numpy())  # EDM's reference format: metrics.ref=<this file>
+    result = {
+        "reference": ref.description,
+        "images": ref.num_images,
+        "detector": detector.name,
+        "feature_dim": int(ref.mu.shape[0]),
+        "cache": str(ref.path),
+        "ref_stats": str(out),
+    }
+    _print_table(result)
+    return result
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="diffctl fid-stats")
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    Console().print(table)
