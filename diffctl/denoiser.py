@@ -141,3 +141,26 @@ class GuidedDenoiser(nn.Module):
         (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)
         w = self.scale
         return Prediction(x0=x0_u + w * (x0_c - x0_u), eps=eps_u + w * (eps_c - eps_u), sigma=both.sigma[: x.shape[0]])
+
+
+class ClippedDenoiser(nn.Module):
+    """Clip the x0 prediction to the data range and make eps agree with it (DDPM's clip_denoised,
+    diffusers' clip_sample). The true E[x0 | x_t] of data in [lo, hi] lies in that range, so the
+    clip can only move a prediction closer; it keeps deterministic samplers stable when the
+    network is still poor at high noise, where x0 = (x - sigma eps)/alpha amplifies eps errors."""
+
+    def __init__(self, denoiser: nn.Module, lo: float = -1.0, hi: float = 1.0):
+        super().__init__()
+        self.denoiser, self.lo, self.hi = denoiser, lo, hi
+
+    @property
+    def sde(self) -> SDE:
+        return self.denoiser.sde
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Prediction:
+        pred = self.denoiser(x, t, labels)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        x0 = pred.x0.clamp(self.lo, self.hi)
+        alpha = _bcast(self.sde.alpha(t.to(x.dtype)), x)
+        return Prediction(x0=x0, eps=(x - alpha * x0) / pred.sigma, sigma=pred.sigma)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffctl.build import load_denoiser
 from diffctl.checkpoint import resolve_checkpoint
-from diffctl.denoiser import GuidedDenoiser
+from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, to_uint8
 from diffctl.samplers import check_sampler, generate
@@ -49,6 +49,10 @@ def _check_options(cfg: DictConfig) -> None:
     if not float(cfg.guidance) >= 0:
         raise ConfigError(f"guidance must be >= 0 (1 = no guidance), got {cfg.guidance}")
     check_sampler(cfg.sampler)
+    if cfg.get("metrics") is not None:
+        from diffctl.metrics import check_config
+
+        check_config(cfg.metrics)
 
 
 def _check_fits(cfg: DictConfig, prediction: str, train_cfg: DictConfig) -> None:
@@ -166,6 +170,8 @@ def _sample_shard(fabric, cfg: DictConfig, ckpt: str, out_dir: Path, denoiser, t
     calls = [0]
     denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     model = GuidedDenoiser(denoiser, cfg.guidance) if float(cfg.guidance) != 1.0 else denoiser
+    if cfg.clip_denoised:
+        model = ClippedDenoiser(model)
     shape = train_cfg.data_shape
     image_shape = (shape.channels, shape.resolution, shape.resolution)
 
@@ -196,6 +202,7 @@ def _sample_shard(fabric, cfg: DictConfig, ckpt: str, out_dir: Path, denoiser, t
         **{f"sampler.{k}": v for k, v in cfg.sampler.items() if k != "name"},
         "steps": cfg.steps,
         "guidance": float(cfg.guidance),
+        "clip_denoised": bool(cfg.clip_denoised),
         "nfe_per_sample": round(calls[0] / len(batches), 2),
         "num_samples": cfg.num_samples,
         "devices": world,
@@ -207,12 +214,12 @@ def _sample_shard(fabric, cfg: DictConfig, ckpt: str, out_dir: Path, denoiser, t
         _write_samples(out_dir, all_images, all_labels)
     metrics_error = None
     if cfg.get("metrics") is not None and cfg.metrics.names:
-        from diffctl.metrics import MetricsUnavailable, evaluate
+        from diffctl.metrics import evaluate
 
-        try:
+        try:  # shards are contiguous and in rank order, as evaluate() needs
             nchw = mine_images.permute(0, 3, 1, 2).contiguous()
             result.update(evaluate(nchw, cfg.metrics, train_cfg.data, device))
-        except MetricsUnavailable as err:
+        except DiffctlError as err:
             metrics_error = err
     if rank == 0:
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -258,4 +265,6 @@ def _print_table(result: dict[str, Any], out_dir: Path) -> None:
         if result.get(key) is not None:
             table.add_row(key, f"{result[key]:.4g}" if isinstance(result[key], float) else str(result[key]))
     Console().print(table)
+    if result.get("notes"):
+        Console().print(f"metrics notes: {result['notes']}")
     Console().print(f"samples: {out_dir / 'samples.npz'}  grid: {out_dir / 'samples.png'}  metrics: {out_dir / 'metrics.json'}")

@@ -126,3 +126,22 @@ def test_bad_options_are_one_line_errors(trained, tmp_path, args, message):
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     result = run_cli(["sample", f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'out'}"], tmp_path)
     assert result.returncode == 1 and "checkpoint not found" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_launch_samples_each_index_once(trained, tmp_path):
+    """Under torchrun every rank runs the command; they join one process group and one output."""
+    import os
+    import subprocess
+    import sys
+
+    root, run_dir = trained
+    args = ["sample", f"ckpt={run_dir}", "sampler=ddpm", "steps=2", "num_samples=5", "batch_size=2", "progress_bar=false", *NO_METRICS]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffctl", *args, "trainer.accelerator=cpu", "trainer.devices=2"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "sample").iterdir()
+    run_sample(tmp_path / "single", [a for a in args if a != "sample"])
+    np.testing.assert_array_equal(_load(run)[0]["samples"], _load(tmp_path / "single")[0]["samples"])
+    assert _load(run)[1]["devices"] == 2

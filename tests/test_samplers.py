@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from diffctl.denoiser import Denoiser, GuidedDenoiser, Prediction
+from diffctl.denoiser import ClippedDenoiser, Denoiser, GuidedDenoiser, Prediction
 from diffctl.errors import ConfigError
 from diffctl.samplers import check_sampler, generate, noise_levels, sample_generators
 from diffctl.samplers.common import Level, randn
@@ -203,3 +203,21 @@ def test_classifier_free_guidance_extrapolates_from_the_null_class():
         plain = denoiser(x, t, labels) if w == 1.0 else None
         if plain is not None:
             torch.testing.assert_close(pred.eps, plain.eps)
+
+
+def test_clipped_denoiser_keeps_x0_in_range_and_eps_consistent():
+    sde = VPSDE()
+
+    class Far:  # predicts x0 = 3 everywhere, outside the data range
+        def __init__(self):
+            self.sde = sde
+
+        def __call__(self, x, t, labels=None):
+            s = _bcast(sde.sigma(t), x)
+            x0 = torch.full_like(x, 3.0)
+            return Prediction(x0=x0, eps=(x - _bcast(sde.alpha(t), x) * x0) / s, sigma=s)
+
+    x, t = torch.randn(4, 2), torch.full((4,), 0.3)
+    pred = ClippedDenoiser(Far())(x, t)
+    assert torch.equal(pred.x0, torch.ones_like(x))
+    torch.testing.assert_close(_bcast(sde.alpha(t), x) * pred.x0 + pred.sigma * pred.eps, x)
