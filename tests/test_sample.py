@@ -145,3 +145,13 @@ def test_torchrun_launch_samples_each_index_once(trained, tmp_path):
     run_sample(tmp_path / "single", [a for a in args if a != "sample"])
     np.testing.assert_array_equal(_load(run)[0]["samples"], _load(tmp_path / "single")[0]["samples"])
     assert _load(run)[1]["devices"] == 2
+
+
+def test_metrics_without_weights_keep_the_samples_and_say_how_to_fix(trained, tmp_path):
+    root, run_dir = trained
+    out = tmp_path / "out"
+    result = run_cli(["sample", f"ckpt={run_dir}", "steps=2", "num_samples=3", "progress_bar=false", f"hydra.run.dir={out}",
+                      "metrics.detector=inception", f"metrics.inception_weights={tmp_path / 'missing.pth'}"], root)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "metrics.inception_weights" in result.stderr and "samples were saved" in result.stderr
+    assert np.load(out / "samples.npz")["samples"].shape[0] == 3 and (out / "metrics.json").is_file()
