@@ -161,6 +161,6 @@ class ClippedDenoiser(nn.Module):
         pred = self.denoiser(x, t, labels)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        x0 = pred.x0.clamp(self.lo, self.hi)
         alpha = _bcast(self.sde.alpha(t.to(x.dtype)), x)
-        return Prediction(x0=x0, eps=(x - alpha * x0) / pred.sigma, sigma=pred.sigma)
+        x0, eps = split_prediction("x0", pred.x0.clamp(self.lo, self.hi), x, alpha, pred.sigma)
+        return Prediction(x0=x0, eps=eps, sigma=pred.sigma)
