@@ -38,3 +38,23 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> np.n
     grid = make_grid(images, nrow)
     Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(path)
     return grid
+
+
+def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = None, size: int = 512) -> None:
+    """PNG scatter plot of the first two coordinates of `points` [N, D] (dark) over `reference` (light
+    grey), on a common square frame; for low-dimensional samples that are not images."""
+    from PIL import ImageDraw
+
+    sets = [p.reshape(p.shape[0], -1)[:, :2].double().cpu() for p in ((reference,) if reference is not None else ()) + (points,)]
+    if sets[-1].shape[1] < 2:
+        sets = [torch.cat([s, torch.zeros_like(s)], 1) for s in sets]
+    both = torch.cat(sets)
+    lo, hi = both.quantile(0.001, dim=0), both.quantile(0.999, dim=0)
+    centre, half = (lo + hi) / 2, float((hi - lo).max()) / 2 * 1.1 + 1e-12
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for pts, colour in zip(sets, ((200, 200, 200), (20, 60, 160)) if len(sets) == 2 else ((20, 60, 160),)):
+        pix = ((pts - centre) / half + 1) / 2 * (size - 1)
+        for u, v in pix.tolist():
+            draw.point((u, size - 1 - v), fill=colour)
+    image.save(path)

@@ -1,5 +1,5 @@
-"""`diffctl sample`: load a checkpoint, generate on one or more devices, and write samples.npz, a PNG
-grid and metrics.json.
+"""`diffctl sample`: load a checkpoint (or build the analytic model=gmm), generate on one or more
+devices, and write samples.npz, a PNG grid and metrics.json.
 
 With trainer.devices=K the sample indices 0..N-1 are cut into K contiguous shards, one per process;
 sample i depends only on (seed, i), so the images are the same for any K and any batch size.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,48 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from diffctl.build import load_denoiser
+from diffctl.build import build_sde, load_denoiser
 from diffctl.checkpoint import resolve_checkpoint
 from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
-from diffctl.images import save_grid, to_uint8
+from diffctl.images import save_grid, save_scatter, to_uint8
+from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser, is_mixture
 from diffctl.samplers import check_sampler, generate
+from diffctl.sde import VPSDE
 
 TABLE_COLUMNS = ("sampler", "steps", "nfe_per_sample", "num_samples", "time_s", "images_per_s", "weights")
-METRIC_COLUMNS = ("fid", "kid_mean", "is_mean")
+METRIC_COLUMNS = ("fid", "kid_mean", "is_mean", "sw2", "sw2_floor", "mean_error", "cov_error", "weights_tv")
+
+
+@dataclass
+class Source:
+    """What is sampled: a trained checkpoint or the analytic mixture (model=gmm)."""
+
+    denoiser: Any
+    shape: tuple[int, ...]  # one sample
+    num_classes: int
+    null_class_trained: bool  # classifier-free guidance is meaningful
+    data: DictConfig | None = None  # training data config: the metrics' reference
+    mixture: GaussianMixture | None = None
+    description: str = ""
+
+
+def load_source(cfg: DictConfig, ckpt: str | None) -> Source:
+    if ckpt is None:
+        mixture = GaussianMixture.from_config(cfg.model)
+        sde = build_sde(cfg) if cfg.get("sde") is not None else VPSDE()
+        denoiser = MixtureDenoiser(mixture, sde, conditional=cfg.model.get("conditional", False))
+        return Source(denoiser, mixture.shape, denoiser.num_classes, True, mixture=mixture, description="model=gmm")
+    denoiser, train_cfg = load_denoiser(ckpt, use_ema=cfg.use_ema)
+    shape = train_cfg.data_shape
+    return Source(
+        denoiser,
+        (shape.channels, shape.resolution, shape.resolution),
+        shape.num_classes,
+        train_cfg.get("label_dropout", 0) > 0,
+        data=train_cfg.data,
+        description=ckpt,
+    )
 
 
 def newest_checkpoint(root: Path = Path("outputs")) -> Path:
@@ -49,29 +83,45 @@ def _check_options(cfg: DictConfig) -> None:
     if not float(cfg.guidance) >= 0:
         raise ConfigError(f"guidance must be >= 0 (1 = no guidance), got {cfg.guidance}")
     check_sampler(cfg.sampler)
+    model = cfg.get("model")
+    if model is not None and not is_mixture(model):
+        raise ConfigError(
+            "sample takes a trained network from its checkpoint (ckpt=...); model= only selects the analytic model=gmm, "
+            "which needs no checkpoint"
+        )
+    if model is None and cfg.get("sde") is not None:
+        raise ConfigError("sde= applies to model=gmm only; a checkpoint is sampled with the SDE it was trained with")
+    if model is not None and cfg.ckpt:
+        raise ConfigError("model=gmm is the analytic model and needs no checkpoint; drop ckpt= (or model=gmm)")
+    if model is not None and cfg.clip_denoised:
+        raise ConfigError("clip_denoised clips to the image range [-1, 1]; model=gmm data is unbounded, use clip_denoised=null or false")
     if cfg.get("metrics") is not None:
         from diffctl.metrics import check_config
 
         check_config(cfg.metrics)
 
 
-def _check_fits(cfg: DictConfig, prediction: str, train_cfg: DictConfig) -> None:
+def _check_fits(cfg: DictConfig, source: Source) -> None:
     """Checks of the sampler options against the checkpoint."""
+    prediction = source.denoiser.prediction
     if (prediction == "consistency") != (cfg.sampler.name == "consistency"):
         raise ConfigError(
             "consistency checkpoints sample with sampler=consistency, and sampler=consistency needs a consistency checkpoint "
             f"(this checkpoint predicts {prediction!r}, sampler is {cfg.sampler.name!r})"
         )
-    num_classes = train_cfg.data_shape.num_classes
+    num_classes = source.num_classes
     if cfg.class_label is not None:
         if num_classes == 0:
-            raise ConfigError("class_label was given, but the checkpoint is unconditional")
+            raise ConfigError(f"class_label was given, but {source.description} is unconditional")
         if not 0 <= int(cfg.class_label) < num_classes:
             raise ConfigError(f"class_label must be in [0, {num_classes - 1}], got {cfg.class_label}")
     if float(cfg.guidance) != 1.0:
         if num_classes == 0:
-            raise ConfigError("guidance needs a class-conditional checkpoint (train with conditional=true); this one is unconditional")
-        if not train_cfg.get("label_dropout", 0) > 0:
+            raise ConfigError(
+                "guidance needs a class-conditional model (train with conditional=true, or model.conditional=true for model=gmm); "
+                f"{source.description} is unconditional"
+            )
+        if not source.null_class_trained:
             raise ConfigError(
                 "guidance needs a checkpoint trained with label_dropout > 0 (its null class was never trained); "
                 "use guidance=1 or retrain with e.g. label_dropout=0.1"
@@ -94,19 +144,22 @@ def shard(num: int, rank: int, world: int) -> range:
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     _check_options(cfg)
-    ckpt = resolve_checkpoint(cfg.ckpt).resolve() if cfg.ckpt else newest_checkpoint().resolve()
-    if not cfg.ckpt:
-        print(f"Using the newest checkpoint: {ckpt}")
-    denoiser, train_cfg = load_denoiser(ckpt, use_ema=cfg.use_ema)
-    _check_fits(cfg, denoiser.prediction, train_cfg)  # before any process is started
+    if cfg.get("model") is not None:
+        ckpt = None
+    else:
+        ckpt = str(resolve_checkpoint(cfg.ckpt).resolve() if cfg.ckpt else newest_checkpoint().resolve())
+        if not cfg.ckpt:
+            print(f"Using the newest checkpoint: {ckpt}")
+    source = load_source(cfg, ckpt)
+    _check_fits(cfg, source)  # before any process is started
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     if cfg.trainer.devices == 1:
-        result = _run(None, plain_cfg, str(ckpt), str(out_dir), (denoiser, train_cfg))
+        result = _run(None, plain_cfg, ckpt, str(out_dir), source)
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: join its processes
-        result = _run(_fabric(cfg.trainer), plain_cfg, str(ckpt), str(out_dir))
+        result = _run(_fabric(cfg.trainer), plain_cfg, ckpt, str(out_dir))
     else:
-        result = _spawn(cfg.trainer.devices, plain_cfg, str(ckpt), str(out_dir))
+        result = _spawn(cfg.trainer.devices, plain_cfg, ckpt, str(out_dir))
     if result is not None and "error" in result:  # a worker's one-line error, raised here in the parent
         raise result["error"][0](result["error"][1])
     return result
@@ -120,7 +173,7 @@ def _fabric(trainer_cfg):
     return fabric
 
 
-def _spawn(devices: int, cfg: dict, ckpt: str, out_dir: str) -> dict[str, Any] | None:
+def _spawn(devices: int, cfg: dict, ckpt: str | None, out_dir: str) -> dict[str, Any] | None:
     """Start one worker per device that runs only the sampling (not the Hydra command line again).
     Our own entry point rather than Fabric's ddp_spawn, so each worker imports diffctl (and its
     torchvision shim) before Lightning."""
@@ -136,7 +189,7 @@ def _spawn(devices: int, cfg: dict, ckpt: str, out_dir: str) -> dict[str, Any] |
     return queue.get()
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict, ckpt: str, out_dir: str, queue) -> None:
+def _worker(rank: int, world: int, port: int, cfg: dict, ckpt: str | None, out_dir: str, queue) -> None:
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "NODE_RANK": "0"}
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     result = _run(_fabric(cfg["trainer"]), cfg, ckpt, out_dir)
@@ -152,28 +205,25 @@ def _device(fabric, accelerator: str) -> torch.device:
     return torch.device("cuda" if accelerator == "gpu" else accelerator)
 
 
-def _run(fabric, cfg: dict, ckpt: str, out_dir: str, loaded=None) -> dict[str, Any] | None:
+def _run(fabric, cfg: dict, ckpt: str | None, out_dir: str, source: Source | None = None) -> dict[str, Any] | None:
     """One process's share of the work; rank 0 writes the outputs and returns the result.
-    `loaded`: (denoiser, train config) when the caller already loaded the checkpoint."""
+    `source`: the model when the caller already loaded it (ckpt None: model=gmm)."""
     try:
         cfg = OmegaConf.create(cfg)
-        loaded = loaded or load_denoiser(ckpt, use_ema=cfg.use_ema)
-        return _sample_shard(fabric, cfg, ckpt, Path(out_dir), *loaded)
+        return _sample_shard(fabric, cfg, Path(out_dir), source or load_source(cfg, ckpt))
     except DiffctlError as err:
         return {"error": (type(err), str(err))}
 
 
-def _sample_shard(fabric, cfg: DictConfig, ckpt: str, out_dir: Path, denoiser, train_cfg) -> dict[str, Any] | None:
+def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dict[str, Any] | None:
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     device = _device(fabric, cfg.trainer.accelerator)
-    denoiser.to(device)
+    denoiser = source.denoiser.to(device)
     calls = [0]
     denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     model = GuidedDenoiser(denoiser, cfg.guidance) if float(cfg.guidance) != 1.0 else denoiser
-    if cfg.clip_denoised:
+    if cfg.clip_denoised or (cfg.clip_denoised is None and source.mixture is None):  # null: clip images only
         model = ClippedDenoiser(model)
-    shape = train_cfg.data_shape
-    image_shape = (shape.channels, shape.resolution, shape.resolution)
 
     from rich.progress import Progress
 
@@ -185,9 +235,9 @@ def _sample_shard(fabric, cfg: DictConfig, ckpt: str, out_dir: Path, denoiser, t
         task = progress.add_task(f"sampling ({world} process{'es' if world > 1 else ''})", total=len(mine))
         for first in batches:
             n = min(cfg.batch_size, mine.stop - first)
-            y = _labels(cfg, shape.num_classes, first, n, device)
-            x = generate(model, n, image_shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first_index=first)
-            images.append(to_uint8(x))
+            y = _labels(cfg, source.num_classes, first, n, device)
+            x = generate(model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first_index=first)
+            images.append(to_uint8(x) if source.mixture is None else x.float().cpu())  # model=gmm: raw floats
             if y is not None:
                 labels.append(y.cpu())
             progress.advance(task, n)
@@ -196,13 +246,13 @@ def _sample_shard(fabric, cfg: DictConfig, ckpt: str, out_dir: Path, denoiser, t
     elapsed = time.perf_counter() - start
 
     result = {
-        "checkpoint": ckpt,
-        "weights": "ema" if cfg.use_ema else "raw",
+        "checkpoint": source.description,
+        "weights": "exact" if source.mixture is not None else "ema" if cfg.use_ema else "raw",
         "sampler": cfg.sampler.name,
         **{f"sampler.{k}": v for k, v in cfg.sampler.items() if k != "name"},
         "steps": cfg.steps,
         "guidance": float(cfg.guidance),
-        "clip_denoised": bool(cfg.clip_denoised),
+        "clip_denoised": isinstance(model, ClippedDenoiser),
         "nfe_per_sample": round(calls[0] / len(batches), 2),
         "num_samples": cfg.num_samples,
         "devices": world,
@@ -211,14 +261,19 @@ def _sample_shard(fabric, cfg: DictConfig, ckpt: str, out_dir: Path, denoiser, t
         "images_per_s": round(cfg.num_samples / elapsed, 2),
     }
     if rank == 0:  # samples first: whatever happens to the metrics, the images are kept
-        _write_samples(out_dir, all_images, all_labels)
+        _write_samples(out_dir, all_images, all_labels, source.mixture)
     metrics_error = None
-    if cfg.get("metrics") is not None and cfg.metrics.names:
+    if source.mixture is not None:  # distances to the exact distribution instead of FID
+        if rank == 0 and cfg.class_label is None and source.num_classes == 0:
+            from diffctl.distances import mixture_report
+
+            result.update(mixture_report(all_images, source.mixture, cfg.seed))
+    elif cfg.get("metrics") is not None and cfg.metrics.names:
         from diffctl.metrics import evaluate
 
         try:  # shards are contiguous and in rank order, as evaluate() needs
             nchw = mine_images.permute(0, 3, 1, 2).contiguous()
-            result.update(evaluate(nchw, cfg.metrics, train_cfg.data, device))
+            result.update(evaluate(nchw, cfg.metrics, source.data, device))
         except DiffctlError as err:
             metrics_error = err
     if rank == 0:
@@ -244,14 +299,22 @@ def _gather(fabric, images: torch.Tensor, labels: torch.Tensor | None, num: int)
     return gather(images), (gather(labels) if labels is not None else None)
 
 
-def _write_samples(out_dir: Path, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+def _write_samples(out_dir: Path, images: torch.Tensor, labels: torch.Tensor | None, mixture: GaussianMixture | None) -> None:
+    """samples.npz (uint8 NHWC images, or model=gmm's raw float samples) and a PNG: an image grid,
+    or for flat mixture samples a scatter plot of their first two coordinates over exact samples."""
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = images.cpu().numpy()
     arrays = {"samples": samples}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
     np.savez(out_dir / "samples.npz", **arrays)
-    save_grid(torch.from_numpy(samples[:64]), out_dir / "samples.png")
+    if mixture is None:
+        save_grid(torch.from_numpy(samples[:64]), out_dir / "samples.png")
+    elif len(mixture.shape) == 3 and mixture.shape[0] in (1, 3):
+        save_grid(to_uint8(images[:64]), out_dir / "samples.png")
+    else:
+        exact = mixture.sample(len(images), torch.Generator().manual_seed(0))[0]
+        save_scatter(images, out_dir / "samples.png", reference=exact)
 
 
 def _print_table(result: dict[str, Any], out_dir: Path) -> None:

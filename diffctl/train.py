@@ -18,6 +18,7 @@ from diffctl.build import instantiate_config, build_denoiser, build_objective, b
 from diffctl.callbacks import SampleGrid, StepCheckpoint, TrainSummary
 from diffctl.checkpoint import checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
+from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_sampler
 from diffctl.module import DiffusionModule
 
@@ -80,6 +81,8 @@ def _quiet_expected_warnings() -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     _quiet_expected_warnings()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if is_mixture(cfg.get("model")):
+        raise ConfigError("model=gmm is the analytic Gaussian mixture: it has nothing to train; sample from it with `diffctl sample model=gmm`")
     ckpt_path = _apply_resume(cfg)
     check_sampler({"name": cfg.sample_grid.sampler})
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -86,7 +86,7 @@ def test_class_labels_and_guidance(conditional, tmp_path):
 
 def test_guidance_needs_a_conditional_checkpoint_with_label_dropout(trained, tmp_path):
     _, run_dir = trained
-    with pytest.raises(ConfigError, match="guidance needs a class-conditional checkpoint"):
+    with pytest.raises(ConfigError, match="guidance needs a class-conditional model"):
         run_sample(tmp_path, [f"ckpt={run_dir}", "guidance=2", *NO_METRICS])
 
 

@@ -106,7 +106,6 @@ STOCHASTIC = [
     ({"name": "ddim", "eta": 0.5, "spacing": "quadratic"}, 200, 16),
     ({"name": "pc", "predictor": "reverse_diffusion", "corrector": "none"}, 500, 16),
     ({"name": "pc", "predictor": "euler_maruyama", "corrector": "none"}, 500, 16),
-    # the Langevin step size uses the per-sample score norm, which is meant for high dimensions
     ({"name": "pc", "predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.05}, 200, 256),
     ({"name": "ode", "solver": "heun"}, 30, 16),
     ({"name": "ode", "solver": "adaptive"}, 1, 16),

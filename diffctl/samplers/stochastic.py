@@ -100,23 +100,25 @@ PREDICTORS = {
 
 
 def _langevin_step(denoiser, y, now: Level, labels, generators, step_size):
-    """One Langevin step x <- x + e * score + sqrt(2 e) z at a fixed level; e = step_size(score, z)."""
+    """One Langevin step x <- x + e * score + sqrt(2 e) z at a fixed level; e = step_size(score, z), a float."""
     x = now.alpha * y
     score = denoise(denoiser, y, now, labels).score
     z = randn_like(x, generators)
     e = step_size(score, z)
-    return (x + e * score + torch.sqrt(2.0 * e) * z) / now.alpha
+    return (x + e * score + math.sqrt(2.0 * e) * z) / now.alpha
 
 
 def _langevin(denoiser, y, now: Level, nxt: Level | None, labels, generators, snr: float):
-    """score SDE's Langevin corrector: the step makes the signal-to-noise ratio ||e score|| /
-    ||sqrt(2e) z|| equal `snr`, per sample (so a sample does not depend on its batch). For VP-type
-    SDEs the step is scaled by a^2 = (alpha_t / alpha_next)^2, score SDE's alpha_i = 1 - beta_i."""
+    """score SDE's Langevin corrector: e = 2 a^2 (snr ||z|| / ||score||)^2 with the norms averaged
+    over the batch, as score_sde and diffusers' ScoreSdeVeScheduler do. The batch mean is what
+    makes it work in low dimension (a per-sample norm can be near 0 and blow the step up), but it
+    makes a sample depend on its batch; `ald` has the same step at high noise and does not. For
+    VP-type SDEs the step is scaled by a^2 = (alpha_t / alpha_next)^2, score SDE's alpha_i = 1 - beta_i."""
     a2 = (now.alpha / nxt.alpha) ** 2 if nxt is not None else 1.0
 
     def step_size(score, z):
-        ratio = z.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-12)
-        return (2.0 * a2 * (snr * ratio) ** 2).reshape((-1,) + (1,) * (z.ndim - 1))
+        ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
+        return 2.0 * a2 * (snr * ratio) ** 2
 
     return _langevin_step(denoiser, y, now, labels, generators, step_size)
 
@@ -126,10 +128,7 @@ def _annealed_langevin(denoiser, y, now: Level, nxt: Level | None, labels, gener
     a2 = (now.alpha / nxt.alpha) ** 2 if nxt is not None else 1.0
     e = 2.0 * a2 * (snr * now.sigma) ** 2
 
-    def step_size(score, z):
-        return torch.tensor(e, dtype=z.dtype, device=z.device)
-
-    return _langevin_step(denoiser, y, now, labels, generators, step_size)
+    return _langevin_step(denoiser, y, now, labels, generators, lambda score, z: e)
 
 
 CORRECTORS = {"langevin": _langevin, "ald": _annealed_langevin, "none": None}
@@ -143,7 +142,7 @@ def pc(
     labels=None,
     generators=None,
     predictor: str = "reverse_diffusion",
-    corrector: str = "langevin",
+    corrector: str = "ald",
     snr: float = 0.16,
     corrector_steps: int = 1,
     spacing: str = "uniform",
