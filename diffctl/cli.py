@@ -110,11 +110,18 @@ def _fid_stats_task(cfg):
     return fid_stats(cfg)
 
 
+def _likelihood_task(cfg):
+    from diffctl.likelihood import likelihood
+
+    return likelihood(cfg)
+
+
 # command -> (Hydra task, config name, one-line description)
 SUBCOMMANDS = {
     "train": (_train_task, "train", "train a diffusion model"),
     "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
     "fid-stats": (_fid_stats_task, "fid_stats", "precompute reference statistics for FID/KID"),
+    "likelihood": (_likelihood_task, "likelihood", "negative log-likelihood (bits/dim) via the probability-flow ODE"),
 }
 
 
@@ -124,7 +131,7 @@ def _usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<9} {desc}" for name, (_, _, desc) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in SUBCOMMANDS.items()]
     lines += ["", "config groups (choose with group=choice):"]
     lines += [f"  {g:<15} {' | '.join(c)}" for g, c in config_groups().items()]
     lines += [
@@ -135,6 +142,7 @@ def _usage() -> str:
         "  diffctl train --multirun model=unet,dit sde=vp,ve",
         "  diffctl sample sampler=ode steps=50           # sample from the newest checkpoint under outputs/",
         "  diffctl fid-stats data=cifar10 data.root=data # cache FID/KID reference statistics",
+        "  diffctl likelihood num_batches=4              # bits/dim of the test split (PF-ODE, Hutchinson trace)",
         "  diffctl train --help                          # every config key of train",
     ]
     return "\n".join(lines)
