@@ -8,8 +8,10 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from diffctl.sample import METRIC_COLUMNS
+
 # Always shown: what the jobs are compared on.
-_RESULTS = ("nfe_per_sample", "time_s", "images_per_s", "fid", "kid_mean", "is_mean")
+_RESULTS = ("nfe_per_sample", "time_s", "images_per_s", *METRIC_COLUMNS)
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
