@@ -353,7 +353,7 @@ def run_benchmark(args) -> dict:
     for res, key, x in outputs:
         res["endpoint"] = float((x - refs[key]).pow(2).mean().sqrt())
 
-    pairs = compare(runs, args.nfe, floor_sd)
+    pairs = compare(runs, args.nfe, floor, floor_sd)
     return {
         "config": {
             "dim": args.dim, "components": args.components, "num": args.num, "nfe": list(args.nfe), "seed": args.seed,
@@ -374,7 +374,7 @@ def run_benchmark(args) -> dict:
     }
 
 
-def compare(runs: list[Run], nfe_list, floor_sd: float) -> list[dict]:
+def compare(runs: list[Run], nfe_list, floor: float, floor_sd: float) -> list[dict]:
     """Per family with both sides: ours vs diffusers at each target NFE, defaults vs defaults and
     best vs best (the lowest error among each side's listed settings at that NFE; diagnostics excluded)."""
     pairs = []
@@ -396,14 +396,26 @@ def compare(runs: list[Run], nfe_list, floor_sd: float) -> list[dict]:
                 if a is None or b is None:
                     continue
                 ratio = a[0] / b[0] if b[0] > 0 else math.inf
-                if metric == "sw2" and abs(a[0] - b[0]) <= 2 * floor_sd:
-                    verdict = "tie"
+                if math.isnan(a[0]) or math.isnan(b[0]):  # a sampler that returned NaN loses
+                    verdict = "loss" if math.isnan(a[0]) else "win"
+                elif metric == "sw2" and (abs(a[0] - b[0]) <= 2 * floor_sd or max(a[0], b[0]) <= floor + 2 * floor_sd):
+                    verdict = "tie"  # within noise, or both as close to the exact samples as another exact set is
                 else:
                     verdict = "win" if a[0] <= b[0] else "loss"
                 rows.append({"target_nfe": target, "nfe": a[2]["nfe"], "ours": a[0], "theirs": b[0], "ratio": ratio,
                              "verdict": verdict, "ours_setting": a[1], "theirs_setting": b[1]})
             pairs.append({"family": fam, "ours": ours_name, "theirs": theirs_name, "kind": kind, "metric": metric, "rows": rows})
     return pairs
+
+
+def rescore(path: Path) -> dict:
+    """An earlier report with its pairs recomputed by the current `compare`."""
+    report = json.loads(Path(path).read_text())
+    runs = [Run(r["side"], r["family"], r["setting"], r["default"], None, r["results"], r.get("diagnostic", False))
+            for r in report["runs"]]
+    report["pairs"] = compare(runs, report["config"]["nfe"], report["floor"]["sw2"], report["floor"]["sd"])
+    report["rescored_from"] = str(path)
+    return report
 
 
 def _versions() -> dict:
@@ -464,7 +476,8 @@ def print_tables(report: dict, console=None) -> None:
     console.print("* = the sampler's default setting (non-default settings run up to --variants-max-nfe); diag. = a diagnostic, "
                   "not compared; (n) = the NFE actually spent where the target is not reachable (Heun: 2n-1, RK4: 4n-3, PC: 2n)")
 
-    table = Table(title="ours / diffusers at equal NFE (win: ratio <= 1; tie: sw2 within 2 floor sd)", title_justify="left")
+    table = Table(title="ours / diffusers at equal NFE (win ✓: ratio <= 1 or diffusers NaN; tie ≈: sw2 differs by <= 2 floor sd "
+                        "or both <= floor + 2 sd)", title_justify="left")
     table.add_column("pair")
     table.add_column("settings")
     table.add_column("metric")
@@ -538,13 +551,15 @@ def main(argv=None) -> int:
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help="families to run, e.g. ddim,heun")
     p.add_argument("--out", type=Path, default=None, help="output directory (default outputs/bench/<timestamp>); must not exist")
     p.add_argument("--verbose", action="store_true", help="print each run as it finishes")
+    p.add_argument("--rescore", type=Path, default=None,
+                   help="recompute the comparison, tables and plot from an earlier run's bench.json (no sampling)")
     args = p.parse_args(argv)
     if min(args.nfe) < 1:
         p.error("--nfe values must be >= 1")
     out = args.out or Path("outputs/bench") / _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     if out.exists() and any(out.iterdir()):
         p.error(f"{out} exists and is not empty; results are never overwritten")
-    report = run_benchmark(args)
+    report = rescore(args.rescore) if args.rescore else run_benchmark(args)
     out.mkdir(parents=True, exist_ok=True)
     report["command"] = " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
     (out / "bench.json").write_text(json.dumps(report, indent=1))
