@@ -25,11 +25,21 @@ class SDE(ABC):
 
     name = "sde"
 
-    def __init__(self, eps: float = 1e-5):
+    # Where samplers stop by default: score_sde and EDM sample VP-type SDEs down to t = 1e-3 (the
+    # last level then has sigma/alpha ~ 0.01, DDPM's first step) although they train down to 1e-5;
+    # the steps below 1e-3 cost network evaluations and change the sample by less than a pixel.
+    default_sample_eps: float | None = None
+
+    def __init__(self, eps: float = 1e-5, sample_eps: float | None = None):
         if not 0.0 < eps < 1.0:
             raise ValueError(f"sde.eps must be in (0, 1), got {eps}")
         self.eps = float(eps)
         self.T = 1.0
+        if sample_eps is None:
+            sample_eps = max(self.eps, self.default_sample_eps or self.eps)
+        if not self.eps <= sample_eps < self.T:
+            raise ValueError(f"sde.sample_eps must be in [eps, 1) = [{self.eps}, 1), got {sample_eps}")
+        self.sample_eps = float(sample_eps)
 
     # --- marginals -------------------------------------------------------------------
     @abstractmethod
@@ -89,9 +99,10 @@ class VPSDE(SDE):
     """
 
     name = "vp"
+    default_sample_eps = 1e-3
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5):
-        super().__init__(eps)
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-5, sample_eps: float | None = None):
+        super().__init__(eps, sample_eps)
         if not 0.0 <= beta_min < beta_max:
             raise ValueError(f"VP SDE needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
         self.beta_min = float(beta_min)
@@ -136,8 +147,8 @@ class VESDE(SDE):
 
     name = "ve"
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, eps: float = 1e-5):
-        super().__init__(eps)
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, eps: float = 1e-5, sample_eps: float | None = None):
+        super().__init__(eps, sample_eps)
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(f"VE SDE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min = float(sigma_min)

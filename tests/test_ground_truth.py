@@ -63,7 +63,7 @@ REF_RTOL = 1e-12
 
 def _reference_x0(sde, x_T: torch.Tensor) -> torch.Tensor:
     """The PF-ODE dx/dt = f - g^2/2 score in x and t (scipy DOP853, rtol = atol = 1e-12) from T to
-    eps, then the exact x0 prediction there."""
+    sample_eps (where the samplers stop), then the exact x0 prediction there."""
     n = x_T.shape[0]
 
     def rhs(t, flat):
@@ -71,9 +71,9 @@ def _reference_x0(sde, x_T: torch.Tensor) -> torch.Tensor:
         g2 = float(sde.diffusion(_t(t))) ** 2
         return (sde.drift(x, _t(t).expand(n)) - 0.5 * g2 * _score(sde, x, t)).numpy().ravel()
 
-    sol = solve_ivp(rhs, (sde.T, sde.eps), x_T.numpy().ravel(), method="DOP853", rtol=REF_RTOL, atol=REF_RTOL)
+    sol = solve_ivp(rhs, (sde.T, sde.sample_eps), x_T.numpy().ravel(), method="DOP853", rtol=REF_RTOL, atol=REF_RTOL)
     assert sol.success, sol.message
-    return _tweedie_x0(sde, torch.from_numpy(sol.y[:, -1].reshape(n, D)), sde.eps)
+    return _tweedie_x0(sde, torch.from_numpy(sol.y[:, -1].reshape(n, D)), sde.sample_eps)
 
 
 @functools.lru_cache(maxsize=None)

@@ -44,7 +44,7 @@ def _exact_ode_x0(sde, x_T):
     end point at s(eps), then the x0 prediction there (what every solver returns)."""
     level = lambda t: (float(sde.alpha(torch.tensor(t, dtype=torch.float64))), float(sde.noise_ratio(torch.tensor(t, dtype=torch.float64))))
     a_T, s_T = level(sde.T)
-    _, s_0 = level(sde.eps)
+    _, s_0 = level(sde.sample_eps)
     y = M + (x_T / a_T - M) * math.sqrt(C**2 + s_0**2) / math.sqrt(C**2 + s_T**2)
     return M + C**2 / (C**2 + s_0**2) * (y - M)
 
@@ -55,14 +55,14 @@ def test_noise_levels_start_at_T_and_decrease(sde_name, spacing):
     sde = SDES[sde_name]
     t = noise_levels(sde, 10, spacing)
     assert t.shape == (10,) and t[0] == sde.T and bool((t[1:] < t[:-1]).all())
-    assert t[-1] == (sde.T / 10 if spacing == "trailing" else sde.eps)
+    assert t[-1] == (sde.T / 10 if spacing == "trailing" else sde.sample_eps)
     s = sde.noise_ratio(t)
     if spacing == "karras":  # EDM: s^(1/7) evenly spaced
         torch.testing.assert_close(s ** (1 / 7), torch.linspace(float(s[0]) ** (1 / 7), float(s[-1]) ** (1 / 7), 10, dtype=torch.float64))
     if spacing == "logsnr":
         torch.testing.assert_close(s.log(), torch.linspace(math.log(s[0]), math.log(s[-1]), 10, dtype=torch.float64))
     if spacing == "quadratic":
-        torch.testing.assert_close((t - sde.eps).sqrt(), torch.linspace(math.sqrt(sde.T - sde.eps), 0, 10, dtype=torch.float64))
+        torch.testing.assert_close((t - sde.sample_eps).sqrt(), torch.linspace(math.sqrt(sde.T - sde.sample_eps), 0, 10, dtype=torch.float64))
     assert noise_levels(sde, 1, spacing).tolist() == [sde.T]
 
 

@@ -26,7 +26,7 @@ def consistency(denoiser, x: Tensor, steps: int, labels=None, generators=None, s
     the x0 estimate to a lower level and map it back to x0. The levels are those of steps+1 levels
     without the last, which would re-noise by almost nothing."""
     sde = denoiser.sde
-    levels = [Level(sde, float(t)) for t in noise_levels(sde, steps + 1, spacing)[:-1]]
+    levels = [Level(sde, float(t)) for t in noise_levels(sde, steps + 1, spacing, t_end=sde.eps)[:-1]]
     s_min = Level(sde, sde.eps).s
     x0 = denoise(denoiser, x / levels[0].alpha, levels[0], labels).x0
     for level in levels[1:]:

@@ -33,21 +33,21 @@ def randn_like(x: Tensor, generators: list[torch.Generator]) -> Tensor:
     return randn(generators, x.shape[1:], x.dtype, x.device)
 
 
-def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0) -> Tensor:
+def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0, t_end: float | None = None) -> Tensor:
     """`steps` diffusion times t_0 = T > t_1 > ... > t_{steps-1} (float64) at which a sampler calls the
-    network. Every sampler ends with a step from the last level to noise level 0, i.e. it returns the
-    denoised x0 prediction there (no noise added at the end).
+    network, down to t_end (default sde.sample_eps). Every sampler ends with a step from the last
+    level to noise level 0, i.e. it returns the denoised x0 prediction there (no noise added at the end).
 
-    uniform / quadratic: uniform in t or in sqrt(t - eps) (DDIM's two schedules), from T to eps.
+    uniform / quadratic: uniform in t or in sqrt(t - t_end) (DDIM's two schedules), from T to t_end.
     trailing: T, T(N-1)/N, ..., T/N (Lin et al. 2024: start exactly at T, evenly spaced).
-    karras: s = sigma/alpha spaced uniformly in s^(1/rho) from s(T) to s(eps) (EDM, rho = 7).
+    karras: s = sigma/alpha spaced uniformly in s^(1/rho) from s(T) to s(t_end) (EDM, rho = 7).
     logsnr: uniform in log s, i.e. in log-SNR (DPM-Solver's choice).
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    T, eps = sde.T, sde.eps
+    T, eps = sde.T, (sde.sample_eps if t_end is None else t_end)
     u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     if spacing == "trailing":
         return T * torch.arange(steps, 0, -1, dtype=torch.float64) / steps

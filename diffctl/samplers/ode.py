@@ -60,7 +60,7 @@ def _dpmpp_2m(denoiser, y, levels, labels):
 
 
 def _adaptive(denoiser, y, levels, labels, rtol: float, atol: float):
-    """dopri5 (torchdiffeq) on dy/du = s eps with u = log s, from s(T) to s(eps), then x0.
+    """dopri5 (torchdiffeq) on dy/du = s eps with u = log s, from s(T) to s(sample_eps), then x0.
     The step size is chosen on the whole batch, so a sample can differ at the tolerance level
     with the batch it is in."""
     from torchdiffeq import odeint
@@ -100,7 +100,7 @@ def ode(
         raise ValueError(f"unknown ODE solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     sde = denoiser.sde
     if solver == "adaptive":
-        ends = levels_of(sde, torch.tensor([sde.T, sde.eps], dtype=torch.float64))
+        ends = levels_of(sde, torch.tensor([sde.T, sde.sample_eps], dtype=torch.float64))
         return _adaptive(denoiser, x / ends[0].alpha, ends, labels, rtol, atol)
     levels = levels_of(sde, noise_levels(sde, steps, spacing))
     y = x / levels[0].alpha

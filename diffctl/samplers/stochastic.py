@@ -25,7 +25,7 @@ def _posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, f
 
 
 @torch.inference_mode()
-def ddpm(denoiser, x: Tensor, steps: int, labels=None, generators=None, spacing: str = "uniform") -> Tensor:
+def ddpm(denoiser, x: Tensor, steps: int, labels=None, generators=None, spacing: str = "trailing") -> Tensor:
     """Ancestral sampling: draw x_s ~ q(x_s | x_t, x0 = predicted x0) level by level (Ho et al. 2020)."""
     levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
     y = x / levels[0].alpha
@@ -36,7 +36,7 @@ def ddpm(denoiser, x: Tensor, steps: int, labels=None, generators=None, spacing:
 
 
 @torch.inference_mode()
-def ddim(denoiser, x: Tensor, steps: int, labels=None, generators=None, eta: float = 0.0, spacing: str = "uniform") -> Tensor:
+def ddim(denoiser, x: Tensor, steps: int, labels=None, generators=None, eta: float = 0.0, spacing: str = "trailing") -> Tensor:
     """DDIM (Song et al. 2021): y_s = x0 + sqrt(s'^2 - c^2) eps + c z with c = eta * posterior std.
 
     eta = 0 is deterministic (an Euler step of the probability-flow ODE in y, s); eta = 1 is exactly
