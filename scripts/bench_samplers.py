@@ -60,6 +60,11 @@ from diffctl.sde import VESDE, VPSDE  # noqa: E402
 DEFAULT_NFE = (5, 10, 20, 50, 100, 1000)
 REF_S_END = 1e-5  # the reference ODE runs down to sigma/alpha = REF_S_END, then takes E[x0 | x]
 REF_TOL = 1e-10
+# Our VP is continuous (alpha^2 = exp(-int beta)), diffusers' is DDPM's discrete product of
+# (1 - beta_i): two slightly different ODEs. With identical spacings and solvers (the trailing rows,
+# whose updates tests/test_diffusers_oracle.py shows are the same) endpoint errors differ by up to
+# 0.9%, so a ratio within 1% is a tie, not a win or a loss.
+SCHEDULE_TOLERANCE = 0.01
 # The model's training schedule, given to every discrete diffusers scheduler as a pipeline's
 # scheduler config would (HeunDiscreteScheduler's own defaults are Stable Diffusion's 0.00085..0.012).
 DDPM_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -186,8 +191,9 @@ def ours_runs(mixture, z: torch.Tensor, seed: int, sigma_max: float) -> list[Run
     R = []
     add = lambda fam, setting, default, fn, diag=False: R.append(Run("ours", fam, setting, default, fn, diagnostic=diag))
     add("ddpm", "spacing=trailing", True, runner(vp, ddpm, spacing="trailing"))
-    add("ddpm", "spacing=uniform", False, runner(vp, ddpm, spacing="uniform"))
+    add("ddpm", "spacing=leading", False, runner(vp, ddpm, spacing="leading"))
     add("ddim", "spacing=trailing", True, runner(vp, ddim, eta=0.0, spacing="trailing"))
+    add("ddim", "spacing=leading", False, runner(vp, ddim, eta=0.0, spacing="leading"))
     add("ddim", "spacing=uniform", False, runner(vp, ddim, eta=0.0, spacing="uniform"))
     for solver in ("euler", "heun", "dpmpp_2m", "rk4"):
         add(solver, "spacing=karras", True, runner(vp, ode, solver=solver, spacing="karras"))
@@ -401,6 +407,8 @@ def compare(runs: list[Run], nfe_list, floor: float, floor_sd: float) -> list[di
                     verdict = "loss" if math.isnan(a[0]) else "win"
                 elif metric == "sw2" and (abs(a[0] - b[0]) <= 2 * floor_sd or max(a[0], b[0]) <= floor + 2 * floor_sd):
                     verdict = "tie"  # within noise, or both as close to the exact samples as another exact set is
+                elif metric == "endpoint" and abs(math.log(ratio)) <= math.log(1 + SCHEDULE_TOLERANCE):
+                    verdict = "tie"  # within what the two schedules alone change (see SCHEDULE_TOLERANCE)
                 else:
                     verdict = "win" if a[0] <= b[0] else "loss"
                 rows.append({"target_nfe": target, "nfe": a[2]["nfe"], "ours": a[0], "theirs": b[0], "ratio": ratio,
@@ -547,8 +555,8 @@ def main(argv=None) -> int:
     p.add_argument("--directions", type=int, default=256, help="sliced-W2 projections (default 256)")
     p.add_argument("--floor-repeats", type=int, default=8, help="exact-vs-exact pairs for the SW2 floor and its spread")
     p.add_argument("--sigma-max", type=float, default=None, help="VE sigma_max (default: largest pairwise data distance)")
-    p.add_argument("--variants-max-nfe", type=int, default=100,
-                   help="run the non-default settings only up to this NFE (default 100; the defaults run at every NFE)")
+    p.add_argument("--variants-max-nfe", type=int, default=1000,
+                   help="run the non-default settings only up to this NFE (default 1000: all)")
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help="families to run, e.g. ddim,heun")
     p.add_argument("--out", type=Path, default=None, help="output directory (default outputs/bench/<timestamp>); must not exist")
     p.add_argument("--verbose", action="store_true", help="print each run as it finishes")

@@ -113,18 +113,20 @@ def test_ddpm_posterior_equals_ddpm_scheduler_step():
         torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_sampler_equals_ddim_scheduler(eta):
-    """Our whole DDIM sampler (spacing=trailing) on diffusers' schedule equals DDIMScheduler
-    (timestep_spacing=trailing) driven by the same exact model and, for eta > 0, the same noise:
-    this checks the x0/eps directions and the eta-scaled variance at every step."""
-    sched = DDIMScheduler(clip_sample=False, timestep_spacing="trailing")
+def test_ddim_sampler_equals_ddim_scheduler(eta, spacing):
+    """Our whole DDIM sampler on diffusers' schedule equals DDIMScheduler with the same timestep
+    spacing, driven by the same exact model and, for eta > 0, the same noise: this checks the
+    x0/eps directions and the eta-scaled variance at every step, and for `leading` (which starts
+    below T) that the prior draw is taken as the sample at the first timestep, as diffusers does."""
+    sched = DDIMScheduler(clip_sample=False, timestep_spacing=spacing)
     mixture, steps = _mixture(), 10
     sde = DiscreteVP(sched.alphas_cumprod)
     z = randn(sample_generators(1, range(B)), (D,), torch.float64)
     gens = sample_generators(1, range(B))
     randn(gens, (D,), torch.float64)
-    ours = ddim(MixtureDenoiser(mixture, sde), z, steps, generators=gens, eta=eta, spacing="trailing")
+    ours = ddim(MixtureDenoiser(mixture, sde), z, steps, generators=gens, eta=eta, spacing=spacing)
 
     replay = sample_generators(1, range(B))
     randn(replay, (D,), torch.float64)
@@ -139,7 +141,7 @@ def test_ddim_sampler_equals_ddim_scheduler(eta):
     assert model.calls == steps
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
     if eta > 0:  # the noise matters: a different stream must not agree
-        other = ddim(MixtureDenoiser(mixture, sde), z, steps, generators=sample_generators(9, range(B)), eta=eta, spacing="trailing")
+        other = ddim(MixtureDenoiser(mixture, sde), z, steps, generators=sample_generators(9, range(B)), eta=eta, spacing=spacing)
         assert (other - x).abs().max() > 1e-2
 
 

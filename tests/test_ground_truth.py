@@ -166,6 +166,7 @@ DEFAULT_STEPS = 50
 DIST_CASES = [
     ({"name": "ddpm"}, 100),
     ({"name": "ddim"}, DEFAULT_STEPS),
+    ({"name": "ddim", "spacing": "leading"}, DEFAULT_STEPS),  # starts below T: the prior rescaled to that level
     ({"name": "pc"}, DEFAULT_STEPS),  # corrector ald (the default)
     ({"name": "pc", "corrector": "langevin"}, DEFAULT_STEPS),
     ({"name": "pc", "corrector": "none"}, DEFAULT_STEPS),

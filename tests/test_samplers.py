@@ -67,6 +67,16 @@ def test_noise_levels_start_at_T_and_decrease(sde_name, spacing):
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))
+def test_leading_spacing_is_ddim_original_grid(sde_name):
+    """DDIM's timesteps 0, c, 2c, ..., (N-1)c of 1000 at t = (k+1)/1000 when t_end = 1e-3: it starts
+    one interval below T and ends at t_end."""
+    sde = SDES[sde_name]
+    t = noise_levels(sde, 10, "leading", t_end=1e-3)
+    torch.testing.assert_close(t, (torch.arange(900, -1, -100, dtype=torch.float64) + 1) / 1000)
+    assert float(noise_levels(sde, 10, "leading")[-1]) == sde.sample_eps
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
 def test_adaptive_solver_meets_its_tolerance(sde_name):
     sde = SDES[sde_name]
     x, _ = _start(sde, 64, 2)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from diffctl.errors import ConfigError
-from diffctl.samplers.common import SPACINGS, Level, denoise, noise_levels, randn, randn_like, sample_generators
+from diffctl.samplers.common import SPACINGS, Level, denoise, noise_levels, randn, randn_like, sample_generators, start
 from diffctl.samplers.ode import SOLVERS, ode
 from diffctl.samplers.stochastic import CORRECTORS, PREDICTORS, ddim, ddpm, pc
 
@@ -28,7 +28,7 @@ def consistency(denoiser, x: Tensor, steps: int, labels=None, generators=None, s
     sde = denoiser.sde
     levels = [Level(sde, float(t)) for t in noise_levels(sde, steps + 1, spacing, t_end=sde.eps)[:-1]]
     s_min = Level(sde, sde.eps).s
-    x0 = denoise(denoiser, x / levels[0].alpha, levels[0], labels).x0
+    x0 = denoise(denoiser, start(x, sde, levels[0]), levels[0], labels).x0
     for level in levels[1:]:
         y = x0 + (level.s**2 - s_min**2) ** 0.5 * randn_like(x0, generators)
         x0 = denoise(denoiser, y, level, labels).x0

@@ -15,7 +15,7 @@ from torch import Tensor
 from diffctl.denoiser import Denoiser, Prediction
 from diffctl.rng import mix_seed
 
-SPACINGS = ("uniform", "quadratic", "trailing", "karras", "logsnr")
+SPACINGS = ("uniform", "quadratic", "trailing", "leading", "karras", "logsnr")
 
 
 def sample_generators(seed: int, indices) -> list[torch.Generator]:
@@ -40,6 +40,9 @@ def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0, t_
 
     uniform / quadratic: uniform in t or in sqrt(t - t_end) (DDIM's two schedules), from T to t_end.
     trailing: T, T(N-1)/N, ..., T/N (Lin et al. 2024: start exactly at T, evenly spaced).
+    leading: t_end + T(N-1-i)/N, i = 0..N-1: DDIM's original schedule (timesteps 0, c, 2c, ... of
+      1000, diffusers' `leading`): it starts one interval below T, where the prior is still a good
+      stand-in for the marginal (see `start`), and ends at t_end.
     karras: s = sigma/alpha spaced uniformly in s^(1/rho) from s(T) to s(t_end) (EDM, rho = 7).
     logsnr: uniform in log s, i.e. in log-SNR (DPM-Solver's choice).
     """
@@ -51,6 +54,8 @@ def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0, t_
     u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     if spacing == "trailing":
         return T * torch.arange(steps, 0, -1, dtype=torch.float64) / steps
+    if spacing == "leading":
+        return (eps + T * torch.arange(steps - 1, -1, -1, dtype=torch.float64) / steps).clamp(max=T)
     if spacing == "uniform":
         t = T + (eps - T) * u
     elif spacing == "quadratic":
@@ -82,6 +87,21 @@ class Level:
     @classmethod
     def from_ratio(cls, sde, s: float) -> "Level":
         return cls(sde, float(sde.t_from_noise_ratio(torch.tensor(s, dtype=torch.float64))))
+
+
+def start(x: Tensor, sde, level: Level) -> Tensor:
+    """y = x/alpha at the first level from a prior draw x ~ N(0, prior_std^2) made for time T.
+
+    The prior stands for y_T ~ N(0, (prior_std/alpha_T)^2) = N(0, s_T^2 + v), where v is the data
+    variance it implicitly assumes (1 for VP, 0 for VE). A schedule that starts lower (leading)
+    gets the same prior at its level: y ~ N(0, s^2 + v); at T this is exactly x/alpha_T.
+    """
+    prior = sde.prior_std()
+    top = Level(sde, sde.T)
+    if level.t == top.t:
+        return x / top.alpha
+    v = max((prior / top.alpha) ** 2 - top.s**2, 0.0)
+    return x * (math.sqrt(level.s**2 + v) / prior)
 
 
 def denoise(denoiser: Denoiser, y: Tensor, level: Level, labels) -> Prediction:

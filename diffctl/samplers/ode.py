@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffctl.samplers.common import Level, denoise, levels_of, noise_levels
+from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, start
 
 SOLVERS = ("euler", "heun", "rk4", "dpmpp_2m", "adaptive")
 
@@ -101,9 +101,9 @@ def ode(
     sde = denoiser.sde
     if solver == "adaptive":
         ends = levels_of(sde, torch.tensor([sde.T, sde.sample_eps], dtype=torch.float64))
-        return _adaptive(denoiser, x / ends[0].alpha, ends, labels, rtol, atol)
+        return _adaptive(denoiser, start(x, sde, ends[0]), ends, labels, rtol, atol)
     levels = levels_of(sde, noise_levels(sde, steps, spacing))
-    y = x / levels[0].alpha
+    y = start(x, denoiser.sde, levels[0])
     if solver == "dpmpp_2m":
         return _dpmpp_2m(denoiser, y, levels, labels)
     step = _STEPS[solver]

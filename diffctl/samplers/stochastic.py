@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, randn_like
+from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, randn_like, start
 
 
 def _posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, float]:
@@ -28,7 +28,7 @@ def _posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, f
 def ddpm(denoiser, x: Tensor, steps: int, labels=None, generators=None, spacing: str = "trailing") -> Tensor:
     """Ancestral sampling: draw x_s ~ q(x_s | x_t, x0 = predicted x0) level by level (Ho et al. 2020)."""
     levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
-    y = x / levels[0].alpha
+    y = start(x, denoiser.sde, levels[0])
     for now, nxt in zip(levels, levels[1:]):
         mean, std = _posterior(y, denoise(denoiser, y, now, labels).x0, now, nxt)
         y = mean + std * randn_like(y, generators)
@@ -43,7 +43,7 @@ def ddim(denoiser, x: Tensor, steps: int, labels=None, generators=None, eta: flo
     DDPM's ancestral step.
     """
     levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
-    y = x / levels[0].alpha
+    y = start(x, denoiser.sde, levels[0])
     for now, nxt in zip(levels, levels[1:]):
         pred = denoise(denoiser, y, now, labels)
         c = eta * nxt.s * math.sqrt(1.0 - (nxt.s / now.s) ** 2)
@@ -156,7 +156,7 @@ def pc(
         raise ValueError(f"unknown corrector {corrector!r}; choose one of {', '.join(CORRECTORS)}")
     levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
     correct, predict = CORRECTORS[corrector], PREDICTORS[predictor]
-    y = x / levels[0].alpha
+    y = start(x, denoiser.sde, levels[0])
     for i, now in enumerate(levels):
         nxt = levels[i + 1] if i + 1 < len(levels) else None
         for _ in range(corrector_steps if correct else 0):
