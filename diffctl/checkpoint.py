@@ -1,17 +1,30 @@
-"""Finding and safely loading diffctl checkpoints.
+"""Finding, safely loading and atomically writing diffctl checkpoints.
 
 Every load goes through `load_checkpoint`, which uses torch.load(weights_only=True): a file that
 would need arbitrary unpickling (and could run code) is refused instead of executed.
+
+Every write goes through `atomic_write` (Lightning's saves through `AtomicCheckpointIO`): the bytes
+go to a hidden temporary file in the same directory, are flushed to disk, and only then renamed over
+the target with os.replace, so a process killed at any moment (kill -9, power loss after the rename)
+leaves either the previous complete file or the new complete file, never a torn one. Temporary
+names are `.<name>.<pid>.tmp`: they never end in .ckpt, and `remove_stale_temporaries` deletes the
+ones a killed run left behind.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
+import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from diffctl.errors import CheckpointError
 
@@ -60,3 +73,106 @@ def denoiser_state(ckpt: dict[str, Any], use_ema: bool = True) -> dict[str, torc
     if not state:
         raise CheckpointError(f"checkpoint has no {'EMA' if use_ema else 'raw'} weights (no '{prefix}*' keys)")
     return state
+
+
+# ---------------------------------------------------------------- writing
+
+_TEMP = re.compile(r"^\..+\.\d+\.tmp$")
+
+
+def temporary_path(path: str | Path) -> Path:
+    """Where `path` is written before it is renamed into place (same directory, hidden, not *.ckpt)."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms where directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through `write(file)` so that it appears complete or not at all.
+
+    On any failure (disk full, unwritable directory, interruption) the temporary file is removed
+    and the previous content of `path`, if any, is untouched; OSErrors become a CheckpointError."""
+    target = Path(path)
+    tmp = temporary_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "writ" in str(err).lower()):
+            raise CheckpointError(
+                f"could not write {target}: {err}. "
+                + ("The previous file there is intact." if target.exists() else "Nothing was written.")
+            ) from None
+        raise
+    _fsync_dir(target.parent)  # make the rename itself durable
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save(obj, path), atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_link(source: str | Path, target: str | Path) -> None:
+    """Make `target` a second name of the complete file `source` (a hard link, or a copy where the
+    filesystem has none), replacing any previous `target` atomically."""
+    src, dst = Path(source), Path(target)
+    tmp = temporary_path(dst)
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise CheckpointError(f"could not write {dst}: {err}") from None
+        raise
+    _fsync_dir(dst.parent)
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete temporary files that killed runs left in `directory`; returns what was removed.
+
+    Only call this where no other live process writes (diffctl: rank 0, before training)."""
+    d = Path(directory)
+    removed = []
+    if d.is_dir():
+        for p in d.iterdir():
+            if _TEMP.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save checkpoint IO, writing each local file atomically (see module doc).
+
+    Lightning's own `_atomic_save` only serializes to memory first; the file itself is then
+    overwritten in place, so a kill during the write leaves a truncated checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, path)

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 
-from diffctl.rng import GlobalBatchSampler
+from diffctl.rng import GlobalBatchSampler, batches_consumed
 
 try:  # share the project-wide config error type when there is one
     from diffctl.errors import ConfigError as _ErrorBase
@@ -433,10 +433,9 @@ class DiffusionDataModule(L.LightningDataModule):
             world_size=trainer.world_size if trainer else 1,
             seed=self.seed,
         )
-        if trainer is not None and trainer.global_step > 0:
-            # Resuming mid-epoch: continue the epoch's permutation where the checkpoint left it.
-            consumed = trainer.global_step * trainer.accumulate_grad_batches
-            sampler.skip = max(0, consumed - trainer.current_epoch * len(sampler)) % max(len(sampler), 1)
+        if trainer is not None:
+            # Resuming (mid-epoch too): continue the permutation where the checkpoint left the data.
+            sampler.seek(batches_consumed(trainer))
         return DataLoader(
             self.dataset("train"),
             batch_sampler=sampler,

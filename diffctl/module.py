@@ -1,4 +1,5 @@
-"""The Lightning module: objective loss, optimizer with warmup, EMA weights, CFG label dropout."""
+"""The Lightning module: objective loss, optimizer with warmup, EMA weights, CFG label dropout,
+random flips, and what happens on a non-finite loss (`nan_policy`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ import torch
 from torch import nn
 
 from diffctl.denoiser import Denoiser
+from diffctl.errors import ConfigError, DiffctlError
 from diffctl.objectives import Objective
-from diffctl.rng import BatchRandom
+from diffctl.rng import BatchRandom, mix_seed, seed_step
+
+NAN_POLICIES = ("stop", "skip")
+FLIP_STREAM = 0xF11B  # flips draw from their own keyed stream, so turning them on leaves the noise as it was
+
+
+class NonFiniteLoss(DiffctlError):
+    """The training loss became NaN or infinite (nan_policy=stop)."""
 
 
 def ema_decay(step: int, decay: float, warmup: bool) -> float:
@@ -41,6 +50,8 @@ class DiffusionModule(L.LightningModule):
         label_dropout: float = 0.1,
         config: dict[str, Any] | None = None,
         seed: int = 0,
+        random_flip: bool = False,
+        nan_policy: str = "stop",
     ):
         super().__init__()
         # The whole run config travels in the checkpoint so `sample`/`resume` need nothing else.
@@ -52,6 +63,18 @@ class DiffusionModule(L.LightningModule):
         self.conditional = bool(conditional)
         self.label_dropout = float(label_dropout)
         self.seed = int(seed)
+        self.random_flip = bool(random_flip)
+        if nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"nan_policy must be one of {' | '.join(NAN_POLICIES)}, got {nan_policy!r}")
+        self.nan_policy = nan_policy
+        # nan_policy=stop: the first step whose loss was not finite, kept on the device (-1: none) so
+        # that checking it costs no host sync per step; `first_nonfinite_step` reads it when needed.
+        self._bad_step: torch.Tensor | None = None
+        self._bad_loss: torch.Tensor | None = None
+        # nan_policy=skip: whether every micro-batch of the current optimizer step had a finite loss.
+        self._loss_ok: torch.Tensor | None = None
+        self._skip_this_step = False
+        self.skipped_steps = 0
         self.ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
         # Consistency models regress onto an EMA "target" copy with its own decay schedule.
         self.target = copy.deepcopy(denoiser).requires_grad_(False) if objective.needs_target else None
@@ -69,27 +92,83 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         trainer = self.trainer
-        rng = BatchRandom(
-            self.seed,
-            self.global_step,
-            batch_idx % trainer.accumulate_grad_batches,
-            trainer.global_rank,
-            trainer.world_size,
-            x.shape[0],
-            x.device,
-        )
+        step, micro = self.global_step, batch_idx % trainer.accumulate_grad_batches
+        seed_step(self.seed, step, micro, trainer.global_rank)  # dropout: same draws on resume
+        keyed = (step, micro, trainer.global_rank, trainer.world_size, x.shape[0], x.device)
+        if self.random_flip:
+            flip = BatchRandom(mix_seed(self.seed, FLIP_STREAM), *keyed).rand((x.shape[0], 1, 1, 1)) < 0.5
+            x = torch.where(flip, x.flip(-1), x)
+        rng = BatchRandom(self.seed, *keyed)
         loss = self.objective.loss(
-            self.denoiser, x, self._labels(y, rng), rng, target=self.target, step=self.global_step
+            self.denoiser, x, self._labels(y, rng), rng, target=self.target, step=step
         )
+        self._track_finite(loss.detach(), step, micro)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
+    # --- non-finite losses -------------------------------------------------------------
+    def _track_finite(self, loss: torch.Tensor, step: int, micro: int) -> None:
+        """Device-side bookkeeping only: no .item(), no host sync."""
+        finite = torch.isfinite(loss)
+        if self.nan_policy == "skip":
+            self._loss_ok = finite if micro == 0 or self._loss_ok is None else self._loss_ok & finite
+            return
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        first = ~finite & (self._bad_step < 0)
+        self._bad_step = torch.where(first, torch.full_like(self._bad_step, step), self._bad_step)
+        self._bad_loss = torch.where(first, loss.to(self._bad_loss.dtype), self._bad_loss)
+
+    def first_nonfinite_step(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite loss so far (nan_policy=stop), else None. Syncs."""
+        if self._bad_step is None:
+            return None
+        step = int(self._bad_step)
+        return (step, float(self._bad_loss)) if step >= 0 else None
+
+    def weights_finite(self) -> bool:
+        """Whether the raw and EMA weights are all finite (one host sync)."""
+        params = [p.detach() for m in (self.denoiser, self.ema) for p in m.parameters() if p.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.nan_policy != "skip":
+            return
+        # One host sync per optimizer step, only with nan_policy=skip: the step cannot be skipped
+        # without knowing on the host. Gradients are checked too (a finite loss can still overflow in
+        # backward), except under fp16 loss scaling, whose GradScaler already skips those steps.
+        ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool, device=self.device)
+        grads = [p.grad for p in self.denoiser.parameters() if p.grad is not None]
+        if grads and self.trainer.precision not in ("16-mixed", "16", "16-true"):
+            ok = ok & torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        self._skip_this_step = not bool(ok)
+        if self._skip_this_step:
+            for p in self.denoiser.parameters():  # an optimizer skips parameters without gradients
+                p.grad = None
+            self.skipped_steps += 1
+            if self.trainer.is_global_zero and (self.skipped_steps <= 10 or self.skipped_steps % 100 == 0):
+                print(
+                    f"warning: non-finite loss or gradients at step {self.global_step}: optimizer step skipped "
+                    f"(nan_policy=skip; {self.skipped_steps} skipped so far)",
+                    flush=True,
+                )
+
     def optimizer_step(self, *args, **kwargs):
+        self._skip_this_step = False
         super().optimizer_step(*args, **kwargs)
+        if self._skip_this_step:  # nan_policy=skip: weights unchanged, so the averages stay as they are
+            return
         step = self.global_step  # optimizer steps taken before this one
         lerp_parameters(self.ema, self.denoiser, ema_decay(step, self.ema_cfg["decay"], self.ema_cfg["warmup"]))
         if self.target is not None:
             lerp_parameters(self.target, self.denoiser, self.objective.target_decay(step))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diffctl"] = {"skipped_steps": int(self.skipped_steps)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("diffctl", {}).get("skipped_steps", 0))
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

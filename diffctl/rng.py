@@ -5,6 +5,13 @@ Each rank draws the noise of the *global* batch from a generator keyed by (seed,
 and keeps its own slice, and every rank walks the same seeded permutation of the data in global
 batches. So N processes with batch B compute exactly what one process with batch N*B would, and
 a resumed run draws the same noise as an uninterrupted one.
+
+Exact resume rests on three things, none of which needs state beyond Lightning's own counters:
+- noise, timesteps, label dropout and flips come from generators keyed by (seed, step, micro-batch);
+- the global RNG (dropout inside the network) is reseeded from (seed, step, micro-batch, rank) at
+  every training step (`seed_step`), so it never carries state from one step to the next;
+- the data position is the number of training batches Lightning has processed
+  (`batches_consumed`): the sampler continues the epoch's permutation from there.
 """
 
 from __future__ import annotations
@@ -20,6 +27,23 @@ def mix_seed(*parts: int) -> int:
         h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
+    """Reseed the global torch RNG (CPU and accelerators) for one training micro-batch.
+
+    Only what draws from the global RNG inside the step (dropout) sees it; a resumed run starts
+    step k with the same global RNG state as the uninterrupted run, whatever happened before."""
+    torch.manual_seed(mix_seed(seed, step, micro, rank, 0x5EED))
+
+
+def batches_consumed(trainer) -> int:
+    """Training batches already processed by this run and the runs it resumed from.
+
+    Lightning restores its loop progress from the checkpoint before it builds the train dataloader;
+    `total.processed` counts every batch whose step finished (checkpoints are written after that),
+    across epochs and resumes, and Lightning's own epoch boundaries follow the same count."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
 
 
 class BatchRandom:
@@ -68,8 +92,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.skip = 0  # batches of the current epoch already consumed before a resume
 
-    def set_epoch(self, epoch: int) -> None:  # called by Lightning at every epoch start
+    def set_epoch(self, epoch: int) -> None:
+        # Lightning's own set_epoch call does not reach a batch sampler (it looks at
+        # `batch_sampler.sampler`); diffctl's DataPosition callback calls `seek` at every epoch start.
         self.epoch = epoch
+
+    def seek(self, consumed: int) -> None:
+        """Continue after `consumed` global batches: epoch consumed // len, skipping the rest."""
+        n = max(len(self), 1)
+        self.epoch, self.skip = divmod(int(consumed), n)
 
     def __len__(self) -> int:
         """Batches in a full epoch."""

@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffctl.build import instantiate_config, build_denoiser, build_objective, build_sde, load_denoiser, plain, same_sde
-from diffctl.callbacks import SampleGrid, StepCheckpoint, TrainSummary
-from diffctl.checkpoint import checkpoint_config, load_checkpoint, resolve_checkpoint
+from diffctl.callbacks import DataPosition, SampleGrid, StepCheckpoint, TrainSummary
+from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_sampler
@@ -76,6 +76,12 @@ def _quiet_expected_warnings() -> None:
     # The EMA/target copies are in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # diffctl's batch sampler resumes mid-epoch (diffctl.rng); Lightning cannot see that it does.
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+    # A resumed run writes to its own new directory (or uses another checkpoint.every_n_steps); the
+    # checkpoint callback then starts its bookkeeping afresh, which is what we want.
+    warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
+    warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -88,7 +94,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in DATA_HINT_KEYS])
-    datamodule = instantiate_config(data_cfg, "data", seed=cfg.seed)
+    # Random flips happen in the training step from keyed generators (exactly reproducible on resume
+    # and across DDP splits), not in the dataset, where they would draw from per-worker global RNGs.
+    datamodule = instantiate_config(data_cfg, "data", seed=cfg.seed, random_flip=False)
     if cfg.conditional and datamodule.num_classes == 0:
         raise ConfigError(
             f"conditional=true needs class labels, but data={cfg.data.name} has none; "
@@ -128,6 +136,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         label_dropout=cfg.label_dropout,
         config=plain(cfg),
         seed=cfg.seed,
+        random_flip=bool(cfg.data.get("random_flip", False)),
+        nan_policy=cfg.get("nan_policy", "stop"),
     )
     grid = SampleGrid(
         out_dir=str(run_dir / "samples"),
@@ -143,9 +153,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             filename="step_{step:07d}",
             every_n_train_steps=cfg.checkpoint.every_n_steps,
             save_top_k=-1,
-            save_last=True,
+            save_last="link",  # last.ckpt: a hard link to the step file just written (atomic, no second save)
+            enable_version_counter=False,  # a resumed run writing into its old directory overwrites, never last-v1.ckpt
             auto_insert_metric_name=False,
+            nan_check_every=cfg.trainer.get("log_every_n_steps") or 50,
         ),
+        DataPosition(),
         grid,
         TrainSummary(str(run_dir)),
     ]
@@ -163,6 +176,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=loggers,
         default_root_dir=str(run_dir),
         enable_progress_bar=bool(cfg.progress_bar),
+        plugins=[AtomicCheckpointIO()],  # every checkpoint file written to a temporary and renamed
     )
     environ = dict(os.environ)
     try:
@@ -176,4 +190,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         os.environ.clear()
         os.environ.update(environ)
     metric = trainer.callback_metrics.get("train/loss")
-    return {"run_dir": str(run_dir), "global_step": trainer.global_step, "loss": float(metric) if metric is not None else None}
+    return {
+        "run_dir": str(run_dir),
+        "global_step": trainer.global_step,
+        "loss": float(metric) if metric is not None else None,
+        "skipped_steps": module.skipped_steps,
+    }

@@ -88,25 +88,103 @@ def test_ema_is_the_exponential_average_of_raw_weights(tmp_path):
             torch.testing.assert_close(ema[k], 0.75 * init[k] + 0.25 * raw[k], rtol=1e-5, atol=1e-6)
 
 
-def test_resume_continues_step_count_and_optimizer_state(tmp_path):
-    first = tmp_path / "first"
-    # 128 images / batch 16 = 8 steps per epoch: resume mid-epoch at 6 and cross the epoch boundary.
-    run_train(first, [*tiny_overrides("unet"), "trainer.max_steps=12", "checkpoint.every_n_steps=6"])
-    step6 = first / "checkpoints" / "step_0000006.ckpt"
-    assert step6.is_file()
+# --- exact resume -------------------------------------------------------------------------
+# 128 images / batch 16 = 8 batches per epoch. Dropout, random flips and a fast EMA make every
+# source of randomness and every piece of state matter; deterministic kernels make CPU runs bitwise.
+EXACT = [
+    "trainer.max_steps=20",
+    "checkpoint.every_n_steps=4",
+    "model.dropout=0.2",
+    "data.random_flip=true",
+    "ema.decay=0.8",
+    "ema.warmup=false",
+    "optim.warmup_steps=3",
+    "trainer.deterministic=true",
+]
 
-    resumed = tmp_path / "resumed"
-    result = run_train(resumed, [*tiny_overrides("unet"), "trainer.max_steps=12", f"resume={step6}"])
-    assert result["global_step"] == 12
-    a = load_ckpt(first / "checkpoints" / "last.ckpt")
-    b = load_ckpt(resumed / "checkpoints" / "last.ckpt")
-    assert b["global_step"] == 12
-    adam_a, adam_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert float(adam_b[0]["step"]) == 12  # Adam's step counter continued from 6, not restarted
-    # Same data order and noise after resuming: the weights match the uninterrupted run.
+
+@pytest.fixture
+def record_steps(monkeypatch):
+    """Record, for every training step, what it saw: data (before flips), and global RNG state after it."""
+    import hashlib
+
+    from diffctl.module import DiffusionModule
+
+    seen = []
+    original = DiffusionModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        digest = lambda t: hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]  # noqa: E731
+        seen.append((self.global_step, batch_idx, digest(batch[0]), digest(torch.get_rng_state())))
+        return loss
+
+    monkeypatch.setattr(DiffusionModule, "training_step", training_step)
+    return seen
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Bitwise: step count, raw and EMA weights, optimizer state, LR schedule."""
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert any(k.startswith("ema.") for k in a["state_dict"])
     for k, v in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(adam_b[0]["exp_avg_sq"], adam_a[0]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        assert torch.equal(b["state_dict"][k], v), k
+    (oa,), (ob,) = a["optimizer_states"], b["optimizer_states"]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i, st in oa["state"].items():
+        for name, v in st.items():
+            assert torch.equal(ob["state"][i][name], v), (i, name)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert a.get("diffctl") == b.get("diffctl")
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_resume_is_bitwise_exact_mid_epoch_at_epoch_end_and_after_max_steps(tmp_path, record_steps, precision):
+    overrides = [*tiny_overrides("unet"), *EXACT, f"trainer.precision={precision}"]
+    run_train(tmp_path / "full", overrides)
+    full = list(record_steps)
+    assert [s for s, *_ in full] == list(range(20))
+    reference = load_ckpt(tmp_path / "full" / "checkpoints" / "last.ckpt")
+
+    # Stopped at step 4 (mid-epoch) or 8 (exactly at an epoch end), resumed to 20.
+    for k in ((4, 8) if precision == "32-true" else (4,)):
+        record_steps.clear()
+        result = run_train(tmp_path / f"from{k}", [*overrides, f"resume={tmp_path / 'full' / 'checkpoints' / f'step_{k:07d}.ckpt'}"])
+        assert result["global_step"] == 20
+        assert record_steps == full[k:], f"resumed at {k}: different data, noise or RNG state"
+        assert_same_training_state(reference, load_ckpt(tmp_path / f"from{k}" / "checkpoints" / "last.ckpt"))
+
+    # A run that ended at max_steps=10 (between saves, mid-epoch), continued to 20 from its run directory.
+    record_steps.clear()
+    run_train(tmp_path / "short", [*overrides, "trainer.max_steps=10"])
+    assert (tmp_path / "short" / "checkpoints" / "step_0000010.ckpt").is_file()
+    record_steps.clear()
+    run_train(tmp_path / "continued", [*overrides, f"resume={tmp_path / 'short'}"])
+    assert record_steps == full[10:]
+    assert_same_training_state(reference, load_ckpt(tmp_path / "continued" / "checkpoints" / "last.ckpt"))
+
+
+def test_every_epoch_walks_a_new_permutation_of_the_data(tmp_path, record_steps):
+    run_train(tmp_path, [*tiny_overrides("unet"), "trainer.max_steps=24"])  # 3 epochs of 8 batches
+    epochs = [[d for _, _, d, _ in record_steps[e * 8 : (e + 1) * 8]] for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
+    # (each epoch is a permutation: the same batches-worth of images, in another order and grouping)
+    assert [b for _, b, _, _ in record_steps] == list(range(8)) * 3
+
+
+def test_gradient_accumulation_with_an_epoch_that_does_not_divide_resumes_exactly(tmp_path, record_steps):
+    # 8 batches per epoch, 3 per step: Lightning steps after batches 3, 6, 8 (short step), 11, ...
+    overrides = [*tiny_overrides("unet"), "trainer.accumulate_grad_batches=3", "trainer.max_steps=7", "checkpoint.every_n_steps=2"]
+    run_train(tmp_path / "full", overrides)
+    full = list(record_steps)
+    record_steps.clear()
+    run_train(tmp_path / "resumed", [*overrides, f"resume={tmp_path / 'full' / 'checkpoints' / 'step_0000004.ckpt'}"])
+    assert record_steps == full[len(full) - len(record_steps) :] and len(record_steps) == len(full) - 11
+    assert_same_training_state(
+        load_ckpt(tmp_path / "full" / "checkpoints" / "last.ckpt"), load_ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    )
 
 
 def test_resume_from_run_dir_takes_model_config_from_checkpoint(tmp_path):
