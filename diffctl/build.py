@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffctl.checkpoint import checkpoint_config, denoiser_state, load_checkpoint
+from diffctl.checkpoint import checkpoint_config, denoiser_state, load_checkpoint, resolve_checkpoint
 from diffctl.denoiser import Denoiser
 from diffctl.errors import CheckpointError, ConfigError
 from diffctl.objectives import Objective
@@ -52,18 +55,123 @@ def build_denoiser(cfg: DictConfig, sde: SDE, objective: Objective, shape: dict[
     )
 
 
+# A stored config (checkpoint or export) is data from someone else's file: its `_target_`s are
+# instantiated, so they may only name diffctl's own classes (env DIFFCTL_TRUSTED_TARGETS adds
+# comma-separated prefixes for your own networks), else a config could call any function on load.
+STORED_CONFIG_KEYS = ("model", "sde", "objective", "data")
+
+
+def check_stored_targets(config: dict[str, Any], path) -> None:
+    trusted = ("diffctl.", *(p.strip() for p in os.environ.get("DIFFCTL_TRUSTED_TARGETS", "").split(",") if p.strip()))
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "_target_" and not (isinstance(value, str) and value.startswith(trusted)):
+                    raise CheckpointError(
+                        f"refusing the config stored in {path}: {where}._target_={value!r} is not a diffctl class and "
+                        "would be called on load (set DIFFCTL_TRUSTED_TARGETS=<module prefix> if it is your own network)"
+                    )
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    for key in STORED_CONFIG_KEYS:
+        walk(config.get(key), key)
+
+
+def _build_stored(config: dict[str, Any], state: dict[str, Any], path, what: str) -> tuple[Denoiser, DictConfig]:
+    """Denoiser from a stored run config and its weights (strict: every tensor must fit)."""
+    check_stored_targets(config, path)
+    cfg = OmegaConf.create(config)
+    try:
+        sde = build_sde(cfg)
+        objective = build_objective(cfg, sde)
+        denoiser = build_denoiser(cfg, sde, objective, cfg.data_shape)
+    except ConfigError as err:
+        raise CheckpointError(f"the config in {path} does not build a diffctl model ({err})") from None
+    except Exception as err:  # noqa: BLE001  missing keys, hand-edited configs
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"the config in {path} does not build a diffctl model ({first})") from None
+    try:
+        denoiser.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{what} in {path} do not fit the network in its config: {str(err).splitlines()[0]}") from None
+    return denoiser.eval(), cfg
+
+
 def load_denoiser(path, use_ema: bool = True) -> tuple[Denoiser, DictConfig]:
     """Rebuild a trained denoiser from a checkpoint file or run directory."""
     ckpt = load_checkpoint(path)
-    cfg = OmegaConf.create(checkpoint_config(ckpt, path))
-    sde = build_sde(cfg)
-    objective = build_objective(cfg, sde)
-    denoiser = build_denoiser(cfg, sde, objective, cfg.data_shape)
+    return _build_stored(checkpoint_config(ckpt, path), denoiser_state(ckpt, use_ema), path, "weights")
+
+
+# `diffctl export`: <name>.safetensors (the denoiser's tensors) next to <name>.json (EXPORT_FORMAT,
+# which weights, where from, and the run config the network is built from).
+EXPORT_FORMAT = "diffctl-export"
+EXPORT_VERSION = 1
+EXPORT_SUFFIXES = (".safetensors", ".json")
+
+
+def export_files(path) -> tuple[Path, Path]:
+    """(weights, config) of an export given as its .safetensors file, its .json file or its directory."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = sorted(p.glob("*.safetensors"))
+        if len(found) != 1:
+            what = "no .safetensors file" if not found else f"{len(found)} .safetensors files ({', '.join(f.name for f in found)})"
+            raise CheckpointError(f"{p} holds {what}; give the export's .safetensors file")
+        p = found[0]
+    weights, config = p.with_suffix(".safetensors"), p.with_suffix(".json")
+    if not weights.is_file():
+        raise CheckpointError(f"export weights not found: {weights}")
+    if not config.is_file():
+        raise CheckpointError(f"export config not found: {config} (the .json written next to {weights.name} by `diffctl export`)")
+    return weights, config
+
+
+def is_export(path) -> bool:
+    """True for an export file (.safetensors/.json) or a directory with a .safetensors file and no checkpoint."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        has_ckpt = (p / "checkpoints" / "last.ckpt").is_file() or (p / "last.ckpt").is_file()
+        return not has_ckpt and any(p.glob("*.safetensors"))
+    return p.suffix in EXPORT_SUFFIXES
+
+
+def resolve_weights(path) -> Path:
+    """A checkpoint (file or run dir) or an export (its .safetensors file), checked to exist."""
+    return export_files(path)[0] if is_export(path) else resolve_checkpoint(path)
+
+
+def read_export(path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(export metadata with its 'config', tensors) of an export, read without unpickling anything."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights, config_path = export_files(path)
     try:
-        denoiser.load_state_dict(denoiser_state(ckpt, use_ema))
-    except RuntimeError as err:
-        raise CheckpointError(f"weights in {path} do not fit the network in its config: {str(err).splitlines()[0]}") from None
-    return denoiser.eval(), cfg
+        meta = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read export config {config_path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{config_path} is not a diffctl export config (expected format={EXPORT_FORMAT!r} and a 'config')")
+    if meta.get("version") != EXPORT_VERSION:
+        raise CheckpointError(f"{config_path} is export version {meta.get('version')!r}; this diffctl reads version {EXPORT_VERSION}")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {weights}: the file is truncated or not a safetensors file ({str(err).splitlines()[0]})") from None
+    return meta, state
+
+
+def load_export(path) -> tuple[Denoiser, DictConfig, str]:
+    """Rebuild a denoiser from `diffctl export` output: (denoiser, run config, 'ema' | 'raw')."""
+    meta, state = read_export(path)
+    weights, _ = export_files(path)
+    denoiser, cfg = _build_stored(meta["config"], state, weights, "weights")
+    return denoiser, cfg, str(meta.get("weights", "unknown"))
 
 
 def same_sde(a: SDE, b: SDE) -> bool:

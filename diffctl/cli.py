@@ -110,6 +110,12 @@ def _fid_stats_task(cfg):
     return fid_stats(cfg)
 
 
+def _export_task(cfg):
+    from diffctl.export import export
+
+    return export(cfg)
+
+
 def _likelihood_task(cfg):
     from diffctl.likelihood import likelihood
 
@@ -122,6 +128,7 @@ SUBCOMMANDS = {
     "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
     "fid-stats": (_fid_stats_task, "fid_stats", "precompute reference statistics for FID/KID"),
     "likelihood": (_likelihood_task, "likelihood", "negative log-likelihood (bits/dim) via the probability-flow ODE"),
+    "export": (_export_task, "export", "write a checkpoint's EMA (or raw) weights as .safetensors + config JSON"),
 }
 
 

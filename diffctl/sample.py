@@ -3,13 +3,21 @@ devices, and write samples.npz, a PNG grid and metrics.json.
 
 With trainer.devices=K the sample indices 0..N-1 are cut into K contiguous shards, one per process;
 sample i depends only on (seed, i), so the images are the same for any K and any batch size.
+
+Resumable: every finished batch is written at once (temporary file, then os.replace) to
+<run dir>/partial/shard-<first>-<stop>.npz by the process that made it. `diffctl sample resume=<run dir>`
+reloads that run's config (.hydra/config.yaml), keeps the finished samples, makes the rest and writes
+the same samples.npz and metrics as an uninterrupted run; partial/ is removed once all is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +27,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from diffctl.build import build_sde, load_denoiser
-from diffctl.checkpoint import resolve_checkpoint
+from diffctl.build import build_sde, is_export, load_denoiser, load_export, resolve_weights
 from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, save_scatter, to_uint8
@@ -43,6 +50,7 @@ class Source:
     data: DictConfig | None = None  # training data config: the metrics' reference
     mixture: GaussianMixture | None = None
     description: str = ""
+    weights: str = "exact"  # ema | raw | exact (model=gmm)
 
 
 def load_source(cfg: DictConfig, ckpt: str | None) -> Source:
@@ -51,7 +59,13 @@ def load_source(cfg: DictConfig, ckpt: str | None) -> Source:
         sde = build_sde(cfg) if cfg.get("sde") is not None else VPSDE()
         denoiser = MixtureDenoiser(mixture, sde, conditional=cfg.model.get("conditional", False))
         return Source(denoiser, mixture.shape, denoiser.num_classes, True, mixture=mixture, description="model=gmm")
-    denoiser, train_cfg = load_denoiser(ckpt, use_ema=cfg.use_ema)
+    if is_export(ckpt):  # `diffctl export` output: the weights it holds (EMA unless exported with use_ema=false)
+        denoiser, train_cfg, weights = load_export(ckpt)
+        if cfg.get("use_ema") is False and weights == "ema":
+            raise ConfigError(f"{ckpt} holds EMA weights only; for the raw weights export with `diffctl export use_ema=false`")
+    else:
+        denoiser, train_cfg = load_denoiser(ckpt, use_ema=cfg.use_ema)
+        weights = "ema" if cfg.use_ema else "raw"
     shape = train_cfg.data_shape
     return Source(
         denoiser,
@@ -60,6 +74,7 @@ def load_source(cfg: DictConfig, ckpt: str | None) -> Source:
         train_cfg.get("label_dropout", 0) > 0,
         data=train_cfg.data,
         description=ckpt,
+        weights=weights,
     )
 
 
@@ -142,17 +157,115 @@ def shard(num: int, rank: int, world: int) -> range:
     return range(rank * num // world, (rank + 1) * num // world)
 
 
+PARTIAL = "partial"  # finished batches of a run in progress (shard-<first>-<stop>.npz)
+MANIFEST = "manifest.json"  # in PARTIAL: the resolved checkpoint and its sha256
+# Keys that may differ when resuming: they do not change the samples.
+RESUME_FREE = ("resume", "progress_bar", "metrics")
+# These change which samples share a batch: free unless the sampler adapts to the whole batch.
+RESUME_BATCHING = ("batch_size", "trainer.devices")
+
+
+def _batch_dependent(sampler) -> bool:
+    return (sampler.name == "ode" and sampler.get("solver") == "adaptive") or (
+        sampler.name == "pc" and sampler.get("corrector") == "langevin"
+    )
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _override_key(override: str) -> str:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key.split("@", 1)[0]
+
+
+def _resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """The interrupted run's config (its .hydra/config.yaml) with this command line's harmless
+    overrides applied; any override that would change the samples is refused, naming the key."""
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        raise ConfigError("resume= continues one run; it cannot be combined with --multirun")
+    run = Path(str(cfg.resume)).expanduser().resolve()
+    stored_path = run / ".hydra" / "config.yaml"
+    if not run.is_dir() or not stored_path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: not a `diffctl sample` run directory (no {stored_path})")
+    stored = OmegaConf.load(stored_path)
+    if stored.get("resume"):
+        raise ConfigError(f"{run} is the log directory of an earlier resume; resume {stored.resume} itself")
+    if (run / "metrics.json").is_file() and not (run / PARTIAL).is_dir():
+        raise ConfigError(f"{run} is already complete (samples.npz and metrics.json are there); nothing to resume")
+    merged = stored.copy()
+    OmegaConf.set_struct(merged, False)
+    batch_free = not _batch_dependent(stored.sampler)
+    for key in dict.fromkeys(_override_key(o) for o in hydra_cfg.overrides.task):
+        new, old = OmegaConf.select(cfg, key), OmegaConf.select(stored, key)
+        free = key.split(".")[0] in RESUME_FREE or (batch_free and key in RESUME_BATCHING)
+        if not free:
+            plain_new = OmegaConf.to_container(new, resolve=True) if OmegaConf.is_config(new) else new
+            plain_old = OmegaConf.to_container(old, resolve=True) if OmegaConf.is_config(old) else old
+            if plain_new != plain_old:
+                raise ConfigError(
+                    f"resume: {key} is {plain_old!r} in {run} but {plain_new!r} here, which changes the samples; "
+                    f"drop {key}= to continue that run (or start a new run without resume=)"
+                )
+        OmegaConf.update(merged, key, new, force_add=True)
+    merged.resume = str(run)
+    return merged, run
+
+
+def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
+    """On resume: the checkpoint of the interrupted run (checked unchanged). Else: record it."""
+    path = out_dir / PARTIAL / MANIFEST
+    if resuming and path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded.get("ckpt") is not None:
+            if not Path(recorded["ckpt"]).is_file():
+                raise CheckpointError(f"resume: the run's checkpoint {recorded['ckpt']} no longer exists")
+            if _sha256(recorded["ckpt"]) != recorded["sha256"]:
+                raise CheckpointError(
+                    f"resume: {recorded['ckpt']} changed since the run started (sha256 differs; was training still writing it?); "
+                    "its samples would not match: start a new run"
+                )
+        return
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"ckpt": ckpt, "sha256": _sha256(ckpt) if ckpt else None}, indent=2) + "\n"
+        tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
 def sample(cfg: DictConfig) -> dict[str, Any]:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    resuming = bool(cfg.get("resume"))
+    if resuming:
+        cfg, out_dir = _resume_config(cfg)
     _check_options(cfg)
+    partial = out_dir / PARTIAL
+    if not resuming and any(partial.glob("shard-*.npz")):
+        raise ConfigError(f"{out_dir} holds unfinished samples of an interrupted run; continue it with resume={out_dir}, or choose another hydra.run.dir")
+    recorded = json.loads((partial / MANIFEST).read_text()) if resuming and (partial / MANIFEST).is_file() else None
     if cfg.get("model") is not None:
         ckpt = None
+    elif recorded is not None and recorded.get("ckpt"):
+        ckpt = recorded["ckpt"]  # the checkpoint the run started with (ckpt=null: the newest one back then)
     else:
-        ckpt = str(resolve_checkpoint(cfg.ckpt).resolve() if cfg.ckpt else newest_checkpoint().resolve())
+        ckpt = str(resolve_weights(cfg.ckpt).resolve() if cfg.ckpt else newest_checkpoint().resolve())
         if not cfg.ckpt:
             print(f"Using the newest checkpoint: {ckpt}")
     source = load_source(cfg, ckpt)
     _check_fits(cfg, source)  # before any process is started
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    _manifest(out_dir, ckpt, resuming)
+    if resuming:
+        done = len({i for f in partial.glob("shard-*.npz") for i in range(*_shard_range(f))})
+        print(f"Resuming {out_dir}: {done} of {cfg.num_samples} samples already made")
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     if cfg.trainer.devices == 1:
         result = _run(None, plain_cfg, ckpt, str(out_dir), source)
@@ -229,17 +342,32 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
 
     mine = shard(cfg.num_samples, rank, world)
     batches = range(mine.start, mine.stop, cfg.batch_size)
+    partial = out_dir / PARTIAL
+    partial.mkdir(parents=True, exist_ok=True)
+    finished = _read_shards(partial, mine)  # earlier runs' finished samples of this rank's share
     images, labels = [], []
+    total_calls, made = 0, 0
     start = time.perf_counter()
     with Progress(disable=not cfg.progress_bar or rank > 0) as progress:
         task = progress.add_task(f"sampling ({world} process{'es' if world > 1 else ''})", total=len(mine))
         for first in batches:
             n = min(cfg.batch_size, mine.stop - first)
-            y = _labels(cfg, source.num_classes, first, n, device)
-            x = generate(model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first_index=first)
-            images.append(to_uint8(x) if source.mixture is None else x.float().cpu())  # model=gmm: raw floats
+            kept = finished.take(first, n)
+            if kept is not None:
+                x, y, batch_calls = kept
+            else:
+                y = _labels(cfg, source.num_classes, first, n, device)
+                before = calls[0]
+                x = generate(model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first_index=first)
+                x = to_uint8(x) if source.mixture is None else x.float().cpu()  # model=gmm: raw floats
+                y = y.cpu() if y is not None else None
+                batch_calls = calls[0] - before
+                _write_shard(partial, first, first + n, x, y, batch_calls)
+                made += n
+            images.append(x)
             if y is not None:
-                labels.append(y.cpu())
+                labels.append(y)
+            total_calls += batch_calls
             progress.advance(task, n)
     mine_images = torch.cat(images)
     all_images, all_labels = _gather(fabric, mine_images, torch.cat(labels) if labels else None, cfg.num_samples)
@@ -247,19 +375,23 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
 
     result = {
         "checkpoint": source.description,
-        "weights": "exact" if source.mixture is not None else "ema" if cfg.use_ema else "raw",
+        "weights": source.weights,
         "sampler": cfg.sampler.name,
         **{f"sampler.{k}": v for k, v in cfg.sampler.items() if k != "name"},
         "steps": cfg.steps,
         "guidance": float(cfg.guidance),
         "clip_denoised": isinstance(model, ClippedDenoiser),
-        "nfe_per_sample": round(calls[0] / len(batches), 2),
+        "nfe_per_sample": round(total_calls / len(batches), 2),
         "num_samples": cfg.num_samples,
         "devices": world,
         "seed": cfg.seed,
         "time_s": round(elapsed, 3),
         "images_per_s": round(cfg.num_samples / elapsed, 2),
     }
+    if cfg.get("resume"):  # this invocation made only the missing samples
+        made_all = _sum(fabric, made)
+        result["resumed_samples"] = cfg.num_samples - made_all
+        result["images_per_s"] = round(made_all / elapsed, 2)
     if rank == 0:  # samples first: whatever happens to the metrics, the images are kept
         _write_samples(out_dir, all_images, all_labels, source.mixture)
     metrics_error = None
@@ -279,9 +411,83 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
     if rank == 0:
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         _print_table(result, out_dir)
+        if metrics_error is None:  # everything is written: the finished batches are no longer needed
+            shutil.rmtree(partial, ignore_errors=True)
     if metrics_error is not None:
         raise type(metrics_error)(f"{metrics_error} (the samples were saved in {out_dir})")
     return result if rank == 0 else None
+
+
+def _shard_range(path: Path) -> tuple[int, int]:
+    first, stop = path.stem.split("-")[1:3]
+    return int(first), int(stop)
+
+
+def _write_shard(partial: Path, first: int, stop: int, images: torch.Tensor, labels: torch.Tensor | None, calls: int) -> None:
+    """One finished batch, all or nothing: a temporary file renamed into place once it is on disk."""
+    arrays = {"samples": images.cpu().numpy(), "calls": np.array(calls, dtype=np.int64)}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy()
+    tmp = partial / f".tmp-{first:010d}-{os.getpid()}.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, partial / f"shard-{first:010d}-{stop:010d}.npz")
+
+
+class _Finished:
+    """Samples that earlier runs finished, by index; take() returns a batch only if all of it is there."""
+
+    def __init__(self, mine: range):
+        self.lo = mine.start
+        self.owner = np.full(len(mine), -1, dtype=np.int64)  # which piece holds sample lo + j
+        self.pieces = []  # (first, samples, labels, calls)
+
+    def add(self, first: int, samples: np.ndarray, labels: np.ndarray | None, calls: int) -> None:
+        lo, hi = max(first, self.lo), min(first + len(samples), self.lo + len(self.owner))
+        if lo < hi:
+            self.owner[lo - self.lo : hi - self.lo] = len(self.pieces)
+            self.pieces.append((first, samples, labels, calls))
+
+    def take(self, first: int, n: int):
+        owners = self.owner[first - self.lo : first - self.lo + n]
+        if len(owners) < n or (owners < 0).any():
+            return None
+        parts, label_parts, pos = [], [], first
+        for run in np.split(owners, np.flatnonzero(np.diff(owners)) + 1):  # runs of samples from one piece
+            start, x, y, _ = self.pieces[run[0]]
+            parts.append(x[pos - start : pos - start + len(run)])
+            if y is not None:
+                label_parts.append(y[pos - start : pos - start + len(run)])
+            pos += len(run)
+        labels = torch.from_numpy(np.concatenate(label_parts)) if label_parts else None
+        calls = self.pieces[owners[0]][3]  # the network calls the batch of sample `first` took
+        return torch.from_numpy(np.concatenate(parts)), labels, calls
+
+
+def _read_shards(partial: Path, mine: range) -> _Finished:
+    finished = _Finished(mine)
+    for path in sorted(partial.glob("shard-*.npz")):
+        first, stop = _shard_range(path)
+        if stop <= mine.start or first >= mine.stop:
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                labels = z["labels"] if "labels" in z.files else None
+                samples = z["samples"]
+                if len(samples) != stop - first or (labels is not None and len(labels) != stop - first):
+                    raise ValueError(f"holds {len(samples)} samples, its name says {stop - first}")
+                finished.add(first, samples, labels, int(z["calls"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # unreadable: make those samples again
+            print(f"warning: ignoring unreadable {path} ({str(err).splitlines()[0]}); its samples are made again")
+    return finished
+
+
+def _sum(fabric, value: int) -> int:
+    if fabric is None or fabric.world_size == 1:
+        return value
+    return int(fabric.all_reduce(torch.tensor(value, device=fabric.device), reduce_op="sum").item())
 
 
 def _gather(fabric, images: torch.Tensor, labels: torch.Tensor | None, num: int):

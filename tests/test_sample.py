@@ -155,3 +155,133 @@ def test_metrics_without_weights_keep_the_samples_and_say_how_to_fix(trained, tm
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "metrics.inception_weights" in result.stderr and "samples were saved" in result.stderr
     assert np.load(out / "samples.npz")["samples"].shape[0] == 3 and (out / "metrics.json").is_file()
+
+
+# --- resumable sampling -------------------------------------------------------------------------
+
+
+def _arrays(out):
+    with np.load(out / "samples.npz", allow_pickle=False) as z:
+        return {k: (z[k].dtype.str, z[k].shape, z[k].tobytes()) for k in z.files}
+
+
+def _same_run(a, b, *other):
+    """samples.npz of a and b hold the same arrays byte for byte, and metrics.json agrees but for timing."""
+    assert _arrays(a) == _arrays(b)
+    skip = {"time_s", "images_per_s", "resumed_samples", *other}
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert {k: v for k, v in ma.items() if k not in skip} == {k: v for k, v in mb.items() if k not in skip}
+
+
+def _start_and_kill(args, cwd, run, timeout=120):
+    """Start `diffctl sample` as a real process group, SIGKILL it as soon as its first batch is on disk."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    log = cwd / "killed.log"
+    with open(log, "wb") as out:  # a file, not a pipe nobody reads while polling
+        proc = subprocess.Popen([sys.executable, "-m", "diffctl", *args], cwd=cwd, env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while not list((run / "partial").glob("shard-*.npz")):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no finished batch appeared"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: spawned sampling workers too
+        proc.wait()
+    return sorted(p.name for p in (run / "partial").glob("shard-*.npz"))
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_sampling_killed_with_sigkill_resumes_to_the_same_samples(trained, tmp_path, devices):
+    root, run_dir = trained
+    # 4 batches of 0.1-0.3 s each on 2 busy cores: killed within ~10 ms of the first one on disk, the run is mid-way
+    args = [f"ckpt={run_dir}", "sampler=ddpm", "steps=60", "num_samples=8", "batch_size=2", "seed=7", "progress_bar=false",
+            "trainer.accelerator=cpu", f"trainer.devices={devices}", *NO_METRICS]
+    run = tmp_path / "run"
+    shards = _start_and_kill(["sample", *args, f"hydra.run.dir={run}"], tmp_path, run)
+    assert 1 <= len(shards) < 4 and not (run / "samples.npz").exists(), shards  # really interrupted mid-run
+    result = run_cli(["sample", f"resume={run}", "progress_bar=false"], tmp_path)
+    assert result.returncode == 0, (shards, result.stdout[-2000:], result.stderr[-3000:])
+    assert f"Resuming {run}" in result.stdout
+    assert not (run / "partial").exists()  # done: the finished batches are folded into samples.npz
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed_samples"] == 2 * len(shards) and metrics["devices"] == devices, (shards, metrics)
+    run_sample(tmp_path / "whole", [*args[:-2], "trainer.devices=1", *NO_METRICS])  # uninterrupted, in one process
+    _same_run(run, tmp_path / "whole", "devices")
+
+
+def _interrupted_run(run, overrides, after_batches, monkeypatch):
+    """A run dir as `diffctl sample` leaves it when stopped after `after_batches` batches."""
+    from helpers import compose_train
+    from omegaconf import OmegaConf
+
+    import diffctl.sample as sample_mod
+
+    cfg = compose_train(run, ["progress_bar=false", *overrides], config_name="sample")
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    real, count = sample_mod.generate, [0]
+
+    def generate(*a, **k):
+        if count[0] == after_batches:
+            raise KeyboardInterrupt
+        count[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample_mod, "generate", generate)
+    with pytest.raises(KeyboardInterrupt):
+        sample_mod.sample(cfg)
+    monkeypatch.setattr(sample_mod, "generate", real)
+
+
+def test_resume_with_another_batch_size_keeps_the_samples(trained, tmp_path, monkeypatch):
+    _, run_dir = trained
+    common = [f"ckpt={run_dir}", "sampler=ddim", "sampler.eta=1", "steps=3", "num_samples=7", *NO_METRICS]
+    run = tmp_path / "run"
+    _interrupted_run(run, [*common, "batch_size=2"], 2, monkeypatch)
+    assert len(list((run / "partial").glob("shard-*.npz"))) == 2
+    result = run_sample(tmp_path / "log", [f"resume={run}", "batch_size=3"])
+    assert result["resumed_samples"] == 3  # batch [0, 3) is taken from the shards [0, 2) and [2, 4); [3, 6) needs 4 and 5
+    run_sample(tmp_path / "whole", [*common, "batch_size=7"])
+    _same_run(run, tmp_path / "whole")
+
+
+@pytest.mark.parametrize(
+    "sampler,override,key",
+    [
+        (["sampler=ddim"], "seed=5", "seed"),
+        (["sampler=ddim"], "steps=4", "steps"),
+        (["sampler=ddim"], "sampler.spacing=uniform", "sampler.spacing"),
+        (["sampler=ddim"], "sampler=ddpm", "sampler"),
+        (["sampler=ddim"], "use_ema=false", "use_ema"),
+        (["sampler=pc", "sampler.corrector=langevin"], "batch_size=3", "batch_size"),  # langevin adapts to the batch
+    ],
+)
+def test_resume_refuses_settings_that_change_the_samples(trained, tmp_path, monkeypatch, sampler, override, key):
+    _, run_dir = trained
+    run = tmp_path / "run"
+    _interrupted_run(run, [f"ckpt={run_dir}", *sampler, "steps=3", "num_samples=4", "batch_size=2", *NO_METRICS], 1, monkeypatch)
+    with pytest.raises(ConfigError, match=rf"resume: {key} is .* which changes the samples"):
+        run_sample(tmp_path / "log", [f"resume={run}", override])
+    assert len(list((run / "partial").glob("shard-*.npz"))) == 1  # nothing lost
+
+
+def test_interrupted_run_is_not_reused_without_resume_and_a_finished_one_is_not_resumed(trained, tmp_path, monkeypatch):
+    _, run_dir = trained
+    common = [f"ckpt={run_dir}", "sampler=ddim", "steps=2", "num_samples=4", "batch_size=2", *NO_METRICS]
+    run = tmp_path / "run"
+    _interrupted_run(run, common, 1, monkeypatch)
+    with pytest.raises(ConfigError, match="unfinished samples of an interrupted run; continue it with resume="):
+        run_sample(run, common)
+    run_sample(tmp_path / "log", [f"resume={run}"])
+    with pytest.raises(ConfigError, match="already complete"):
+        run_sample(tmp_path / "log2", [f"resume={run}"])
+    with pytest.raises(ConfigError, match="not a `diffctl sample` run directory"):
+        run_sample(tmp_path / "log3", [f"resume={tmp_path / 'nothing'}"])

@@ -1,0 +1,96 @@
+"""`diffctl export`: a checkpoint's EMA (default) or raw denoiser weights as a .safetensors file, with
+the run config the network is built from as JSON next to it. `diffctl sample ckpt=<export>` samples
+from it; loading reads tensors and JSON only (no pickle), see diffctl.build.load_export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from diffctl.build import EXPORT_FORMAT, EXPORT_VERSION, _build_stored, is_export
+from diffctl.checkpoint import checkpoint_config, denoiser_state, load_checkpoint, resolve_checkpoint
+from diffctl.errors import CheckpointError, ConfigError
+
+FORMATS = ("safetensors",)
+
+
+def _targets(cfg: DictConfig) -> tuple[Path, Path]:
+    """(weights, config) paths: out= as a .safetensors file, or a directory for model.safetensors; default the run dir."""
+    out = cfg.out
+    if out is None:
+        base = Path(HydraConfig.get().runtime.output_dir) / "model"
+    else:
+        out = Path(str(out)).expanduser()
+        if out.suffix == ".json":
+            raise ConfigError(f"out={out} names the config; give the .safetensors path or a directory (the .json goes next to it)")
+        base = out.with_suffix("") if out.suffix == ".safetensors" else out / "model"
+    return base.with_suffix(".safetensors"), base.with_suffix(".json")
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if not isinstance(cfg.use_ema, bool):
+        raise ConfigError(f"use_ema must be true or false, got {cfg.use_ema!r}")
+    if not cfg.ckpt:
+        raise ConfigError("export needs ckpt=<checkpoint file or run directory>")
+    if is_export(cfg.ckpt):
+        raise ConfigError(f"{cfg.ckpt} is already an export; give the training checkpoint (.ckpt or run directory)")
+    weights_path, config_path = _targets(cfg)
+    for p in (weights_path, config_path):  # never overwrite an export, checked before any work
+        if p.exists():
+            raise ConfigError(f"{p} already exists; choose another out= (nothing is overwritten)")
+    ckpt_path = resolve_checkpoint(cfg.ckpt).resolve()
+    ckpt = load_checkpoint(ckpt_path)
+    config = checkpoint_config(ckpt, ckpt_path)
+    state = denoiser_state(ckpt, cfg.use_ema)
+    _build_stored(config, state, ckpt_path, "weights")  # the export must load: config and weights fit
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    kind = "ema" if cfg.use_ema else "raw"
+    meta = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "weights": kind,
+        "source": str(ckpt_path),
+        "global_step": ckpt.get("global_step"),
+        "config": config,
+    }
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(meta, indent=2) + "\n"
+    # config first: an export whose .safetensors exists is complete
+    _write_atomic(config_path, lambda p: p.write_text(text))
+    _write_atomic(weights_path, lambda p: save_file(state, str(p), metadata={"format": EXPORT_FORMAT, "weights": kind}))
+    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    result = {
+        "weights_file": str(weights_path),
+        "config_file": str(config_path),
+        "weights": kind,
+        "tensors": len(state),
+        "parameters": int(sum(v.numel() for v in state.values())),
+        "bytes": weights_path.stat().st_size,
+        "sha256": digest,
+        "source": str(ckpt_path),
+    }
+    print(f"exported {kind} weights of {ckpt_path} ({result['parameters']} parameters) to {weights_path} (+ {config_path.name})")
+    print(f"sample from it: diffctl sample ckpt={weights_path}")
+    return result

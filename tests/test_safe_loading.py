@@ -1,0 +1,104 @@
+"""Files from someone else never run code: a real malicious pickle is refused by every command that
+loads checkpoints or weights, a stored config may only instantiate diffctl classes, and no module of
+the package unpickles anything unchecked."""
+
+import pathlib
+import re
+
+import pytest
+import torch
+from helpers import run_cli, tiny_overrides
+
+from diffctl.errors import CheckpointError
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "diffctl"
+
+
+class _Payload:
+    """Unpickling this calls pathlib.Path.touch(marker): what an attacker's code would do."""
+
+    def __init__(self, marker):
+        self.marker = pathlib.Path(marker)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def _evil_checkpoint(path, marker):
+    """Looks like a diffctl checkpoint (state_dict, config) with a payload inside."""
+    torch.save({"state_dict": {"ema.w": torch.zeros(1)}, "hyper_parameters": {"config": {"seed": 0}},
+                "callbacks": {"x": _Payload(marker)}}, path)
+    return path
+
+
+@pytest.fixture
+def evil(tmp_path):
+    # the payload is real: loading a copy the unsafe way creates its marker
+    probe = tmp_path / "probe_marker"
+    torch.load(_evil_checkpoint(tmp_path / "probe.ckpt", probe), weights_only=False)
+    assert probe.exists()
+    marker = tmp_path / "PWNED"
+    return _evil_checkpoint(tmp_path / "evil.ckpt", marker), marker
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sample", "ckpt={ckpt}", "metrics.names=[]"],
+        ["train", "resume={ckpt}", *tiny_overrides("unet")],
+        ["likelihood", "ckpt={ckpt}"],
+        ["export", "ckpt={ckpt}"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_malicious_pickle_is_refused_by_every_command(evil, tmp_path, command):
+    ckpt, marker = evil
+    args = [a.format(ckpt=ckpt) for a in command]
+    result = run_cli([*args, f"hydra.run.dir={tmp_path / 'out'}"], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"refusing to load {ckpt}" in result.stderr and "could run code" in result.stderr
+    assert not marker.exists()
+
+
+def test_malicious_inception_weights_are_refused(evil):
+    from diffctl.detectors import MetricsUnavailable, _load_inception
+
+    ckpt, marker = evil
+    with pytest.raises(MetricsUnavailable, match="not a plain-tensor state dict"):
+        _load_inception(ckpt)
+    assert not marker.exists()
+
+
+def test_stored_config_may_only_instantiate_diffctl_classes(tmp_path):
+    """weights_only guards the pickle, but a stored config's _target_ is called on load as well."""
+    from hydra.utils import instantiate
+
+    from diffctl.build import load_denoiser
+
+    node = {"_target_": "os.makedirs", "_args_": [str(tmp_path / "probe_dir")]}
+    instantiate(node)  # the payload is real
+    assert (tmp_path / "probe_dir").is_dir()
+    marker = tmp_path / "PWNED"
+    config = {"sde": {"_target_": "os.makedirs", "_args_": [str(marker)]}, "model": {"_target_": "diffctl.networks.UNet"}}
+    torch.save({"state_dict": {"ema.w": torch.zeros(1)}, "hyper_parameters": {"config": config}}, tmp_path / "c.ckpt")
+    with pytest.raises(CheckpointError, match=r"sde._target_='os.makedirs' is not a diffctl class"):
+        load_denoiser(tmp_path / "c.ckpt")
+    assert not marker.exists()
+
+
+def test_no_unchecked_unpickling_in_the_package():
+    """Audit: every torch.load is weights_only=True, no pickle.load(s), no allow_pickle=True;
+    the one pickle.Unpickler (CIFAR batches) whitelists numpy reconstruction only."""
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())  # code, not comments
+        for call in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            if "weights_only=True" not in call.group(1):
+                problems.append(f"{path.name}: torch.load without weights_only=True")
+        for pattern in (r"pickle\.loads?\(", r"allow_pickle\s*=\s*True", r"weights_only\s*=\s*False", r"\bdill\b", r"joblib\.load"):
+            if re.search(pattern, text):
+                problems.append(f"{path.name}: {pattern}")
+        if "pickle.Unpickler" in text and "def find_class" not in text:
+            problems.append(f"{path.name}: pickle.Unpickler without find_class")
+    assert problems == []
