@@ -162,7 +162,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def _stop_requested(self, trainer) -> int | None:
         signum = self._stop_signal
-        if signum is None and self._slurm_requeue and trainer.received_sigterm:
+        if signum is None and trainer.received_sigterm:  # SLURM, or a SIGTERM before on_train_start
             signum = signal.SIGTERM
         if trainer.world_size > 1:  # one collective per step, DDP only: all ranks must stop together
             stop = trainer.strategy.reduce_boolean_decision(signum is not None, all=False)

@@ -93,7 +93,7 @@ class DiffusionModule(L.LightningModule):
         x, y = batch
         trainer = self.trainer
         step, micro = self.global_step, batch_idx % trainer.accumulate_grad_batches
-        seed_step(self.seed, step, micro, trainer.global_rank)  # dropout: same draws on resume
+        seed_step(self.seed, step, micro, trainer.global_rank, x.device)  # dropout: same draws on resume
         keyed = (step, micro, trainer.global_rank, trainer.world_size, x.shape[0], x.device)
         if self.random_flip:
             flip = BatchRandom(mix_seed(self.seed, FLIP_STREAM), *keyed).rand((x.shape[0], 1, 1, 1)) < 0.5

@@ -291,3 +291,39 @@ def test_nan_stop_from_the_command_line_is_one_line(tmp_path):
     bad = int(match.group(1))
     steps = assert_checkpoints_sound(run_dir / "checkpoints")
     assert steps == list(range(1, bad)) and f"last good checkpoint: {run_dir / 'checkpoints'}" in errors[0]
+
+
+@pytest.mark.parametrize("slurm", [False, True], ids=["plain", "slurm"])
+def test_sigterm_handler_leaves_slurm_auto_requeue_to_lightning(tmp_path, monkeypatch, slurm):
+    """Under SLURM (auto-requeue), Lightning's SIGTERM/SIGUSR1 handlers stay in place and a SIGTERM
+    still ends in a checkpoint at the step and TrainingInterrupted; elsewhere diffctl's handler runs."""
+    from diffctl.callbacks import StepCheckpoint, TrainingInterrupted
+    from diffctl.module import DiffusionModule
+
+    if slurm:
+        for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+                           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
+            monkeypatch.setenv(key, value)
+    seen = {}
+    original = DiffusionModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 2:
+            seen["sigterm"] = signal.getsignal(signal.SIGTERM)
+            seen["sigusr1"] = signal.getsignal(signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread's Python handler
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiffusionModule, "training_step", training_step)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3"):
+        run_train(tmp_path, [*tiny_overrides("unet"), "trainer.max_steps=50"])
+    handler = seen["sigterm"]
+    if slurm:
+        names = [getattr(h, "__name__", "") for h in getattr(handler, "signal_handlers", [])]
+        assert "_sigterm_handler_fn" in names  # Lightning's "bypass SIGTERM" of auto-requeue
+        assert "_slurm_sigusr_handler_fn" in [getattr(h, "__name__", "") for h in seen["sigusr1"].signal_handlers]
+    else:
+        assert getattr(handler, "__self__", None).__class__ is StepCheckpoint
+    assert load_checkpoint(tmp_path / "checkpoints" / "step_0000003.ckpt")["global_step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored after fit
