@@ -98,6 +98,7 @@ class StepCheckpoint(ModelCheckpoint):
         self._previous_handlers: dict[int, object] = {}
         self._slurm_requeue = False
         self._forward = None
+        self._seen_step = 0
 
     # --- setup / teardown ------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
@@ -107,6 +108,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
+        self._seen_step = trainer.global_step
         self._install_signal_handlers(trainer)
 
     def teardown(self, trainer, pl_module, stage):
@@ -199,6 +201,11 @@ class StepCheckpoint(ModelCheckpoint):
         if getattr(pl_module, "nan_policy", None) == "stop" and self._check_due(trainer, trainer.global_step):
             check_finite(trainer, pl_module, saving=False, last_good=self._last_good(trainer))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Act on a stop request only where an optimizer step just ended: a checkpoint taken in the
+        # middle of gradient accumulation would skip the accumulated micro-batches on resume.
+        stepped, self._seen_step = trainer.global_step != self._seen_step, trainer.global_step
+        if not stepped:
+            return
         signum = self._stop_requested(trainer)
         if signum is None:
             return

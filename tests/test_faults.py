@@ -327,3 +327,31 @@ def test_sigterm_handler_leaves_slurm_auto_requeue_to_lightning(tmp_path, monkey
         assert getattr(handler, "__self__", None).__class__ is StepCheckpoint
     assert load_checkpoint(tmp_path / "checkpoints" / "step_0000003.ckpt")["global_step"] == 3
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored after fit
+
+
+def test_sigterm_during_gradient_accumulation_stops_at_the_step_boundary_and_resumes_exactly(tmp_path, monkeypatch):
+    from test_train import assert_same_training_state
+
+    from diffctl.callbacks import TrainingInterrupted
+    from diffctl.module import DiffusionModule
+
+    overrides = [*tiny_overrides("unet"), "trainer.accumulate_grad_batches=3", "trainer.max_steps=6", "model.dropout=0.2"]
+    run_train(tmp_path / "full", overrides)
+    original = DiffusionModule.training_step
+    sent = []
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 2 and batch_idx % 3 == 0 and not sent:  # first micro-batch of step 3
+            sent.append(batch_idx)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiffusionModule, "training_step", training_step)
+    with pytest.raises(TrainingInterrupted, match="after step 3;"):
+        run_train(tmp_path / "stopped", overrides)
+    assert sent and assert_checkpoints_sound(tmp_path / "stopped" / "checkpoints") == [3]
+    monkeypatch.setattr(DiffusionModule, "training_step", original)
+    run_train(tmp_path / "resumed", [*overrides, f"resume={tmp_path / 'stopped'}"])
+    assert_same_training_state(
+        load_ckpt(tmp_path / "full" / "checkpoints" / "last.ckpt"), load_ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    )
