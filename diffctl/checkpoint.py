@@ -5,8 +5,9 @@ would need arbitrary unpickling (and could run code) is refused instead of execu
 
 Every write goes through `atomic_write` (Lightning's saves through `AtomicCheckpointIO`): the bytes
 go to a hidden temporary file in the same directory, are flushed to disk, and only then renamed over
-the target with os.replace, so a process killed at any moment (kill -9, power loss after the rename)
-leaves either the previous complete file or the new complete file, never a torn one. Temporary
+the target with os.replace (and the directory is synced), so a process killed at any moment
+(kill -9), a full disk or a crash leaves either the previous complete file or the new complete
+file, never a torn one. Temporary
 names are `.<name>.<pid>.tmp`: they never end in .ckpt, and `remove_stale_temporaries` deletes the
 ones a killed run left behind.
 """

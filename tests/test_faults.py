@@ -355,3 +355,11 @@ def test_sigterm_during_gradient_accumulation_stops_at_the_step_boundary_and_res
     assert_same_training_state(
         load_ckpt(tmp_path / "full" / "checkpoints" / "last.ckpt"), load_ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     )
+
+
+def test_unknown_nan_policy_is_a_config_error(tmp_path):
+    from diffctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape("nan_policy must be one of stop | skip, got 'ignore'")):
+        run_train(tmp_path, [*tiny_overrides("unet"), "nan_policy=ignore"])
+    assert not (tmp_path / "checkpoints").exists()
