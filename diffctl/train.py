@@ -14,7 +14,16 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffctl.build import instantiate_config, build_denoiser, build_objective, build_sde, load_denoiser, plain, same_sde
+from diffctl.build import (
+    build_denoiser,
+    build_objective,
+    build_sde,
+    check_stored_targets,
+    instantiate_config,
+    load_denoiser,
+    plain,
+    same_sde,
+)
 from diffctl.callbacks import DataPosition, SampleGrid, StepCheckpoint, TrainSummary
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
@@ -33,6 +42,7 @@ def _apply_resume(cfg: DictConfig) -> Path | None:
         return None
     path = resolve_checkpoint(cfg.resume)
     stored = checkpoint_config(load_checkpoint(path), path)
+    check_stored_targets(stored, path)  # the stored config is instantiated below: only diffctl classes
     with open_dict(cfg):
         for key in MODEL_KEYS:
             if key in stored:

@@ -102,3 +102,15 @@ def test_no_unchecked_unpickling_in_the_package():
         if "pickle.Unpickler" in text and "def find_class" not in text:
             problems.append(f"{path.name}: pickle.Unpickler without find_class")
     assert problems == []
+
+
+def test_train_resume_refuses_a_stored_config_that_calls_foreign_code(tmp_path):
+    """`train resume=` puts the stored model/sde/objective/data configs into the run and instantiates
+    them: a foreign _target_ there is refused before anything is built."""
+    marker = tmp_path / "PWNED"
+    config = {"data": {"_target_": "os.makedirs", "_args_": [str(marker)]}, "model": {"_target_": "diffctl.networks.UNet"}}
+    torch.save({"state_dict": {"ema.w": torch.zeros(1)}, "hyper_parameters": {"config": config}}, tmp_path / "c.ckpt")
+    out = run_cli(["train", f"resume={tmp_path / 'c.ckpt'}", "logger=none", "progress_bar=false"], tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "data._target_='os.makedirs' is not a diffctl class" in out.stderr and "Traceback" not in out.stderr
+    assert not marker.exists()
