@@ -20,6 +20,7 @@ from urllib.request import urlopen
 import torch
 from torch import Tensor
 
+from diffctl.checkpoint import file_sha256
 from diffctl.errors import DiffctlError
 
 DETECTORS = ("auto", "inception", "edm", "torchscript")
@@ -94,14 +95,6 @@ def tf1_resize(x: Tensor, size: int) -> Tensor:
         return m.to(x.device, x.dtype)
 
     return torch.einsum("oh,bchw,pw->bcop", weights(x.shape[2]), x, weights(x.shape[3]))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _given(value, key: str, fix: str) -> Path | None:
@@ -253,4 +246,4 @@ def load_detector_named(name: str, cfg, device: torch.device) -> Detector:
         if path is None:
             raise MetricsUnavailable(f"metrics.detector=torchscript needs metrics.detector_path; {fix}")
         net = _load_torchscript(path, fix)
-    return Detector(name, path, sha256(path), net.to(device).eval(), device)
+    return Detector(name, path, file_sha256(path), net.to(device).eval(), device)

@@ -5,7 +5,6 @@ from it; loading reads tensors and JSON only (no pickle), see diffctl.build.load
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffctl.build import EXPORT_FORMAT, EXPORT_VERSION, _build_stored, is_export
-from diffctl.checkpoint import checkpoint_config, denoiser_state, load_checkpoint, resolve_checkpoint
+from diffctl.checkpoint import checkpoint_config, denoiser_state, file_sha256, load_checkpoint, resolve_checkpoint
 from diffctl.errors import CheckpointError, ConfigError
 
 FORMATS = ("safetensors",)
@@ -80,7 +79,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     # config first: an export whose .safetensors exists is complete
     _write_atomic(config_path, lambda p: p.write_text(text))
     _write_atomic(weights_path, lambda p: save_file(state, str(p), metadata={"format": EXPORT_FORMAT, "weights": kind}))
-    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    digest = file_sha256(weights_path)
     result = {
         "weights_file": str(weights_path),
         "config_file": str(config_path),

@@ -12,7 +12,6 @@ the same samples.npz and metrics as an uninterrupted run; partial/ is removed on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffctl.build import build_sde, is_export, load_denoiser, load_export, resolve_weights
+from diffctl.checkpoint import file_sha256
 from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, save_scatter, to_uint8
@@ -171,14 +171,6 @@ def _batch_dependent(sampler) -> bool:
     )
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _override_key(override: str) -> str:
     key = override.split("=", 1)[0].lstrip("+~")
     return key.split("@", 1)[0]
@@ -228,7 +220,7 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
         if recorded.get("ckpt") is not None:
             if not Path(recorded["ckpt"]).is_file():
                 raise CheckpointError(f"resume: the run's checkpoint {recorded['ckpt']} no longer exists")
-            if _sha256(recorded["ckpt"]) != recorded["sha256"]:
+            if file_sha256(recorded["ckpt"]) != recorded["sha256"]:
                 raise CheckpointError(
                     f"resume: {recorded['ckpt']} changed since the run started (sha256 differs; was training still writing it?); "
                     "its samples would not match: start a new run"
@@ -236,7 +228,7 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
         return
     if int(os.environ.get("RANK", "0") or 0) == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"ckpt": ckpt, "sha256": _sha256(ckpt) if ckpt else None}, indent=2) + "\n"
+        text = json.dumps({"ckpt": ckpt, "sha256": file_sha256(ckpt) if ckpt else None}, indent=2) + "\n"
         tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
         tmp.write_text(text)
         os.replace(tmp, path)
