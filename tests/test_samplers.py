@@ -74,6 +74,8 @@ def test_leading_spacing_is_ddim_original_grid(sde_name):
     t = noise_levels(sde, 10, "leading", t_end=1e-3)
     torch.testing.assert_close(t, (torch.arange(900, -1, -100, dtype=torch.float64) + 1) / 1000)
     assert float(noise_levels(sde, 10, "leading")[-1]) == sde.sample_eps
+    with pytest.raises(ConfigError, match="allows at most 1000 steps"):  # the grid would pass T
+        noise_levels(sde, 1001, "leading", t_end=1e-3)
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))

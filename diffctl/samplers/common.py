@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from diffctl.denoiser import Denoiser, Prediction
+from diffctl.errors import ConfigError
 from diffctl.rng import mix_seed
 
 SPACINGS = ("uniform", "quadratic", "trailing", "leading", "karras", "logsnr")
@@ -55,7 +56,12 @@ def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0, t_
     if spacing == "trailing":
         return T * torch.arange(steps, 0, -1, dtype=torch.float64) / steps
     if spacing == "leading":
-        return (eps + T * torch.arange(steps - 1, -1, -1, dtype=torch.float64) / steps).clamp(max=T)
+        if eps + T * (steps - 1) / steps > T:
+            raise ConfigError(
+                f"spacing=leading puts its levels T/steps apart from t={eps:g} up, so it allows at most "
+                f"{int(T / eps)} steps with this SDE (got {steps}); use spacing=trailing or uniform"
+            )
+        return eps + T * torch.arange(steps - 1, -1, -1, dtype=torch.float64) / steps
     if spacing == "uniform":
         t = T + (eps - T) * u
     elif spacing == "quadratic":
