@@ -164,7 +164,6 @@ class Run:
     default: bool
     fn: Callable[[int], tuple[torch.Tensor, int, float, float]]  # steps -> (x0, nfe, s0, y0 scale)
     results: list[dict] = field(default_factory=list)
-    diagnostic: bool = False  # shown, but not a candidate for the ours-vs-diffusers comparison
 
     @property
     def label(self) -> str:
@@ -189,7 +188,7 @@ def ours_runs(mixture, z: torch.Tensor, seed: int, sigma_max: float) -> list[Run
         return fn
 
     R = []
-    add = lambda fam, setting, default, fn, diag=False: R.append(Run("ours", fam, setting, default, fn, diagnostic=diag))
+    add = lambda fam, setting, default, fn: R.append(Run("ours", fam, setting, default, fn))
     add("ddpm", "spacing=trailing", True, runner(vp, ddpm, spacing="trailing"))
     add("ddpm", "spacing=leading", False, runner(vp, ddpm, spacing="leading"))
     add("ddim", "spacing=trailing", True, runner(vp, ddim, eta=0.0, spacing="trailing"))
@@ -374,7 +373,7 @@ def run_benchmark(args) -> dict:
         "mixture": {"means": mixture.means.tolist(), "stds": mixture.variances[:, 0].sqrt().tolist(),
                     "weights": mixture.weights.tolist()},
         "floor": {"sw2": floor, "sd": floor_sd, "values": floors},
-        "runs": [{"side": r.side, "family": r.family, "setting": r.setting, "default": r.default, "diagnostic": r.diagnostic,
+        "runs": [{"side": r.side, "family": r.family, "setting": r.setting, "default": r.default,
                   "deterministic": FAMILIES[r.family]["deterministic"], "results": r.results} for r in runs],
         "pairs": pairs,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -383,10 +382,10 @@ def run_benchmark(args) -> dict:
 
 def compare(runs: list[Run], nfe_list, floor: float, floor_sd: float) -> list[dict]:
     """Per family with both sides: ours vs diffusers at each target NFE, defaults vs defaults and
-    best vs best (the lowest error among each side's listed settings at that NFE; diagnostics excluded)."""
+    best vs best (the lowest error among each side's listed settings at that NFE)."""
     pairs = []
     for fam, (ours_name, theirs_name) in PAIR_NAMES.items():
-        ours = [r for r in runs if r.family == fam and r.side == "ours" and not r.diagnostic]
+        ours = [r for r in runs if r.family == fam and r.side == "ours"]
         theirs = [r for r in runs if r.family == fam and r.side == "diffusers"]
         if not ours or not theirs:
             continue
@@ -420,7 +419,7 @@ def compare(runs: list[Run], nfe_list, floor: float, floor_sd: float) -> list[di
 def rescore(path: Path) -> dict:
     """An earlier report with its pairs recomputed by the current `compare`."""
     report = json.loads(Path(path).read_text())
-    runs = [Run(r["side"], r["family"], r["setting"], r["default"], None, r["results"], r.get("diagnostic", False))
+    runs = [Run(r["side"], r["family"], r["setting"], r["default"], None, r["results"])
             for r in report["runs"]]
     report["pairs"] = compare(runs, report["config"]["nfe"], report["floor"]["sw2"], report["floor"]["sd"])
     report["rescored_from"] = str(path)
@@ -479,14 +478,14 @@ def print_tables(report: dict, console=None) -> None:
                 cells.append(cell)
             style = None if run["side"] == "ours" else "dim"
             name = PAIR_NAMES.get(run["family"], (run["family"],))[0 if run["side"] == "ours" else 1] if run["family"] in PAIR_NAMES else f"ode {run['family']}"
-            mark = " *" if run["default"] else (" (diag.)" if run.get("diagnostic") else "")
+            mark = " *" if run["default"] else ""
             table.add_row(run["side"], name, run["setting"] + mark, *cells, style=style)
         console.print(table)
-    console.print("* = the sampler's default setting (non-default settings run up to --variants-max-nfe); diag. = a diagnostic, "
-                  "not compared; (n) = the NFE actually spent where the target is not reachable (Heun: 2n-1, RK4: 4n-3, PC: 2n)")
+    console.print("* = the sampler's default setting (non-default settings run up to --variants-max-nfe); "
+                  "(n) = the NFE actually spent where the target is not reachable (Heun: 2n-1, RK4: 4n-3, PC: 2n)")
 
     table = Table(title="ours / diffusers at equal NFE (win ✓: ratio <= 1 or diffusers NaN; tie ≈: sw2 differs by <= 2 floor sd "
-                        "or both <= floor + 2 sd)", title_justify="left")
+                        "or both <= floor + 2 sd, or endpoint ratio within SCHEDULE_TOLERANCE = 1%)", title_justify="left")
     table.add_column("pair")
     table.add_column("settings")
     table.add_column("metric")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import compose_train, run_cli, run_train, tiny_overrides
+from helpers import compose_train, run_cli, tiny_overrides
 
 from diffctl.denoiser import Prediction
 from diffctl.errors import ConfigError
@@ -146,14 +146,6 @@ def test_dequantization_fills_each_pixels_bin():
 
 
 # ---------------------------------------------------------------- the command
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("likelihood")
-    run_dir = root / "outputs" / "train" / "run"
-    run_train(run_dir, [*tiny_overrides("unet"), "trainer.max_steps=2"])
-    return root, run_dir
 
 
 def _run(out_dir, overrides):

@@ -13,14 +13,6 @@ NO_METRICS = ["metrics.names=[]"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sample")
-    run_dir = root / "outputs" / "train" / "run"
-    run_train(run_dir, [*tiny_overrides("unet"), "trainer.max_steps=2"])
-    return root, run_dir
-
-
-@pytest.fixture(scope="module")
 def conditional(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cond") / "run"
     run_train(run_dir, [*tiny_overrides("unet"), "trainer.max_steps=30", "optim.lr=3e-3", "conditional=true", "label_dropout=0.2"])
