@@ -3,6 +3,7 @@ position on resume, periodic EMA sample grids, and an end-of-run summary."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -281,16 +282,32 @@ def _log_image(logger, grid, step: int) -> None:
 
 
 class TrainSummary(L.Callback):
-    """Print steps, wall time, images/s and where the outputs are when training ends."""
+    """When training ends: steps, wall time, images/s and where the outputs are, as a table and
+    appended to <run dir>/train_summary.json (one record per run or resumed segment).
+
+    `steady_images_per_s` is the median over training batches after the first tenth (compilation,
+    allocator warm-up), so occasional checkpoint or sample-grid steps do not count; it is what
+    scripts/bench_train.py compares with a hand-written loop."""
 
     def __init__(self, run_dir: str):
         self.run_dir = Path(run_dir)
         self._start = None
         self._start_step = 0
+        self._batch_ends: list[float] = []
+        self.result: dict = {}
 
     def on_train_start(self, trainer, pl_module):
         self._start = time.perf_counter()
         self._start_step = trainer.global_step
+        self._batch_ends = [self._start]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._batch_ends.append(time.perf_counter())  # host clock only: no device sync
+
+    def steady_images_per_s(self, images_per_batch: int) -> float | None:
+        gaps = [b - a for a, b in zip(self._batch_ends, self._batch_ends[1:])]
+        gaps = sorted(gaps[len(gaps) // 10 :])
+        return images_per_batch / gaps[len(gaps) // 2] if gaps and gaps[len(gaps) // 2] > 0 else None
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module):
@@ -300,21 +317,45 @@ class TrainSummary(L.Callback):
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
         steps = trainer.global_step - self._start_step
         dm = trainer.datamodule
-        images = steps * dm.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        per_batch = dm.batch_size * trainer.world_size
+        images = steps * per_batch * trainer.accumulate_grad_batches
+        steady = self.steady_images_per_s(per_batch)
+        loss = trainer.callback_metrics.get("train/loss")
+        loss = float(loss) if loss is not None and math.isfinite(float(loss)) else None
+        self.result = {
+            "global_step": trainer.global_step,
+            "steps_this_run": steps,
+            "time_s": round(elapsed, 3),
+            "images_per_s": round(images / elapsed, 2) if elapsed > 0 else None,
+            "steady_images_per_s": round(steady, 2) if steady else None,
+            "last_loss": loss,
+        }
         table = Table(title="diffctl train: done", show_header=False)
         table.add_row("steps", f"{trainer.global_step} ({steps} this run)")
         table.add_row("time", f"{elapsed:.1f} s")
-        table.add_row("images/s", f"{images / elapsed:.1f}" if elapsed > 0 else "n/a")
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and math.isfinite(float(loss)):
-            table.add_row("last loss", f"{float(loss):.4f}")
+        table.add_row("images/s", f"{self.result['images_per_s']} overall, {self.result['steady_images_per_s']} steady (median batch)")
+        if loss is not None:
+            table.add_row("last loss", f"{loss:.4f}")
         skipped = getattr(pl_module, "skipped_steps", 0)
         if skipped:
             table.add_row("skipped steps", f"{skipped} (non-finite loss or gradients, nan_policy=skip)")
         for cb in trainer.callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.last_model_path:
                 table.add_row("checkpoint", cb.last_model_path)
+                self.result["checkpoint"] = cb.last_model_path
             if isinstance(cb, SampleGrid) and cb.last_path:
                 table.add_row("samples", str(cb.last_path))
         table.add_row("run dir", str(self.run_dir))
         Console().print(table)
+        self._append_record()
+
+    def _append_record(self) -> None:
+        path = self.run_dir / "train_summary.json"
+        try:  # a resumed run writing into its old directory adds a record; earlier ones are kept
+            records = json.loads(path.read_text()) if path.is_file() else []
+            records = records if isinstance(records, list) else [records]
+        except (OSError, ValueError):
+            records = []
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(records + [self.result], indent=2) + "\n")
+        os.replace(tmp, path)

@@ -32,6 +32,7 @@ from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, save_scatter, to_uint8
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser, is_mixture
+from diffctl.performance import sampling_autocast, speed_up
 from diffctl.samplers import check_sampler, generate
 from diffctl.sde import VPSDE
 
@@ -98,6 +99,7 @@ def _check_options(cfg: DictConfig) -> None:
     if not float(cfg.guidance) >= 0:
         raise ConfigError(f"guidance must be >= 0 (1 = no guidance), got {cfg.guidance}")
     check_sampler(cfg.sampler)
+    sampling_autocast(cfg.get("precision", "32-true"), torch.device("cpu"))  # checks the name
     model = cfg.get("model")
     if model is not None and not is_mixture(model):
         raise ConfigError(
@@ -324,6 +326,8 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     device = _device(fabric, cfg.trainer.accelerator)
     denoiser = source.denoiser.to(device)
+    if source.mixture is None:  # the analytic model has no network to speed up
+        speed_up(denoiser.net, channels_last=bool(cfg.get("channels_last")), compile=bool(cfg.get("compile")))
     calls = [0]
     denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     model = GuidedDenoiser(denoiser, cfg.guidance) if float(cfg.guidance) != 1.0 else denoiser
@@ -350,7 +354,8 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
             else:
                 y = _labels(cfg, source.num_classes, first, n, device)
                 before = calls[0]
-                x = generate(model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first_index=first)
+                with sampling_autocast(cfg.get("precision", "32-true"), device):
+                    x = generate(model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first_index=first)
                 x = to_uint8(x) if source.mixture is None else x.float().cpu()  # model=gmm: raw floats
                 y = y.cpu() if y is not None else None
                 batch_calls = calls[0] - before
@@ -373,6 +378,7 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
         "steps": cfg.steps,
         "guidance": float(cfg.guidance),
         "clip_denoised": isinstance(model, ClippedDenoiser),
+        **{key: cfg.get(key, default) for key, default in (("precision", "32-true"), ("compile", False), ("channels_last", False))},
         "nfe_per_sample": round(total_calls / len(batches), 2),
         "num_samples": cfg.num_samples,
         "devices": world,

@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from diffctl.cli import config_dir
+from diffctl.config import compose_config
 
 # A network, dataset and schedule small enough that a few steps take well under a second.
 TINY_UNET = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]"]
@@ -40,15 +38,7 @@ def tiny_overrides(model: str = "unet") -> list[str]:
 
 def compose_train(run_dir: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
     """The config `diffctl train <overrides>` (or another command) would run with, output going to run_dir."""
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):  # the task function never sees the hydra node
-        del cfg["hydra"]
-    return cfg
+    return compose_config(config_name, overrides, run_dir)
 
 
 def run_train(run_dir: Path, overrides: list[str]) -> dict:

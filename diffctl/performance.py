@@ -1,0 +1,50 @@
+"""Speed switches shared by training, sampling and the benchmarks: NHWC memory layout,
+torch.compile, and reduced-precision autocast for sampling. Each is off by default and measured
+on/off in scripts/bench_train.py and scripts/bench_sample.py."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from diffctl.errors import ConfigError
+
+# Sampling precision, named as Lightning names training precision (trainer.precision).
+SAMPLE_PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def _to_channels_last(module: nn.Module, args):
+    x = args[0]
+    return (x.contiguous(memory_format=torch.channels_last), *args[1:]) if x.dim() == 4 else None
+
+
+def speed_up(net: nn.Module, channels_last: bool = False, compile: bool = False) -> nn.Module:
+    """Apply the switches to a backbone in place (its state_dict keys stay as they are, so
+    checkpoints are unaffected) and return it.
+
+    channels_last: weights and every 4-D input in NHWC, which convolution kernels (cuDNN with tensor
+    cores, oneDNN on CPU) often run faster; outputs stay NHWC-strided, which every later op accepts.
+    compile: `nn.Module.compile`, i.e. torch.compile of the forward; the first calls (and each new
+    input shape) pay the compilation.
+    """
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+        net.register_forward_pre_hook(_to_channels_last)
+    if compile:
+        net.compile()
+    return net
+
+
+def sampling_autocast(precision: str, device: torch.device):
+    """Autocast context for sampling at `precision`. Only the network's matmuls/convolutions run in
+    reduced precision; the denoiser casts its output back to the sample dtype, so the sampler's own
+    arithmetic (the update of x, noise levels) stays in float32."""
+    precision = str(precision)
+    if precision not in SAMPLE_PRECISIONS:
+        raise ConfigError(f"precision must be one of {' | '.join(SAMPLE_PRECISIONS)}, got {precision!r}")
+    dtype = SAMPLE_PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
