@@ -95,6 +95,13 @@ def _quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*")
 
 
+def build_datamodule(cfg: DictConfig):
+    data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in DATA_HINT_KEYS])
+    # Random flips happen in the training step from keyed generators (exactly reproducible on resume
+    # and across DDP splits), not in the dataset, where they would draw from per-worker global RNGs.
+    return instantiate_config(data_cfg, "data", seed=cfg.seed, random_flip=False)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     _quiet_expected_warnings()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -104,10 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_sampler({"name": cfg.sample_grid.sampler})
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in DATA_HINT_KEYS])
-    # Random flips happen in the training step from keyed generators (exactly reproducible on resume
-    # and across DDP splits), not in the dataset, where they would draw from per-worker global RNGs.
-    datamodule = instantiate_config(data_cfg, "data", seed=cfg.seed, random_flip=False)
+    datamodule = build_datamodule(cfg)
     if cfg.conditional and datamodule.num_classes == 0:
         raise ConfigError(
             f"conditional=true needs class labels, but data={cfg.data.name} has none; "

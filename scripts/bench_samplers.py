@@ -50,6 +50,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import environment  # noqa: E402
 
 from diffctl.distances import random_directions, sliced_wasserstein  # noqa: E402
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser  # noqa: E402
@@ -368,7 +371,7 @@ def run_benchmark(args) -> dict:
             "ve": {"sigma_min": 0.01, "sigma_max": sigma_max},
             "reference": {"solver": "dopri5 (torchdiffeq)", "rtol": REF_TOL, "atol": REF_TOL, "s_end": REF_S_END,
                           "starts": len(keys), "seconds": round(ref_seconds, 2)},
-            "versions": _versions(),
+            "versions": environment(),
         },
         "mixture": {"means": mixture.means.tolist(), "stds": mixture.variances[:, 0].sqrt().tolist(),
                     "weights": mixture.weights.tolist()},
@@ -424,19 +427,6 @@ def rescore(path: Path) -> dict:
     report["pairs"] = compare(runs, report["config"]["nfe"], report["floor"]["sw2"], report["floor"]["sd"])
     report["rescored_from"] = str(path)
     return report
-
-
-def _versions() -> dict:
-    import platform
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import diffusers
-
-        out["diffusers"] = diffusers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""What the benchmark scripts share: robust timing statistics, environment facts and the report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def steady_rate(stamps: list[float], items_per_gap: int, skip_fraction: float = 0.1) -> float:
+    """items/s from the median gap between consecutive time stamps, after the first `skip_fraction`
+    of the gaps (warm-up). The same statistic diffctl's TrainSummary reports for training."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = gaps[int(len(gaps) * skip_fraction) :]
+    return items_per_gap / statistics.median(gaps)
+
+
+def environment() -> dict:
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+    }
+    for name in ("lightning", "diffusers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:  # pragma: no cover
+            pass
+    return out
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def count_flops(fn) -> float:
+    """Floating-point operations of one call of fn (multiply-add = 2), by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward during fn() (distinct storages): the
+    activation memory gradient checkpointing trades for recomputation. Works on any device."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
