@@ -14,8 +14,8 @@ ones a killed run left behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
-
 import os
 import pickle
 import re
@@ -102,11 +102,39 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(CheckpointError):
+    """The device being written to has no space (or quota) left."""
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write. torch.save reports its file object's OSError (a full disk)
+    as a RuntimeError of its zip writer ("unexpected pos ..."), with the OSError as its context."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _write_error(target: Path, err: BaseException) -> CheckpointError | None:
+    """The one-line error for a failed write of `target` (None: not an I/O failure, re-raise it)."""
+    os_err = _os_error(err)
+    if os_err is None and not (isinstance(err, RuntimeError) and "writ" in str(err).lower()):
+        return None
+    kept = "the previous file there is intact" if target.exists() else "nothing was written"
+    if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left on device while saving {target} ({kept})")
+    return CheckpointError(f"could not write {target}: {os_err or err}. {kept[0].upper()}{kept[1:]}.")
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write `path` through `write(file)` so that it appears complete or not at all.
 
     On any failure (disk full, unwritable directory, interruption) the temporary file is removed
-    and the previous content of `path`, if any, is untouched; OSErrors become a CheckpointError."""
+    and the previous content of `path`, if any, is untouched; I/O errors become a CheckpointError
+    (DiskFullError when the device is full)."""
     target = Path(path)
     tmp = temporary_path(target)
     try:
@@ -118,12 +146,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.replace(tmp, target)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "writ" in str(err).lower()):
-            raise CheckpointError(
-                f"could not write {target}: {err}. "
-                + ("The previous file there is intact." if target.exists() else "Nothing was written.")
-            ) from None
-        raise
+        error = _write_error(target, err)
+        if error is None:
+            raise
+        raise error from None
     _fsync_dir(target.parent)  # make the rename itself durable
 
 
@@ -149,9 +175,10 @@ def atomic_link(source: str | Path, target: str | Path) -> None:
         os.replace(tmp, dst)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not write {dst}: {err}") from None
-        raise
+        error = _write_error(dst, err) if isinstance(err, OSError) else None
+        if error is None:
+            raise
+        raise error from None
     _fsync_dir(dst.parent)
 
 
@@ -178,7 +205,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_save(checkpoint, path)
+        try:
+            atomic_save(checkpoint, path)
+        except DiskFullError as err:  # say how to go on: the last checkpoint is whole, resume from it
+            last = Path(path).parent / "last.ckpt"
+            if not last.is_file():
+                raise DiskFullError(f"{err}; free space and run the command again") from None
+            run = last.parent.parent if last.parent.name == "checkpoints" else last.parent
+            raise DiskFullError(
+                f"no space left on device while saving {path}; {last} (step {_step(last)}) is intact: "
+                f"free space and resume with `diffctl train resume={run}`"
+            ) from None
+
+
+def _step(path: Path) -> str:
+    """The global step a checkpoint was saved at, read from the file (for messages)."""
+    try:
+        return str(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", "?"))
+    except Exception:  # noqa: BLE001  only decorates a message
+        return "?"
 
 
 def file_sha256(path: str | Path) -> str:
