@@ -94,11 +94,35 @@ def _build_stored(config: dict[str, Any], state: dict[str, Any], path, what: str
     except Exception as err:  # noqa: BLE001  missing keys, hand-edited configs
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"the config in {path} does not build a diffctl model ({first})") from None
+    mismatch = state_mismatch(denoiser.state_dict(), state)
+    if mismatch is not None:
+        raise CheckpointError(f"{what} in {path} do not fit the network in its config: {mismatch}; {REFIT_ADVICE}")
     try:
         denoiser.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{what} in {path} do not fit the network in its config: {str(err).splitlines()[0]}") from None
     return denoiser.eval(), cfg
+
+
+REFIT_ADVICE = "use the file as diffctl wrote it, with the diffctl version that trained it"
+
+
+def _shape(t) -> str:
+    return str(list(t.shape))
+
+
+def state_mismatch(expected: dict[str, Any], state: dict[str, Any]) -> str | None:
+    """The first way a state dict does not fit a network whose own state dict is `expected`, naming
+    the tensor and both shapes (None: every tensor fits, as a strict load_state_dict needs)."""
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            return f"{key} is {_shape(tensor)} in the file but {_shape(expected[key])} in the network"
+    for keys, where in (([k for k in expected if k not in state], "missing from the file"),
+                        ([k for k in state if k not in expected], "in the file but not in the network")):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            return f"{keys[0]}{more} {where}"
+    return None
 
 
 def load_denoiser(path, use_ema: bool = True) -> tuple[Denoiser, DictConfig]:
