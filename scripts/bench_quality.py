@@ -12,7 +12,8 @@ Then every (sampler, NFE) below is one `diffctl sample` (in this process) of --n
 same seed, scored by the offline EDM Inception detector (metrics.detector=edm) against the first
 --ref-limit training images (reference statistics cached once). Rows: ddpm (ancestral), ddim (eta 0),
 pc (reverse-diffusion predictor + ALD corrector, NFE = 2 steps), ode dpmpp_2m (logSNR spacing),
-ode adaptive (dopri5, NFE what the tolerance takes), and 1000-step ancestral as the reference.
+ode heun (karras spacing: `diffctl sample`'s default sampler, NFE = 2 steps - 1), ode adaptive
+(dopri5, NFE what the tolerance takes), and 1000-step ancestral as the reference.
 FID from a few hundred images is biased upwards (and the bias shrinks with more images), so compare
 rows with each other at equal --num, not with published 50k-image numbers; KID is unbiased.
 Writes bench_quality.json and bench_quality.png (FID vs NFE).
@@ -45,6 +46,7 @@ SAMPLERS = {
     "ddim": (["sampler=ddim"], lambda nfe: nfe),
     "pc": (["sampler=pc", "sampler.predictor=reverse_diffusion", "sampler.corrector=ald"], lambda nfe: nfe // 2),
     "ode dpmpp_2m": (["sampler=ode", "sampler.solver=dpmpp_2m", "sampler.spacing=logsnr"], lambda nfe: nfe),
+    "ode heun": (["sampler=ode", "sampler.solver=heun"], lambda nfe: (nfe + 1) // 2),  # `diffctl sample`'s default (karras)
 }
 
 
@@ -77,13 +79,17 @@ def run_benchmark(args) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt = str(run_dir)
         train(compose_config("train", [*TRAIN, "progress_bar=false"], run_dir))
-    rows = []
     plan = [(f"ancestral {args.ancestral_steps}", ["sampler=ddpm"], args.ancestral_steps)]
     for nfe in args.nfe:
         for label, (extra, steps_of) in SAMPLERS.items():
             plan.append((label, extra, steps_of(nfe)))
     plan.append(("ode adaptive", ["sampler=ode", "sampler.solver=adaptive", f"sampler.rtol={args.rtol}", f"sampler.atol={args.rtol}"], 1))
+    plan = [p for p in plan if args.samplers is None or p[0].split(" ")[0] in args.samplers or p[0] in args.samplers]
+    rows = json.loads(Path(args.extend).read_text())["rows"] if args.extend else []
+    done = {(r["sampler"], r["steps"]) for r in rows}
     for label, extra, steps in plan:
+        if (label, steps) in done:  # --extend: measured before with the same settings
+            continue
         print(f"{label}, steps={steps}", flush=True)
         rows.append(sample_row(ckpt, label, extra, steps, args, args.cache_dir))
         print(json.dumps(rows[-1]), flush=True)
@@ -148,6 +154,9 @@ def main(argv=None) -> dict:
     p.add_argument("--nfe", type=lambda s: [int(v) for v in s.split(",")], default=[10, 20, 50])
     p.add_argument("--rtol", type=float, default=1e-3, help="adaptive ODE tolerance (rtol = atol)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samplers", type=lambda v: v.split(","), default=None,
+                   help="only these rows, e.g. 'ode heun,ddim' (names as in the table; 'ancestral' for the reference)")
+    p.add_argument("--extend", default=None, help="a previous report of the same checkpoint and settings: keep its rows, add the missing ones")
     p.add_argument("--cache-dir", default="~/.cache/diffctl", help="detector weights and reference statistics")
     p.add_argument("--detector", default="edm", help="edm (NVIDIA's TF-Inception port) | inception | torchscript (with --detector-path)")
     p.add_argument("--ancestral-steps", type=int, default=1000, help="steps of the reference ancestral row")

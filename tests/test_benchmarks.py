@@ -56,13 +56,17 @@ def test_bench_quality_scores_every_sampler(tmp_path, trained):
     _, run_dir = trained
     detector = tmp_path / "tiny.pt"
     torch.jit.script(TinyNet(0)).save(str(detector))
-    report = _script("bench_quality").main([
-        "--ckpt", str(run_dir), "--num", "8", "--batch", "8", "--ref-limit", "16", "--nfe", "4", "--ancestral-steps", "10",
-        "--detector", "torchscript", "--detector-path", str(detector), "--cache-dir", str(tmp_path / "cache"),
-        "--json", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png"),
-    ])
+    common = ["--ckpt", str(run_dir), "--num", "8", "--batch", "8", "--ref-limit", "16", "--nfe", "4", "--ancestral-steps", "10",
+              "--detector", "torchscript", "--detector-path", str(detector), "--cache-dir", str(tmp_path / "cache")]
+    bench = _script("bench_quality")
+    first = bench.main([*common, "--samplers", "ancestral,ddim", "--json", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.png")])
+    assert [r["sampler"] for r in first["rows"]] == ["ancestral 10", "ddim"]
+    # --extend keeps the rows measured before (the expensive reference too) and adds the rest
+    report = bench.main([*common, "--extend", str(tmp_path / "a.json"), "--json", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")])
+    assert report["rows"][:2] == first["rows"]
     nfe = {r["sampler"]: r["nfe"] for r in report["rows"]}
     assert nfe["ancestral 10"] == 10 and nfe["ddpm"] == nfe["ddim"] == nfe["pc"] == nfe["ode dpmpp_2m"] == 4
+    assert nfe["ode heun"] == 3 and len(report["rows"]) == 7
     assert nfe["ode adaptive"] >= 2
     assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 for r in report["rows"])
     assert report["rows"][0]["fid_vs_ancestral"] == pytest.approx(1.0)
