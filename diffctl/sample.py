@@ -32,7 +32,7 @@ from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, save_scatter, to_uint8
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser, is_mixture
-from diffctl.performance import sampling_autocast, speed_up
+from diffctl.performance import sampling_autocast, speed_up, use_channels_last
 from diffctl.samplers import check_sampler, generate
 from diffctl.sde import VPSDE
 
@@ -99,7 +99,8 @@ def _check_options(cfg: DictConfig) -> None:
     if not float(cfg.guidance) >= 0:
         raise ConfigError(f"guidance must be >= 0 (1 = no guidance), got {cfg.guidance}")
     check_sampler(cfg.sampler)
-    sampling_autocast(cfg.get("precision", "32-true"), torch.device("cpu"))  # checks the name
+    sampling_autocast(cfg.get("precision", "32-true"), torch.device("cpu"))  # checks the names
+    use_channels_last(cfg.get("channels_last", False), "cpu")
     model = cfg.get("model")
     if model is not None and not is_mixture(model):
         raise ConfigError(
@@ -326,8 +327,9 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     device = _device(fabric, cfg.trainer.accelerator)
     denoiser = source.denoiser.to(device)
+    channels_last = source.mixture is None and use_channels_last(cfg.get("channels_last", False), device.type)
     if source.mixture is None:  # the analytic model has no network to speed up
-        speed_up(denoiser.net, channels_last=bool(cfg.get("channels_last")), compile=bool(cfg.get("compile")))
+        speed_up(denoiser.net, channels_last, cfg.get("compile", False))
     calls = [0]
     denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     model = GuidedDenoiser(denoiser, cfg.guidance) if float(cfg.guidance) != 1.0 else denoiser
@@ -378,7 +380,9 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
         "steps": cfg.steps,
         "guidance": float(cfg.guidance),
         "clip_denoised": isinstance(model, ClippedDenoiser),
-        **{key: cfg.get(key, default) for key, default in (("precision", "32-true"), ("compile", False), ("channels_last", False))},
+        "precision": cfg.get("precision", "32-true"),
+        "compile": cfg.get("compile", False),
+        "channels_last": channels_last,
         "nfe_per_sample": round(total_calls / len(batches), 2),
         "num_samples": cfg.num_samples,
         "devices": world,

@@ -30,7 +30,7 @@ from diffctl.errors import ConfigError
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_sampler
 from diffctl.module import DiffusionModule
-from diffctl.performance import speed_up
+from diffctl.performance import accelerator_type, speed_up, use_channels_last
 
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
 MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout")
@@ -155,7 +155,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         nan_policy=cfg.get("nan_policy", "stop"),
     )
     # After the module made its EMA (and target) copies: those stay plain eager modules.
-    speed_up(denoiser.net, channels_last=bool(cfg.get("channels_last")), compile=bool(cfg.get("compile")))
+    channels_last = use_channels_last(cfg.get("channels_last", False), accelerator_type(cfg.trainer.get("accelerator", "auto")))
+    speed_up(denoiser.net, channels_last, cfg.get("compile", False))
     grid = SampleGrid(
         out_dir=str(run_dir / "samples"),
         every_n_steps=cfg.sample_grid.every_n_steps,

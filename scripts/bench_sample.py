@@ -15,8 +15,9 @@ turns batch by batch so load drifts hit them alike):
 - `DDPM-50`: the ancestral sampler (fresh noise each step) vs `DDPMPipeline` with DDPMScheduler.
   diffctl draws each sample's noise from its own generator (same images for any batch size or device
   count); diffusers is given one generator for the batch, its default.
-- switches on diffctl's DDIM-50: channels_last, precision=bf16-mixed, compile, and the autograd
-  setting (inference_mode, the default, vs no_grad vs autograd left on).
+- switches on diffctl's DDIM-50, each flipped from `diffctl sample`'s default: channels_last (default
+  auto: on for CPU), precision=bf16-mixed, compile, and the autograd setting (inference_mode, the
+  default, vs no_grad vs autograd left on); and diffusers' DDIMPipeline with the network in NHWC too.
 Both sides call the same module: diffctl's U-Net behind diffctl's Denoiser (input scaling, eps
 output); diffusers sees it through a thin adapter mapping its integer timestep k to t = (k+1)/1000.
 Without --ckpt the network is the benchmark U-Net of scripts/bench_train.py with random weights
@@ -44,7 +45,7 @@ from benchlib import environment, write_json  # noqa: E402
 import diffctl  # noqa: E402,F401  (torchvision shim first)
 from diffctl.config import compose_config  # noqa: E402
 from diffctl.denoiser import ClippedDenoiser  # noqa: E402
-from diffctl.performance import sampling_autocast, speed_up  # noqa: E402
+from diffctl.performance import sampling_autocast, speed_up, use_channels_last  # noqa: E402
 from diffctl.samplers import SAMPLERS, generate  # noqa: E402
 
 
@@ -135,22 +136,28 @@ def theirs(pipe, steps: int, batch: int, **kwargs):
 
 
 def rows(args, denoiser, shape, compiled):
+    """diffctl rows use `diffctl sample`'s defaults (channels_last=auto); diffusers rows theirs."""
+    default_nhwc = use_channels_last("auto", next(denoiser.parameters()).device.type)
+    nhwc = _copy(denoiser)
+    speed_up(nhwc.net, channels_last=True)
+    default, other = (nhwc, denoiser) if default_nhwc else (denoiser, nhwc)
     pipes = diffusers_pipelines(denoiser, shape)
     s, b = args.steps, args.batch
     ddim = {"name": "ddim", "eta": 0.0, "spacing": "trailing"}
     dpm = {"name": "ode", "solver": "dpmpp_2m", "spacing": "logsnr"}
     ddpm = {"name": "ddpm", "spacing": "trailing"}
     table = [
-        ("DDIM", "diffctl", ours(denoiser, shape, ddim, s, b)),
+        ("DDIM", "diffctl", ours(default, shape, ddim, s, b)),
         ("DDIM", "diffusers DDIMPipeline", theirs(pipes["ddim"], s, b, eta=0.0)),
-        ("DPM-Solver++(2M)", "diffctl", ours(denoiser, shape, dpm, s, b)),
+        ("DPM-Solver++(2M)", "diffctl", ours(default, shape, dpm, s, b)),
         ("DPM-Solver++(2M)", "diffusers DDPMPipeline + DPMSolverMultistep", theirs(pipes["dpmpp_2m"], s, b)),
-        ("DDPM", "diffctl", ours(denoiser, shape, ddpm, s, b)),
+        ("DDPM", "diffctl", ours(default, shape, ddpm, s, b)),
         ("DDPM", "diffusers DDPMPipeline", theirs(pipes["ddpm"], s, b)),
-        ("DDIM", "diffctl channels_last", ours(speed_up(_copy(denoiser), channels_last=True), shape, ddim, s, b)),
-        ("DDIM", "diffctl precision=bf16-mixed", ours(denoiser, shape, ddim, s, b, precision="bf16-mixed")),
-        ("DDIM", "diffctl no_grad (not inference_mode)", ours(denoiser, shape, ddim, s, b, grad="no_grad")),
-        ("DDIM", "diffctl autograd left on", ours(denoiser, shape, ddim, s, b, grad="autograd")),
+        ("DDIM", f"diffctl channels_last={str(not default_nhwc).lower()}", ours(other, shape, ddim, s, b)),
+        ("DDIM", "diffusers DDIMPipeline, channels_last network", theirs(diffusers_pipelines(nhwc, shape)["ddim"], s, b, eta=0.0)),
+        ("DDIM", "diffctl precision=bf16-mixed", ours(default, shape, ddim, s, b, precision="bf16-mixed")),
+        ("DDIM", "diffctl no_grad (not inference_mode)", ours(default, shape, ddim, s, b, grad="no_grad")),
+        ("DDIM", "diffctl autograd left on", ours(default, shape, ddim, s, b, grad="autograd")),
     ]
     if compiled is not None:
         table.append(("DDIM", "diffctl compile", ours(compiled, shape, ddim, s, b)))
@@ -191,7 +198,8 @@ def run_benchmark(args) -> dict:
     denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     compiled = None
     if not (args.quick or args.no_compile):
-        compiled = speed_up(_copy(denoiser), compile=True)
+        compiled = _copy(denoiser)
+        speed_up(compiled.net, use_channels_last("auto", next(denoiser.parameters()).device.type), compile=True)
     table = rows(args, denoiser, shape, compiled)
     times: list[list[float]] = [[] for _ in table]
     nfe = [0] * len(table)

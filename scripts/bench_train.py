@@ -10,9 +10,11 @@ Every row trains the same U-Net (diffctl's, built from the same config) on the s
 - `lightning ...`: `diffctl.train.train` exactly as `diffctl train` runs it (csv logger, EMA, grad
   clipping at 1.0, warm-up LR schedule, atomic checkpoint at the end), in this process;
 - `raw loop`: the same maths written out by hand: t ~ U(eps, 1), VP noising, input scaling, eps-MSE,
-  backward, clip_grad_norm_(1.0), Adam, LR scheduler, foreach EMA update. Nothing else.
+  backward, clip_grad_norm_(1.0), Adam, LR scheduler, foreach EMA update, with the memory layout and
+  Adam kernels `diffctl train` uses by default (channels_last=auto, optim.foreach=true). Nothing else.
 - `diffusers UNet2DModel`: diffusers' U-Net with the same widths, depth, attention level and heads in
-  the raw loop (its parameter count and FLOPs are printed next to ours).
+  the same raw loop, same layout (its parameter count and FLOPs are printed next to ours).
+- `lightning <switch>=<value>`: one switch flipped from its default.
 Throughput is images/s from the median step time after the first tenth of the steps (compilation and
 allocator warm-up excluded), the median over --repeats runs, the variants interleaved within each
 repeat so drifts in machine load hit them alike. `overhead` is 1 - lightning / raw loop.
@@ -39,6 +41,7 @@ from benchlib import count_flops, environment, saved_activation_bytes, steady_ra
 
 import diffctl  # noqa: E402,F401  (torchvision shim first)
 from diffctl.config import compose_config  # noqa: E402
+from diffctl.performance import speed_up, use_channels_last  # noqa: E402
 
 
 def overrides(args, extra: list[str]) -> list[str]:
@@ -125,6 +128,7 @@ def run_raw(args, cfg, net, batches, precision: str = "32-true") -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = copy.deepcopy(net).to(device).train()
     ema = copy.deepcopy(net).requires_grad_(False)
+    speed_up(net, channels_last=use_channels_last(cfg.channels_last, device.type))  # the layout `diffctl train` uses
     params, ema_params = list(net.parameters()), list(ema.parameters())
     o = cfg.optim
     opt = torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=o.foreach, fused=o.fused)
@@ -181,8 +185,9 @@ def net_facts(net, args, precision: str = "32-true", checkpointing: bool = False
 
 
 # --- the benchmark ---------------------------------------------------------------------------
-def variants(args) -> list[tuple[str, str, list[str]]]:
-    """(name, kind, overrides or precision)."""
+def variants(args, cfg) -> list[tuple[str, str, list[str]]]:
+    """(name, kind, overrides or precision). Lightning rows flip one switch from its default."""
+    nhwc = use_channels_last(cfg.channels_last, "cuda" if torch.cuda.is_available() else "cpu")
     rows = [
         ("raw loop", "raw", ["32-true"]),
         ("lightning", "lightning", []),
@@ -190,8 +195,8 @@ def variants(args) -> list[tuple[str, str, list[str]]]:
         ("diffusers UNet2DModel (raw loop)", "diffusers", ["32-true"]),
         ("raw loop bf16-mixed", "raw", ["bf16-mixed"]),
         ("lightning bf16-mixed", "lightning", ["trainer.precision=bf16-mixed"]),
-        ("lightning channels_last", "lightning", ["channels_last=true"]),
-        ("lightning optim.foreach=true", "lightning", ["optim.foreach=true"]),
+        (f"lightning channels_last={str(not nhwc).lower()}", "lightning", [f"channels_last={str(not nhwc).lower()}"]),
+        (f"lightning optim.foreach={str(not cfg.optim.foreach).lower()}", "lightning", [f"optim.foreach={str(not cfg.optim.foreach).lower()}"]),
         ("lightning gradient checkpointing", "lightning", ["model.gradient_checkpointing=true"]),
     ]
     if not args.quick and not args.no_compile:
@@ -202,7 +207,7 @@ def variants(args) -> list[tuple[str, str, list[str]]]:
 def run_benchmark(args) -> dict:
     cfg, net, batches = training_setup(args)
     theirs = diffusers_unet(args)
-    rows = variants(args)
+    rows = variants(args, cfg)
     measured: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
     for repeat in range(args.repeats):
         for name, kind, extra in rows:

@@ -28,7 +28,7 @@ def test_bench_train_rows_and_memory_facts(tmp_path):
     report = _script("bench_train").main([*TOY, "--batch", "8", "--json", str(tmp_path / "t.json")])
     rows = {r["variant"]: r for r in report["rows"]}
     assert set(rows) >= {"raw loop", "lightning", "diffusers UNet2DModel (raw loop)", "lightning gradient checkpointing",
-                         "lightning bf16-mixed", "lightning channels_last", "lightning optim.foreach=true"}
+                         "lightning bf16-mixed", "lightning channels_last=false", "lightning optim.foreach=false"}
     assert all(r["images_per_s"] > 0 for r in rows.values())
     # the reasons to turn the switches on: recomputation keeps fewer activations, bf16 halves them
     assert rows["lightning gradient checkpointing"]["activations_mib"] < 0.6 * rows["lightning"]["activations_mib"]
@@ -46,7 +46,7 @@ def test_bench_sample_compares_at_equal_nfe(tmp_path):
         by_sampler.setdefault(r["sampler"], set()).add(r["nfe"])
     assert by_sampler == {"DDIM": {5}, "DPM-Solver++(2M)": {5}, "DDPM": {5}}  # every row spent the same NFE
     assert {r["who"] for r in report["rows"] if r["sampler"] == "DDIM"} >= {
-        "diffctl", "diffusers DDIMPipeline", "diffctl channels_last", "diffctl precision=bf16-mixed",
+        "diffctl", "diffusers DDIMPipeline", "diffctl channels_last=false", "diffctl precision=bf16-mixed",
         "diffctl no_grad (not inference_mode)", "diffctl autograd left on"}
 
 

@@ -20,8 +20,8 @@ def _samples(out_dir):
 
 def test_channels_last_sampling_gives_the_same_images(trained, tmp_path):
     _, run_dir = trained
-    plain = run_sample(tmp_path / "plain", [f"ckpt={run_dir}", *ODE3])
-    nhwc = run_sample(tmp_path / "nhwc", [f"ckpt={run_dir}", *ODE3, "channels_last=true"])
+    plain = run_sample(tmp_path / "plain", [f"ckpt={run_dir}", *ODE3, "channels_last=false"])
+    nhwc = run_sample(tmp_path / "nhwc", [f"ckpt={run_dir}", *ODE3])  # default auto: on for CPU
     assert nhwc["channels_last"] is True and plain["channels_last"] is False
     # the same arithmetic in another memory order: at most a rounding step of uint8 apart
     assert np.abs(_samples(tmp_path / "plain") - _samples(tmp_path / "nhwc")).max() <= 1
@@ -76,3 +76,11 @@ def test_unknown_sampling_precision_is_refused(tmp_path):
     out = run_cli(["sample", "model=gmm", "num_samples=2", "steps=2", "progress_bar=false", "precision=fp8"], tmp_path)
     assert out.returncode == 1, out.stderr
     assert out.stderr.strip() == "error: precision must be one of 32-true | 32 | bf16-mixed | 16-mixed, got 'fp8'"
+
+
+def test_channels_last_auto_means_cpu_only_and_bad_values_are_refused(tmp_path):
+    from diffctl.performance import use_channels_last
+
+    assert use_channels_last("auto", "cpu") is True and use_channels_last("auto", "cuda") is False
+    out = run_cli(["sample", "model=gmm", "num_samples=2", "steps=2", "progress_bar=false", "channels_last=maybe"], tmp_path)
+    assert out.returncode == 1 and out.stderr.strip() == "error: channels_last must be true, false or auto, got 'maybe'", out.stderr
