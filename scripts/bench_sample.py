@@ -2,7 +2,7 @@
 """Sampling throughput: diffctl's samplers against diffusers' pipelines driving the same network at
 equal NFE, plus each sampling speed switch on/off.
 
-    python scripts/bench_sample.py                    # about 5 minutes on 2 CPU cores
+    python scripts/bench_sample.py                    # about 6 minutes on 2 CPU cores
     python scripts/bench_sample.py --quick            # smoke run: fewer batches, no compile
     python scripts/bench_sample.py --ckpt outputs/train/<date>/<time> --batch 64 --steps 50
 
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import environment, write_json  # noqa: E402
+from benchlib import add_common_args, environment, write_json  # noqa: E402
 
 import diffctl  # noqa: E402,F401  (torchvision shim first)
 from diffctl.config import compose_config  # noqa: E402
@@ -254,13 +254,9 @@ def print_report(report: dict) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=None, help="a diffctl checkpoint or run directory (default: a fresh benchmark U-Net)")
-    p.add_argument("--resolution", type=int, default=16, help="image side of the fresh U-Net")
-    p.add_argument("--base-channels", type=int, default=32, help="width b of the fresh U-Net: levels b, 2b, 2b")
-    p.add_argument("--batch", type=int, default=32)
+    add_common_args(p, quick="5 steps, 1 timed batch, no compile")
     p.add_argument("--steps", type=int, default=50, help="network evaluations per sample (NFE)")
-    p.add_argument("--batches", type=int, default=3, help="timed batches per row (median)")
-    p.add_argument("--quick", action="store_true", help="5 steps, 1 timed batch, no compile")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (compilation takes minutes on CPU)")
+    p.add_argument("--batches", type=int, default=7, help="timed batches per row (median)")
     p.add_argument("--json", default="bench_sample.json")
     args = p.parse_args(argv)
     if args.quick:

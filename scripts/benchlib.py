@@ -13,6 +13,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
+def add_common_args(parser, quick: str) -> None:
+    """The options bench_train.py and bench_sample.py share: the benchmark U-Net and the run size."""
+    parser.add_argument("--resolution", type=int, default=16, help="image side of the benchmark U-Net")
+    parser.add_argument("--base-channels", type=int, default=32, help="U-Net width b: levels b, 2b, 2b")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (compilation takes minutes on CPU)")
+
+
 def steady_rate(stamps: list[float], items_per_gap: int, skip_fraction: float = 0.1) -> float:
     """items/s from the median gap between consecutive time stamps, after the first `skip_fraction`
     of the gaps (warm-up). The same statistic diffctl's TrainSummary reports for training."""
