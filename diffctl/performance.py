@@ -1,6 +1,7 @@
 """Speed switches shared by training, sampling and the benchmarks: NHWC memory layout,
-torch.compile, and reduced-precision autocast for sampling. Each is off by default and measured
-on/off in scripts/bench_train.py and scripts/bench_sample.py."""
+torch.compile, and reduced-precision autocast for sampling. compile and reduced precision are off
+by default, channels_last is `auto` (on for CPU); each is measured flipped from its default in
+scripts/bench_train.py and scripts/bench_sample.py."""
 
 from __future__ import annotations
 

@@ -35,7 +35,10 @@ def test_bench_train_rows_and_memory_facts(tmp_path):
     assert rows["lightning bf16-mixed"]["activations_mib"] < 0.75 * rows["lightning"]["activations_mib"]
     # diffusers' U-Net is matched in size to ours
     assert math.isclose(rows["diffusers UNet2DModel (raw loop)"]["params_m"], rows["raw loop"]["params_m"], rel_tol=0.1)
-    assert json.loads((tmp_path / "t.json").read_text())["summary"]["lightning_overhead_pct"] is not None
+    # the summary is the paired ratio of the rows, as written to the JSON
+    assert rows["raw loop"]["vs_raw_loop"] == 1.0
+    summary = json.loads((tmp_path / "t.json").read_text())["summary"]
+    assert summary["lightning_overhead_pct"] == round(100 * (1 - rows["lightning"]["vs_raw_loop"]), 1)
 
 
 def test_bench_sample_compares_at_equal_nfe(tmp_path):
