@@ -102,7 +102,8 @@ def build_datamodule(cfg: DictConfig):
     return instantiate_config(data_cfg, "data", seed=cfg.seed, random_flip=False)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Train as `diffctl train` does; `callbacks` are extra Lightning callbacks (benchmarks, notebooks)."""
     _quiet_expected_warnings()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if is_mixture(cfg.get("model")):
@@ -167,6 +168,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     summary = TrainSummary(str(run_dir))
     callbacks = [
+        *(callbacks or []),
         StepCheckpoint(
             dirpath=str(run_dir / "checkpoints"),
             filename="step_{step:07d}",

@@ -38,20 +38,36 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import add_common_args, count_flops, environment, saved_activation_bytes, steady_rate, write_json  # noqa: E402
+from benchlib import (  # noqa: E402
+    add_common_args,
+    count_flops,
+    environment,
+    peak_tflops,
+    saved_activation_bytes,
+    steady_rate,
+    write_json,
+)
 
 import diffctl  # noqa: E402,F401  (torchvision shim first)
+import lightning as L  # noqa: E402
 from diffctl.config import compose_config  # noqa: E402
 from diffctl.performance import speed_up, use_channels_last  # noqa: E402
 
 
 def overrides(args, extra: list[str]) -> list[str]:
+    if args.model == "dit":
+        model = ["model=dit", f"model.patch_size={args.patch_size}"]
+        model += [f"model.size={args.dit_size}"] if args.dit_size != "tiny" else []  # tiny: conf/model/dit.yaml
+    else:
+        model = [
+            "model=unet",
+            f"model.base_channels={args.base_channels}",
+            "model.channel_mult=[1,2,2]",
+            "model.num_res_blocks=1",
+            f"model.attn_resolutions=[{args.resolution // 2}]",
+        ]
     return [
-        "model=unet",
-        f"model.base_channels={args.base_channels}",
-        "model.channel_mult=[1,2,2]",
-        "model.num_res_blocks=1",
-        f"model.attn_resolutions=[{args.resolution // 2}]",
+        *model,
         "data=digits",
         f"data.resolution={args.resolution}",
         f"data.batch_size={args.batch}",
@@ -67,14 +83,14 @@ def overrides(args, extra: list[str]) -> list[str]:
 
 
 # --- the Lightning path ----------------------------------------------------------------------
-def run_lightning(args, extra: list[str]) -> dict:
+def run_lightning(args, extra: list[str], callbacks: list | None = None) -> dict:
     from diffctl.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config("train", overrides(args, extra), tmp)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        result = train(cfg)
+        result = train(cfg, callbacks=callbacks)
     out = {"images_per_s": result["steady_images_per_s"]}
     if torch.cuda.is_available():
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -119,13 +135,12 @@ def diffusers_unet(args):
 
 def forward_of(net):
     """net(x, noise_labels) -> output tensor for diffctl's networks and diffusers' (which wrap it)."""
-    from diffctl.networks import UNet
-
-    return net if isinstance(net, UNet) else (lambda x, t: net(x, t).sample)
+    return (lambda x, t: net(x, t).sample) if type(net).__module__.startswith("diffusers") else net
 
 
-def run_raw(args, cfg, net, batches, precision: str = "32-true") -> dict:
-    """Steps of the hand-written loop; returns images/s (steady) and peak memory."""
+def raw_stepper(args, cfg, net, batches, precision: str = "32-true"):
+    """The hand-written loop on its own copy of `net`: returns (one_step, device); each call of
+    one_step() is one training step."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = copy.deepcopy(net).to(device).train()
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -138,10 +153,10 @@ def run_raw(args, cfg, net, batches, precision: str = "32-true") -> dict:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext())
     call = forward_of(net)
     batches = [x.to(device) for x in batches]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    stamps = [time.perf_counter()]
-    for step in range(args.steps):
+    step = 0
+
+    def one_step() -> None:
+        nonlocal step
         x0 = batches[step % len(batches)]
         t = eps + (1 - eps) * torch.rand(x0.shape[0], device=device)
         alpha = torch.exp(-0.25 * t * t * (b1 - b0) - 0.5 * t * b0)[:, None, None, None]
@@ -159,11 +174,66 @@ def run_raw(args, cfg, net, batches, precision: str = "32-true") -> dict:
         decay = min(cfg.ema.decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
+        step += 1
+
+    return one_step, device
+
+
+def run_raw(args, cfg, net, batches, precision: str = "32-true") -> dict:
+    """Steps of the hand-written loop; returns images/s (steady) and peak memory."""
+    one_step, device = raw_stepper(args, cfg, net, batches, precision)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stamps = [time.perf_counter()]
+    for _ in range(args.steps):
+        one_step()
         stamps.append(time.perf_counter())
-    out = {"images_per_s": steady_rate(stamps, x0.shape[0])}
+    out = {"images_per_s": steady_rate(stamps, batches[0].shape[0])}
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+class InterleavedRawSteps(L.Callback):
+    """After every Lightning training batch, one step of the raw loop; each side timed on its own.
+
+    Separate runs of the two drift apart by up to 30% on a shared machine, more than the overhead
+    being measured; steps interleaved one for one see the same machine within a fraction of a
+    second. A Lightning interval runs from the end of one raw step to the start of the next: one
+    whole Lightning iteration (data fetch, hooks, logging, step, EMA) and nothing of the raw loop."""
+
+    def __init__(self, one_step, device: torch.device):
+        self.one_step, self.device = one_step, device
+        self.lightning: list[float] = []
+        self.raw: list[float] = []
+        self._resumed: float | None = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        start = self._now()
+        if self._resumed is not None:
+            self.lightning.append(start - self._resumed)
+        self.one_step()
+        self._resumed = self._now()
+        self.raw.append(self._resumed - start)
+
+
+def run_interleaved(args, cfg, net, batches) -> dict:
+    """Lightning and raw-loop steps alternating in one run: images/s of each and their paired ratio."""
+    one_step, device = raw_stepper(args, cfg, net, batches)
+    timer = InterleavedRawSteps(one_step, device)
+    run_lightning(args, [], callbacks=[timer])
+    skip = max(1, len(timer.lightning) // 10)  # warm-up, as in steady_rate
+    lightning, raw = timer.lightning[skip:], timer.raw[skip + 1 :]  # raw[i + 1] ran right after lightning[i]
+    return {
+        "lightning_images_per_s": args.batch / statistics.median(lightning),
+        "raw_images_per_s": args.batch / statistics.median(raw),
+        "lightning_vs_raw": statistics.median(r / l for l, r in zip(lightning, raw)),
+    }
 
 
 def net_facts(net, args, precision: str = "32-true", checkpointing: bool = False) -> dict:
@@ -196,22 +266,31 @@ def variants(args, cfg) -> list[tuple[str, str, list[str]]]:
         ("diffusers UNet2DModel (raw loop)", "diffusers", ["32-true"]),
         ("raw loop bf16-mixed", "raw", ["bf16-mixed"]),
         ("lightning bf16-mixed", "lightning", ["trainer.precision=bf16-mixed"]),
+        ("lightning 16-mixed", "lightning", ["trainer.precision=16-mixed"]),
         (f"lightning channels_last={str(not nhwc).lower()}", "lightning", [f"channels_last={str(not nhwc).lower()}"]),
         (f"lightning optim.foreach={str(not cfg.optim.foreach).lower()}", "lightning", [f"optim.foreach={str(not cfg.optim.foreach).lower()}"]),
         ("lightning gradient checkpointing", "lightning", ["model.gradient_checkpointing=true"]),
     ]
     if not args.quick and not args.no_compile:
         rows.append(("lightning compile", "lightning", ["compile=true"]))
+        rows.append(("lightning compile bf16-mixed", "lightning", ["compile=true", "trainer.precision=bf16-mixed"]))
+    if args.model != "unet":  # diffusers' matched network is a U-Net
+        rows = [r for r in rows if r[1] != "diffusers"]
+    if not torch.cuda.is_available():  # fp16 with loss scaling is a GPU feature; compiled bf16 is slow on CPU
+        rows = [r for r in rows if r[0] not in ("lightning 16-mixed", "lightning compile bf16-mixed")]
     return rows
 
 
 def run_benchmark(args) -> dict:
     cfg, net, batches = training_setup(args)
-    theirs = diffusers_unet(args)
     rows = variants(args, cfg)
+    theirs = diffusers_unet(args) if any(kind == "diffusers" for _, kind, _ in rows) else None
     measured: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
+    interleaved: list[dict] = []
     run_raw(args, cfg, net, batches)  # untimed: warms the allocator, thread pool and CPU clocks
     for repeat in range(args.repeats):
+        print(f"[repeat {repeat + 1}/{args.repeats}] lightning and raw loop, step-interleaved", flush=True)
+        interleaved.append(run_interleaved(args, cfg, net, batches))
         for name, kind, extra in rows:
             if "compile" in name and repeat > 0:
                 continue  # compiling again only re-measures the cache; one long run is enough
@@ -220,7 +299,9 @@ def run_benchmark(args) -> dict:
                 measured[name].append(run_lightning(args, extra))
             else:
                 measured[name].append(run_raw(args, cfg, theirs if kind == "diffusers" else net, batches, extra[0]))
-    ours_facts, theirs_facts = net_facts(net, args), net_facts(theirs, args)
+    ours_facts = net_facts(net, args)
+    theirs_facts = net_facts(theirs, args) if theirs is not None else None
+    peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None)
     table = []
     for name, kind, extra in rows:
         runs = measured[name]
@@ -228,7 +309,7 @@ def run_benchmark(args) -> dict:
         facts = theirs_facts if kind == "diffusers" else ours_facts
         if any("gradient_checkpointing=true" in e for e in extra):
             facts = net_facts(net, args, checkpointing=True)
-        elif "bf16" in name:
+        elif "bf16" in name or "16-mixed" in name:  # the activations bf16 autocast keeps (fp16: the same size)
             facts = net_facts(net, args, precision="bf16-mixed")
         row = {
             "variant": name,
@@ -238,6 +319,8 @@ def run_benchmark(args) -> dict:
             "gflops_per_image_fwd": round(facts["gflops_per_image_fwd"], 4),
             "activations_mib": round(facts["activations_mib"], 1),
         }
+        if peak:  # model FLOPs of forward + backward (3x forward), recomputation not counted
+            row["mfu_pct"] = round(100 * 3 * facts["gflops_per_image_fwd"] * 1e9 * speed / (peak * 1e12), 2)
         if runs and "peak_mib" in runs[0]:
             row["peak_mib"] = round(statistics.median(m["peak_mib"] for m in runs), 1)
         table.append(row)
@@ -247,8 +330,10 @@ def run_benchmark(args) -> dict:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "environment": environment(),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "peak_tflops": peak,
         "rows": table,
-        "summary": summarize(table),
+        "interleaved": interleaved,
+        "summary": summarize(table, interleaved),
     }
 
 
@@ -260,15 +345,26 @@ def score(table: list[dict]) -> None:
         r["vs_raw_loop"] = round(statistics.median(v / b for v, b in zip(r["spread"], raw)), 3)
 
 
-def summarize(table: list[dict]) -> dict:
+def summarize(table: list[dict], interleaved: list[dict] | None = None) -> dict:
+    """Lightning overhead from the step-interleaved runs (median over repeats of the per-step paired
+    ratio; the separate-run figure is kept beside it) and our U-Net against diffusers'."""
     by = {r["variant"]: r for r in table}
-    theirs = by["diffusers UNet2DModel (raw loop)"]
-    ours_flops, theirs_flops = by["raw loop"]["gflops_per_image_fwd"], theirs["gflops_per_image_fwd"]
-    return {
-        "lightning_overhead_pct": round(100 * (1 - by["lightning"]["vs_raw_loop"]), 1),
-        "ours_vs_diffusers": round(1 / theirs["vs_raw_loop"], 3),
-        "ours_vs_diffusers_per_flop": round(ours_flops / (theirs["vs_raw_loop"] * theirs_flops), 3),
-    }
+    out = {}
+    if interleaved:
+        ratios = [r["lightning_vs_raw"] for r in interleaved]
+        out["lightning_overhead_pct"] = round(100 * (1 - statistics.median(ratios)), 1)
+        out["lightning_overhead_pct_range"] = [round(100 * (1 - max(ratios)), 1), round(100 * (1 - min(ratios)), 1)]
+    out["lightning_overhead_pct_separate_runs"] = round(100 * (1 - by["lightning"]["vs_raw_loop"]), 1)
+    theirs = by.get("diffusers UNet2DModel (raw loop)")
+    if theirs:
+        ours_flops, theirs_flops = by["raw loop"]["gflops_per_image_fwd"], theirs["gflops_per_image_fwd"]
+        out["ours_vs_diffusers"] = round(1 / theirs["vs_raw_loop"], 3)
+        out["ours_vs_diffusers_per_flop"] = round(ours_flops / (theirs["vs_raw_loop"] * theirs_flops), 3)
+    mfu = {r["variant"]: r["mfu_pct"] for r in table if "mfu_pct" in r and r["variant"].startswith("lightning")}
+    if mfu:
+        out["best_lightning_mfu_pct"] = max(mfu.values())
+        out["best_lightning_mfu_variant"] = max(mfu, key=mfu.get)
+    return out
 
 
 def print_report(report: dict) -> None:
@@ -276,25 +372,44 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     s = report["settings"]
-    table = Table(title=f"training throughput: U-Net b={s['base_channels']}, {s['resolution']}x{s['resolution']}, "
-                        f"batch {s['batch']}, {report['environment']['device']}, {report['environment']['threads']} threads")
-    for col in ("variant", "images/s", "vs raw loop", "runs", "params (M)", "GFLOP/img fwd", "activations MiB", "peak MiB"):
+    model = f"DiT-{s['dit_size']}/{s['patch_size']}" if s.get("model") == "dit" else f"U-Net b={s['base_channels']}"
+    peak = report.get("peak_tflops")
+    table = Table(title=f"training throughput: {model}, {s['resolution']}x{s['resolution']}, batch {s['batch']}, "
+                        f"{report['environment']['device']}, {report['environment']['threads']} threads")
+    columns = ["variant", "images/s", "vs raw loop", "runs", "params (M)", "GFLOP/img fwd", "activations MiB", "peak MiB"]
+    for col in columns + ([f"MFU % of {peak:g} TFLOP/s"] if peak else []):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in report["rows"]:
-        table.add_row(r["variant"], f"{r['images_per_s']:.1f}", f"{r['vs_raw_loop']:.3f}", " ".join(f"{v:.0f}" for v in r["spread"]),
-                      f"{r['params_m']:.3f}", f"{r['gflops_per_image_fwd']:.3f}", f"{r['activations_mib']:.1f}", str(r.get("peak_mib", "-")))
+        cells = [r["variant"], f"{r['images_per_s']:.1f}", f"{r['vs_raw_loop']:.3f}", " ".join(f"{v:.0f}" for v in r["spread"]),
+                 f"{r['params_m']:.3f}", f"{r['gflops_per_image_fwd']:.3f}", f"{r['activations_mib']:.1f}", str(r.get("peak_mib", "-"))]
+        table.add_row(*cells, *([f"{r['mfu_pct']:.1f}"] if peak else []))
     console = Console(width=150)
     console.print(table)
     sm = report["summary"]
-    console.print(f"Lightning overhead vs the raw loop: {sm['lightning_overhead_pct']:.1f}% (goal <= 5%)")
-    console.print(f"our U-Net vs diffusers UNet2DModel, same loop: {sm['ours_vs_diffusers']:.3f}x images/s, "
-                  f"{sm['ours_vs_diffusers_per_flop']:.3f}x per FLOP (goal >= 1)")
+    if "lightning_overhead_pct" in sm:
+        lo, hi = sm["lightning_overhead_pct_range"]
+        console.print(f"Lightning overhead vs the raw loop, steps interleaved: {sm['lightning_overhead_pct']:.1f}% "
+                      f"(repeats {lo:.1f}..{hi:.1f}%; goal <= 5%)")
+    console.print(f"Lightning overhead vs the raw loop, separate runs: {sm['lightning_overhead_pct_separate_runs']:.1f}% "
+                  "(machine drift between runs included)")
+    if "ours_vs_diffusers" in sm:
+        console.print(f"our U-Net vs diffusers UNet2DModel, same loop: {sm['ours_vs_diffusers']:.3f}x images/s, "
+                      f"{sm['ours_vs_diffusers_per_flop']:.3f}x per FLOP (goal >= 1)")
+    if "best_lightning_mfu_pct" in sm:
+        console.print(f"best MFU, {sm['best_lightning_mfu_variant']}: {sm['best_lightning_mfu_pct']:.1f}% "
+                      f"of {peak:g} TFLOP/s (goal for DiT-B/2 on H100 bf16: >= 40%)")
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p, quick="8 steps, 1 repeat, no compile")
     p.add_argument("--steps", type=int, default=30, help="training steps per run")
+    p.add_argument("--model", choices=("unet", "dit"), default="unet", help="the network every row trains")
+    p.add_argument("--dit-size", choices=("tiny", "S", "B", "L", "XL"), default="B",
+                   help="DiT paper size (--model dit); tiny: the small CPU default of conf/model/dit.yaml")
+    p.add_argument("--patch-size", type=int, default=2, help="DiT patch size (--model dit)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU; default: the bf16 dense peak of a known GPU (H100, H200, A100), else no MFU")
     p.add_argument("--repeats", type=int, default=3, help="runs per variant (median; 5 for tighter numbers)")
     p.add_argument("--json", default="bench_train.json")
     p.add_argument("--rescore", default=None, help="a bench_train.json: recompute its ratios and summary, print; no training")
@@ -302,7 +417,7 @@ def main(argv=None) -> dict:
     if args.rescore:
         report = json.loads(Path(args.rescore).read_text())
         score(report["rows"])
-        report["summary"] = summarize(report["rows"])
+        report["summary"] = summarize(report["rows"], report.get("interleaved"))
         print_report(report)
         write_json(report, args.json)
         return report

@@ -45,16 +45,28 @@ def environment() -> dict:
     return out
 
 
+# Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets (no sparsity), matched by name in
+# this order, for MFU. Other devices: pass --peak-tflops.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
+
+
 def write_json(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 
 
 def count_flops(fn) -> float:
-    """Floating-point operations of one call of fn (multiply-add = 2), by torch's flop counter."""
+    """Floating-point operations of one call of fn (multiply-add = 2), by torch's flop counter.
+    Attention runs on the math backend while counting: the counter has no formula for the fused CPU
+    kernel and would leave the attention matmuls out (DiT-B/2: 21.8 instead of the paper's 23.0 GMAC)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         fn()
     return float(counter.get_total_flops())
 

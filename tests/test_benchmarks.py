@@ -37,8 +37,54 @@ def test_bench_train_rows_and_memory_facts(tmp_path):
     assert math.isclose(rows["diffusers UNet2DModel (raw loop)"]["params_m"], rows["raw loop"]["params_m"], rel_tol=0.1)
     # the summary is the paired ratio of the rows, as written to the JSON
     assert rows["raw loop"]["vs_raw_loop"] == 1.0
-    summary = json.loads((tmp_path / "t.json").read_text())["summary"]
-    assert summary["lightning_overhead_pct"] == round(100 * (1 - rows["lightning"]["vs_raw_loop"]), 1)
+    written = json.loads((tmp_path / "t.json").read_text())
+    summary, interleaved = written["summary"], written["interleaved"]
+    assert summary["lightning_overhead_pct_separate_runs"] == round(100 * (1 - rows["lightning"]["vs_raw_loop"]), 1)
+    assert len(interleaved) == 1 and interleaved[0]["lightning_images_per_s"] > 0 and interleaved[0]["raw_images_per_s"] > 0
+    assert summary["lightning_overhead_pct"] == round(100 * (1 - interleaved[0]["lightning_vs_raw"]), 1)
+
+
+def test_interleaved_timing_gives_each_side_its_own_time():
+    """Step-interleaved timing: a Lightning interval runs from the end of one raw step to the next
+    batch end, so a 30 ms framework step and a 10 ms raw step come out as 30 and 10 ms."""
+    import time
+
+    bench = _script("bench_train")
+    timer = bench.InterleavedRawSteps(lambda: time.sleep(0.010), torch.device("cpu"))
+    for _ in range(6):
+        time.sleep(0.030)  # the Lightning iteration
+        timer.on_train_batch_end(None, None, None, None, 0)
+    assert len(timer.lightning) == 5 and len(timer.raw) == 6
+    assert all(0.029 < t < 0.045 for t in timer.lightning), timer.lightning
+    assert all(0.009 < t < 0.025 for t in timer.raw), timer.raw
+
+
+@pytest.mark.parametrize("size,paper_gflops", [("S", 6.06), ("B", 23.01), ("XL", 118.64)])
+def test_flop_count_matches_the_dit_paper(size, paper_gflops):
+    """The FLOPs behind MFU: DiT-{S,B,XL}/2 at 256x256 (32x32x4 latents), class-conditional, against
+    Table 4 of Peebles & Xie (2023), whose Gflops are multiply-adds (attention included)."""
+    sys.path.insert(0, str(SCRIPTS))
+    from benchlib import count_flops
+
+    from diffctl.networks import DiT
+
+    net = DiT(in_channels=4, resolution=32, patch_size=2, size=size, num_classes=1000, out_channels=8).eval()
+    x, t, y = torch.randn(1, 4, 32, 32), torch.rand(1), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        macs = count_flops(lambda: net(x, t, y)) / 2
+    assert macs / 1e9 == pytest.approx(paper_gflops, rel=2e-3)
+
+
+def test_bench_train_dit_reports_mfu(tmp_path):
+    peak = 0.5  # TFLOP/s given by hand: CPUs have no entry in the peak table
+    report = _script("bench_train").main([*TOY, "--batch", "4", "--model", "dit", "--dit-size", "tiny",
+                                          "--peak-tflops", str(peak), "--json", str(tmp_path / "d.json")])
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert "diffusers UNet2DModel (raw loop)" not in rows and "ours_vs_diffusers" not in report["summary"]
+    for r in rows.values():  # model FLOPs of forward and backward (3x forward) per second, over the peak
+        assert r["mfu_pct"] == pytest.approx(100 * 3 * r["gflops_per_image_fwd"] * 1e9 * r["images_per_s"] / (peak * 1e12), abs=0.01)
+    best = max((r for r in rows.values() if r["variant"].startswith("lightning")), key=lambda r: r["mfu_pct"])
+    assert report["summary"]["best_lightning_mfu_pct"] == best["mfu_pct"]
 
 
 def test_bench_sample_compares_at_equal_nfe(tmp_path):

@@ -282,6 +282,29 @@ def test_random_flip_only_when_asked(class_folder):
     assert seen == {True, False}
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_in_memory_images_resized_up_front_match_per_item_pil(monkeypatch, channels):
+    """Presizing and whole-batch fetches are a speed-up only: the same pixels, batches and labels as
+    the per-item PIL path (taken when the resized set would not fit under the memory limit)."""
+    from torch.utils.data import DataLoader
+
+    from diffctl.data import ArrayImageDataset
+
+    rgb = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 11, 7, 3), dtype=np.uint8))
+    for images in (rgb, rgb[..., 0]):  # RGB and grayscale sources, resized (and converted) to 5x5
+        fast = build_dataset("digits", resolution=5, channels=channels)
+        fast = ArrayImageDataset(images, torch.arange(40), fast.transform)
+        monkeypatch.setattr(ArrayImageDataset, "PRESIZE_LIMIT_BYTES", 0)
+        slow = ArrayImageDataset(images, torch.arange(40), fast.transform)
+        monkeypatch.undo()
+        assert fast._chw is not None and slow._chw is None
+        for i in (0, 17, 39):
+            assert fast[i][0].shape == (channels, 5, 5) and torch.equal(fast[i][0], slow[i][0]) and fast[i][1] == i
+        batches = [list(DataLoader(ds, batch_size=8, shuffle=False)) for ds in (fast, slow)]
+        for (xf, yf), (xs, ys) in zip(*batches):
+            assert torch.equal(xf, xs) and torch.equal(yf, ys) and yf.dtype == torch.long
+
+
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         DiffusionDataModule(name="imagefolder", root=str(tmp_path / "missing"), resolution=8)

@@ -69,10 +69,10 @@ def test_ema_weights_differ_from_raw_and_roundtrip(tmp_path):
 
 
 def test_ema_is_the_exponential_average_of_raw_weights(tmp_path):
-    """With decay d and no warmup, after one optimizer step ema = d*init + (1-d)*raw."""
-    run_train(tmp_path, [*tiny_overrides("unet"), "trainer.max_steps=1", "ema.decay=0.75", "ema.warmup=false"])
-    state = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
-    raw, ema = subtree(state, "denoiser."), subtree(state, "ema.")
+    """With decay d and no warmup, after optimizer steps 1..n: ema_n = d*ema_(n-1) + (1-d)*raw_n, ema_0 = init."""
+    run_train(tmp_path, [*tiny_overrides("unet"), "trainer.max_steps=3", "checkpoint.every_n_steps=1",
+                         "ema.decay=0.75", "ema.warmup=false"])
+    states = [load_ckpt(tmp_path / "checkpoints" / f"step_{n:07d}.ckpt")["state_dict"] for n in (1, 2, 3)]
     # Rebuild the initial weights: same seed, same config, no training.
     from diffctl.build import build_denoiser, build_objective, build_sde
     from diffctl.checkpoint import checkpoint_config
@@ -82,10 +82,12 @@ def test_ema_is_the_exponential_average_of_raw_weights(tmp_path):
     cfg = OmegaConf.create(checkpoint_config(load_ckpt(tmp_path / "checkpoints" / "last.ckpt")))
     L.seed_everything(cfg.seed, verbose=False)
     sde = build_sde(cfg)
-    init = build_denoiser(cfg, sde, build_objective(cfg, sde), cfg.data_shape).state_dict()
-    for k in raw:
-        if raw[k].is_floating_point():
-            torch.testing.assert_close(ema[k], 0.75 * init[k] + 0.25 * raw[k], rtol=1e-5, atol=1e-6)
+    expected = build_denoiser(cfg, sde, build_objective(cfg, sde), cfg.data_shape).state_dict()
+    for state in states:  # the average keeps following the live weights at every step
+        raw, ema = subtree(state, "denoiser."), subtree(state, "ema.")
+        expected = {k: 0.75 * expected[k] + 0.25 * raw[k] if raw[k].is_floating_point() else raw[k] for k in raw}
+        for k in raw:
+            torch.testing.assert_close(ema[k], expected[k], rtol=1e-5, atol=1e-6)
 
 
 # --- exact resume -------------------------------------------------------------------------
