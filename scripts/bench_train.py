@@ -2,11 +2,13 @@
 """Training throughput: diffctl's Lightning path against a hand-written PyTorch loop (the floor) and
 against diffusers' UNet2DModel of matched size in the same loop, plus each speed switch on/off.
 
-    python scripts/bench_train.py                      # about 8 minutes on 2 CPU cores (--repeats 5: 12)
+    python scripts/bench_train.py                      # about 9 minutes on 2 CPU cores (--repeats 5: 15)
     python scripts/bench_train.py --quick              # fewer steps/repeats, no compile: a smoke run
     python scripts/bench_train.py --resolution 32 --batch 64 --base-channels 64 --steps 40
+    python scripts/bench_train.py --model dit --dit-size B --resolution 32 --batch 256 --steps 50   # GPU: DiT-B/2 MFU
 
-Every row trains the same U-Net (diffctl's, built from the same config) on the same batches:
+Every row trains the same network (diffctl's U-Net, or with --model dit a DiT, built from the same
+config) on the same batches:
 - `lightning ...`: `diffctl.train.train` exactly as `diffctl train` runs it (csv logger, EMA, grad
   clipping at 1.0, warm-up LR schedule, atomic checkpoint at the end), in this process;
 - `raw loop`: the same maths written out by hand: t ~ U(eps, 1), VP noising, input scaling, eps-MSE,
@@ -14,10 +16,15 @@ Every row trains the same U-Net (diffctl's, built from the same config) on the s
   Adam kernels `diffctl train` uses by default (channels_last=auto, optim.foreach=null). Nothing else.
 - `diffusers UNet2DModel`: diffusers' U-Net with the same widths, depth, attention level and heads in
   the same raw loop, same layout (its parameter count and FLOPs are printed next to ours).
-- `lightning <switch>=<value>`: one switch flipped from its default.
+- `lightning <switch>=<value>`: one switch flipped from its default (16-mixed and compiled bf16: GPU only).
 Throughput is images/s from the median step time after the first tenth of the steps (compilation and
 allocator warm-up excluded), the median over --repeats runs, the variants interleaved within each
-repeat so drifts in machine load hit them alike. `overhead` is 1 - lightning / raw loop.
+repeat so drifts in machine load hit them alike.
+Lightning overhead (1 - lightning / raw loop) comes from a run in which a raw-loop step follows every
+Lightning step (`InterleavedRawSteps`): both sides see the same machine within a fraction of a second,
+whereas separate runs drift apart by up to 30% here. The separate-run ratio is printed beside it.
+MFU: model FLOPs (forward by torch's flop counter, backward as 2x forward) per second over the bf16
+dense peak of a known GPU or --peak-tflops.
 Memory: on CUDA the peak allocated during the run; everywhere, the activations autograd keeps for
 backward in one forward at this batch (what gradient checkpointing trades for recomputation).
 """
