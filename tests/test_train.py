@@ -43,6 +43,23 @@ def test_tiny_run_loss_goes_down(tmp_path):
     assert last < 0.6 * first, (first, last)
 
 
+def test_loss_reaches_loggers_and_summary_though_not_logged_every_step(tmp_path):
+    """The loss is logged only on steps something reads it (self.log costs ~1 ms): the logger's rows
+    and the final loss are those of a run that logs every step."""
+    base = [*tiny_overrides("unet"), "logger=csv", "trainer.max_steps=10", "trainer.deterministic=true"]
+    every = run_train(tmp_path / "every", [*base, "trainer.log_every_n_steps=1"])
+    sparse = run_train(tmp_path / "sparse", [*base, "trainer.log_every_n_steps=4"])
+
+    def rows(run_dir):
+        with open(run_dir / "csv" / "metrics.csv") as f:
+            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+    all_steps, logged = rows(tmp_path / "every"), rows(tmp_path / "sparse")
+    assert sorted(all_steps) == list(range(10)) and sorted(logged) == [3, 7]
+    assert all(logged[k] == pytest.approx(all_steps[k], rel=1e-6) for k in logged)
+    assert sparse["loss"] == pytest.approx(all_steps[9], rel=1e-6) == every["loss"]
+
+
 def test_bf16_mixed_precision_trains(tmp_path):
     result = run_train(tmp_path, [*tiny_overrides("unet"), "trainer.precision=bf16-mixed"])
     assert math.isfinite(result["loss"])
