@@ -197,12 +197,12 @@ def ours_runs(mixture, z: torch.Tensor, seed: int, sigma_max: float) -> list[Run
     add("ddim", "spacing=trailing", True, runner(vp, ddim, eta=0.0, spacing="trailing"))
     add("ddim", "spacing=leading", False, runner(vp, ddim, eta=0.0, spacing="leading"))
     add("ddim", "spacing=uniform", False, runner(vp, ddim, eta=0.0, spacing="uniform"))
-    for solver in ("euler", "heun", "dpmpp_2m", "rk4"):
-        add(solver, "spacing=karras", True, runner(vp, ode, solver=solver, spacing="karras"))
+    for solver in ("euler", "heun", "dpmpp_2m", "rk4"):  # default: spacing=auto (logsnr for dpmpp_2m, else karras)
+        add(solver, "spacing=karras", solver != "dpmpp_2m", runner(vp, ode, solver=solver, spacing="karras"))
         if solver != "rk4":
             add(solver, "spacing=trailing", False, runner(vp, ode, solver=solver, spacing="trailing"))
             add(solver, "spacing=uniform", False, runner(vp, ode, solver=solver, spacing="uniform"))
-    add("dpmpp_2m", "spacing=logsnr", False, runner(vp, ode, solver="dpmpp_2m", spacing="logsnr"))
+    add("dpmpp_2m", "spacing=logsnr", True, runner(vp, ode, solver="dpmpp_2m", spacing="logsnr"))
     add("pc_ve", "reverse_diffusion+ald snr=0.16", True, runner(ve, pc, predictor="reverse_diffusion", corrector="ald", snr=0.16))
     add("pc_ve", "reverse_diffusion+langevin snr=0.15", False, runner(ve, pc, predictor="reverse_diffusion", corrector="langevin", snr=0.15))
     return R

@@ -159,11 +159,31 @@ def test_network_evaluations_per_sampler(spec, nfe):
     [({"name": "dpm"}, "unknown sampler 'dpm'"), ({"name": "ddim", "eta": 1.5}, "eta must be in [0, 1]"),
      ({"name": "ddpm", "eta": 0.5}, "sampler=ddpm has no option eta"), ({"name": "ode", "solver": "rk45"}, "solver must be one of"),
      ({"name": "pc", "predictor": "langevin"}, "predictor must be one of"), ({"name": "pc", "snr": 0}, "snr must be > 0"),
-     ({"name": "ddim", "spacing": "linear"}, "spacing must be one of"), ({"name": "pc", "corrector_steps": -1}, "corrector_steps")],
+     ({"name": "ddim", "spacing": "linear"}, "spacing must be one of"), ({"name": "pc", "corrector_steps": -1}, "corrector_steps"),
+     ({"name": "ddim", "spacing": "auto"}, "spacing must be one of")],  # auto is the ODE solvers' own choice only
 )
 def test_bad_sampler_options_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         check_sampler(spec)
+
+
+def test_ode_default_is_dpmpp_2m_on_logsnr_levels_and_auto_spacing_follows_the_solver():
+    """`diffctl sample`'s default sampler (conf/sampler/ode.yaml: dpmpp_2m, spacing auto) and the
+    function's defaults agree; auto picks logsnr for dpmpp_2m and EDM's karras for the others."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "sampler" / "ode.yaml")
+    assert (conf.solver, conf.spacing) == ("dpmpp_2m", "auto")
+    sde = SDES["vp"]
+    x, _ = _start(sde, 4, 3)
+    run = lambda **kw: ode(ExactGaussian(sde), x, 6, **kw)  # noqa: E731
+    assert torch.equal(run(), run(solver="dpmpp_2m", spacing="logsnr"))
+    assert not torch.equal(run(), run(solver="dpmpp_2m", spacing="karras"))
+    for solver in ("euler", "heun", "rk4"):
+        assert torch.equal(run(solver=solver), run(solver=solver, spacing="karras"))
+    assert check_sampler({"name": "ode", "spacing": "auto"}) == ("ode", {"spacing": "auto"})
 
 
 class _ClassMeans(torch.nn.Module):

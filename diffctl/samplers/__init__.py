@@ -64,8 +64,9 @@ def check_sampler(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if unknown:
         raise ConfigError(f"sampler={name} has no option {', '.join(unknown)}; its options are: {', '.join(allowed) or 'none'}")
     for key, value in spec.items():
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"sampler.{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        choices = (*_CHOICES[key], "auto") if (name, key) == ("ode", "spacing") else _CHOICES.get(key)
+        if choices and value not in choices:
+            raise ConfigError(f"sampler.{key} must be one of {', '.join(choices)}, got {value!r}")
     if not 0.0 <= float(spec.get("eta", 0.0)) <= 1.0:
         raise ConfigError(f"sampler.eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM), got {spec['eta']}")
     for key in ("snr", "rtol", "atol"):

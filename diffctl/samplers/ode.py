@@ -86,12 +86,15 @@ def ode(
     steps: int,
     labels=None,
     generators=None,
-    solver: str = "heun",
-    spacing: str = "karras",
+    solver: str = "dpmpp_2m",
+    spacing: str = "auto",
     rtol: float = 1e-5,
     atol: float = 1e-5,
 ) -> Tensor:
     """Deterministic sampling: the only randomness is the starting noise x.
+
+    spacing="auto" is each solver's own choice: logsnr (uniform in log(alpha/sigma)) for dpmpp_2m,
+    as DPM-Solver does; karras (EDM, rho=7) for euler, heun and rk4, as EDM does.
 
     NFE: euler and dpmpp_2m 1 per level; heun 2 and rk4 4 per level except the last (1);
     adaptive: whatever dopri5 needs for rtol/atol from T to eps (steps and spacing are unused).
@@ -102,6 +105,8 @@ def ode(
     if solver == "adaptive":
         ends = levels_of(sde, torch.tensor([sde.T, sde.sample_eps], dtype=torch.float64))
         return _adaptive(denoiser, start(x, sde, ends[0]), ends, labels, rtol, atol)
+    if spacing == "auto":
+        spacing = "logsnr" if solver == "dpmpp_2m" else "karras"
     levels = levels_of(sde, noise_levels(sde, steps, spacing))
     y = start(x, denoiser.sde, levels[0])
     if solver == "dpmpp_2m":
