@@ -12,7 +12,7 @@ Then every (sampler, NFE) below is one `diffctl sample` (in this process) of --n
 same seed, scored by the offline EDM Inception detector (metrics.detector=edm) against the first
 --ref-limit training images (reference statistics cached once). Rows: ddpm (ancestral), ddim (eta 0),
 pc (reverse-diffusion predictor + ALD corrector, NFE = 2 steps), ode dpmpp_2m (logSNR spacing),
-ode heun (karras spacing: `diffctl sample`'s default sampler, NFE = 2 steps - 1), ode adaptive
+ode heun (karras spacing, EDM's sampler, NFE = 2 steps - 1), ode adaptive
 (dopri5, NFE what the tolerance takes), and 1000-step ancestral as the reference.
 FID from a few hundred images is biased upwards (and the bias shrinks with more images), so compare
 rows with each other at equal --num, not with published 50k-image numbers; KID is unbiased.
@@ -46,7 +46,7 @@ SAMPLERS = {
     "ddim": (["sampler=ddim"], lambda nfe: nfe),
     "pc": (["sampler=pc", "sampler.predictor=reverse_diffusion", "sampler.corrector=ald"], lambda nfe: nfe // 2),
     "ode dpmpp_2m": (["sampler=ode", "sampler.solver=dpmpp_2m", "sampler.spacing=logsnr"], lambda nfe: nfe),
-    "ode heun": (["sampler=ode", "sampler.solver=heun"], lambda nfe: (nfe + 1) // 2),  # `diffctl sample`'s default (karras)
+    "ode heun": (["sampler=ode", "sampler.solver=heun"], lambda nfe: (nfe + 1) // 2),  # EDM's sampler (spacing auto = karras)
 }
 
 
