@@ -265,7 +265,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.devices == 1:
         result = _run(None, plain_cfg, ckpt, str(out_dir), source)
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: join its processes
-        result = _run(_fabric(cfg.trainer), plain_cfg, ckpt, str(out_dir))
+        result = _run_in_process_group(plain_cfg, ckpt, str(out_dir))
     else:
         result = _spawn(cfg.trainer.devices, plain_cfg, ckpt, str(out_dir))
     if result is not None and "error" in result:  # a worker's one-line error, raised here in the parent
@@ -300,9 +300,20 @@ def _spawn(devices: int, cfg: dict, ckpt: str | None, out_dir: str) -> dict[str,
 def _worker(rank: int, world: int, port: int, cfg: dict, ckpt: str | None, out_dir: str, queue) -> None:
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "NODE_RANK": "0"}
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
-    result = _run(_fabric(cfg["trainer"]), cfg, ckpt, out_dir)
+    result = _run_in_process_group(cfg, ckpt, out_dir)
     if rank == 0:
         queue.put(result)
+
+
+def _run_in_process_group(cfg: dict, ckpt: str | None, out_dir: str) -> dict[str, Any] | None:
+    """This process's share, inside the process group, which it leaves before returning: gloo's
+    threads torn down at interpreter exit can abort a finished worker ("terminate called without an
+    active exception", seen in CI)."""
+    try:
+        return _run(_fabric(cfg["trainer"]), cfg, ckpt, out_dir)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _device(fabric, accelerator: str) -> torch.device:
