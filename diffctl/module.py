@@ -84,7 +84,7 @@ class DiffusionModule(L.LightningModule):
         self._skip_this_step = False
         self.skipped_steps = 0
         self.ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        self._ema_average: ParameterAverage | None = None  # built at the first optimizer step
+        self._ema_average: ParameterAverage | None = None  # built when training starts (on_train_start)
         self._target_average: ParameterAverage | None = None
         # Consistency models regress onto an EMA "target" copy with its own decay schedule.
         self.target = copy.deepcopy(denoiser).requires_grad_(False) if objective.needs_target else None
@@ -183,16 +183,14 @@ class DiffusionModule(L.LightningModule):
         if self._skip_this_step:  # nan_policy=skip: weights unchanged, so the averages stay as they are
             return
         step = self.global_step  # optimizer steps taken before this one
-        if self._ema_average is None:
-            self._ema_average = ParameterAverage(self.ema, self.denoiser)
-            if self.target is not None:
-                self._target_average = ParameterAverage(self.target, self.denoiser)
         self._ema_average.update(ema_decay(step, self.ema_cfg["decay"], self.ema_cfg["warmup"]))
         if self._target_average is not None:
             self._target_average.update(self.objective.target_decay(step))
 
     def on_train_start(self) -> None:
-        self._ema_average = self._target_average = None  # gathered afresh after the strategy placed the module
+        # After the strategy placed the module on its device and a resumed run loaded its weights.
+        self._ema_average = ParameterAverage(self.ema, self.denoiser)
+        self._target_average = ParameterAverage(self.target, self.denoiser) if self.target is not None else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffctl"] = {"skipped_steps": int(self.skipped_steps)}
