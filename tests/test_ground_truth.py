@@ -315,3 +315,131 @@ def test_discrete_ddpm_ancestral_converges_to_continuous_vp_ddpm():
         gaps.append(float((_discrete_ddpm(n, N, seed=5, eta=1) - ours).norm(dim=1).median()))
     orders = [math.log2(a / b) for a, b in zip(gaps, gaps[1:])]
     assert all(abs(p - 1) < 0.5 for p in orders), (gaps, orders)
+
+
+# ------------------------------------------------------- 4. ancestral variance: small and large
+def _noise(gens) -> torch.Tensor:
+    return randn(gens, (D,), dtype=torch.float64)
+
+
+def _ddpm_algorithm_2(sde, x_T, gens, times: torch.Tensor, variance: str) -> torch.Tensor:
+    """DDPM's sampling loop (Ho et al. 2020, Alg. 2) in x, on the discrete chain of the visited levels:
+    index j = 0 is the lowest level, abar_j = alpha(t_j)^2, beta_j = 1 - abar_j / abar_{j-1} (abar_{-1} = 1),
+    x_{j-1} = (x_j - beta_j / sqrt(1 - abar_j) eps) / sqrt(1 - beta_j) + sigma_j z with sigma_j^2 = beta_j
+    ("fixed large") or beta~_j = (1 - abar_{j-1}) / (1 - abar_j) beta_j ("fixed small"), and no noise
+    at j = 0. eps = -sqrt(1 - abar_j) score, the autograd score of the mixture."""
+    up = times.flip(0).tolist()
+    abar = [float(sde.alpha(_t(t))) ** 2 for t in up]
+    x = x_T.clone()
+    for j in range(len(up) - 1, -1, -1):
+        prev = abar[j - 1] if j > 0 else 1.0
+        beta = 1 - abar[j] / prev
+        eps = -math.sqrt(1 - abar[j]) * _score(sde, x, up[j])
+        x = (x - beta / math.sqrt(1 - abar[j]) * eps) / math.sqrt(1 - beta)
+        if j > 0:
+            var = beta if variance == "large" else (1 - prev) / (1 - abar[j]) * beta
+            x = x + math.sqrt(var) * _noise(gens)
+    return x
+
+
+def _score_sde_ve_ancestral(sde, x_T, gens, times: torch.Tensor, variance: str) -> torch.Tensor:
+    """score_sde's AncestralSamplingPredictor for VE (sampling.py vesde_update_fn): from sigma_i to
+    sigma_{i-1}, x = x + (sigma_i^2 - sigma_{i-1}^2) score + std z with its std^2 =
+    sigma_{i-1}^2 (sigma_i^2 - sigma_{i-1}^2) / sigma_i^2 (variance=small), or the forward step's
+    sigma_i^2 - sigma_{i-1}^2 (variance=large); then Tweedie's x0 at the last level."""
+    x = x_T.clone()
+    for t, s in zip(times.tolist(), times[1:].tolist()):
+        hi, lo = float(sde.sigma(_t(t))) ** 2, float(sde.sigma(_t(s))) ** 2
+        x = x + (hi - lo) * _score(sde, x, t)
+        x = x + math.sqrt(lo * (hi - lo) / hi if variance == "small" else hi - lo) * _noise(gens)
+    return _tweedie_x0(sde, x, float(times[-1]))
+
+
+def _forward_kernel_ancestral(sde, x_T, gens, times: torch.Tensor) -> torch.Tensor:
+    """variance=large for any SDE, in x: the posterior mean of q(x_s | x_t, x0 = E[x0 | x_t]) for the
+    kernel x_t | x_s ~ N(a x_s, v), a = alpha_t/alpha_s, v = sigma_t^2 - a^2 sigma_s^2, which is
+    (a sigma_s^2 x_t + alpha_s v x0) / sigma_t^2, plus noise of the kernel's variance v."""
+    x = x_T.clone()
+    alpha, sigma = (lambda t: float(sde.alpha(_t(t)))), (lambda t: float(sde.sigma(_t(t))))
+    for t, s in zip(times.tolist(), times[1:].tolist()):
+        a = alpha(t) / alpha(s)
+        v = sigma(t) ** 2 - a * a * sigma(s) ** 2
+        x = (a * sigma(s) ** 2 * x + alpha(s) * v * _tweedie_x0(sde, x, t)) / sigma(t) ** 2 + math.sqrt(v) * _noise(gens)
+    return _tweedie_x0(sde, x, float(times[-1]))
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+@pytest.mark.parametrize("spacing", ["trailing", "quadratic"])
+def test_ddpm_variances_are_ddpm_algorithm_2(variance, spacing):
+    """ddpm and pc's ancestral predictor (no corrector) on VP equal DDPM's own loop, written above in
+    x from the paper's formulas with the betas of the visited levels, given the same noise; the
+    other variance does not (the noise matters)."""
+    sde, n, steps = SDES["vp"], 8, 12
+    times = noise_levels(sde, steps, spacing)
+    x_T, gens = _start(sde, n, seed=4)
+    expected = _ddpm_algorithm_2(sde, x_T, gens, times, variance)
+    den = MixtureDenoiser(MIXTURE, sde)
+    for sampler, options in ((ddpm, {}), (pc, {"predictor": "ancestral", "corrector": "none"})):
+        x, gens = _start(sde, n, seed=4)
+        out = sampler(den, x, steps, generators=gens, spacing=spacing, variance=variance, **options)
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"{sampler.__name__}: {m}")
+    x, gens = _start(sde, n, seed=4)
+    other = ddpm(den, x, steps, generators=gens, spacing=spacing, variance="large" if variance == "small" else "small")
+    assert _rms(other, expected) > 1e-3
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ve_ancestral_variances_are_score_sde_and_the_forward_step(variance):
+    sde, n, steps = SDES["ve"], 8, 15
+    times = noise_levels(sde, steps, "uniform")
+    x_T, gens = _start(sde, n, seed=6)
+    expected = _score_sde_ve_ancestral(sde, x_T, gens, times, variance)
+    den = MixtureDenoiser(MIXTURE, sde)
+    for sampler, options in ((ddpm, {}), (pc, {"predictor": "ancestral", "corrector": "none"})):
+        x, gens = _start(sde, n, seed=6)
+        out = sampler(den, x, steps, generators=gens, spacing="uniform", variance=variance, **options)
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"{sampler.__name__}: {m}")
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_large_variance_is_the_forward_kernel_variance(sde_name):
+    sde, n, steps = SDES[sde_name], 8, 15
+    times = noise_levels(sde, steps, "uniform")
+    x_T, gens = _start(sde, n, seed=7)
+    expected = _forward_kernel_ancestral(sde, x_T, gens, times)
+    x, gens = _start(sde, n, seed=7)
+    out = ddpm(MixtureDenoiser(MIXTURE, sde), x, steps, generators=gens, spacing="uniform", variance="large")
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ddpm_variances_equal_diffusers_ddpm_scheduler(variance):
+    """Oracle: diffusers' DDPMScheduler with variance_type fixed_<variance>, every timestep of a chain
+    whose alphas_cumprod are our VP's at the trailing levels (its betas are float32, hence the
+    tolerance), fed the mixture's eps (from the autograd score) and our per-sample generators, which
+    diffusers draws from one row each, in our order: the same noise as ours."""
+    diffusers = pytest.importorskip("diffusers")
+    sde, n, steps = SDES["vp"], 8, 20
+    times = noise_levels(sde, steps, "trailing").flip(0)  # timestep j at times[j]
+    abar = sde.alpha(times) ** 2
+    betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    sched = diffusers.DDPMScheduler(num_train_timesteps=steps, trained_betas=betas.tolist(), variance_type=f"fixed_{variance}", clip_sample=False)
+    x, gens = _start(sde, n, seed=8)
+    for j in range(steps - 1, -1, -1):
+        eps = -float(sde.sigma(times[j])) * _score(sde, x, float(times[j]))
+        x = sched.step(eps, j, x, generator=gens).prev_sample
+    x_T, gens = _start(sde, n, seed=8)
+    ours = ddpm(MixtureDenoiser(MIXTURE, sde), x_T, steps, generators=gens, spacing="trailing", variance=variance)
+    torch.testing.assert_close(ours, x.double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_ddpm_large_variance_matches_the_mixture_mean_covariance_and_weights(sde_name):
+    """ddpm with variance=large reaches the mixture as well (it is a discretization of the same
+    reverse SDE: both variances agree to first order in the step), tested like the default samplers
+    above at 100 steps; Bonferroni over these 3 SDEs' statistics alone (1% family-wise)."""
+    n, z_crit = N_SAMPLES, float(norm.isf(0.01 / (2 * len(SDES) * len(STAT_NAMES))))
+    x = generate(MixtureDenoiser(MIXTURE, SDES[sde_name]), n, (D,), {"name": "ddpm", "variance": "large"}, 100, seed=1).double()
+    z = (_per_sample_stats(x).mean(0) - EXACT) / (_stat_std() / math.sqrt(n))
+    bad = {name: round(float(v), 2) for name, v in zip(STAT_NAMES, z) if abs(v) >= z_crit}
+    assert not bad, f"ddpm variance=large on {sde_name}, n={n}: |z| >= {z_crit:.2f} for {bad}; all z: {z.numpy().round(2)}"

@@ -4,6 +4,7 @@ the DDIM/DDPM identities are tested against the multi-modal Gaussian mixture in 
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,7 +50,7 @@ def _exact_ode_x0(sde, x_T):
     return M + C**2 / (C**2 + s_0**2) * (y - M)
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "trailing", "karras", "logsnr"])
+@pytest.mark.parametrize("spacing", ["uniform", "trailing", "karras", "logsnr"])
 @pytest.mark.parametrize("sde_name", list(SDES))
 def test_noise_levels_start_at_T_and_decrease(sde_name, spacing):
     sde = SDES[sde_name]
@@ -61,21 +62,62 @@ def test_noise_levels_start_at_T_and_decrease(sde_name, spacing):
         torch.testing.assert_close(s ** (1 / 7), torch.linspace(float(s[0]) ** (1 / 7), float(s[-1]) ** (1 / 7), 10, dtype=torch.float64))
     if spacing == "logsnr":
         torch.testing.assert_close(s.log(), torch.linspace(math.log(s[0]), math.log(s[-1]), 10, dtype=torch.float64))
-    if spacing == "quadratic":
-        torch.testing.assert_close((t - sde.sample_eps).sqrt(), torch.linspace(math.sqrt(sde.T - sde.sample_eps), 0, 10, dtype=torch.float64))
+    if spacing == "uniform":
+        torch.testing.assert_close(t, torch.linspace(sde.T, sde.sample_eps, 10, dtype=torch.float64))
     assert noise_levels(sde, 1, spacing).tolist() == [sde.T]
+
+
+def _ddim_timesteps(skip_type, num_steps, num_timesteps=1000):
+    """DDIM's timestep sequences as its runners/diffusion.py `sample_image` builds them (ermongroup/ddim),
+    written out here: "uniform" is range(0, T, T // S), "quad" is int() of linspace(0, sqrt(0.8 T), S)^2."""
+    if skip_type == "uniform":
+        return list(range(0, num_timesteps, num_timesteps // num_steps))
+    return [int(v) for v in np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 16, 20, 25, 50, 51, 100, 101, 200, 1000])
+def test_leading_and_quadratic_are_ddim_uniform_and_quad_grids(steps):
+    """At t_end = 1e-3 (VP's sample_eps) DDPM timestep i is t = (i + 1)/1000 (DDPM's own time, see
+    sde.ddpm_betas): `leading` is then DDIM's skip_type=uniform and `quadratic` its skip_type=quad
+    (each distinct timestep once: DDIM's repeats are steps that do not move), largest first. At 16, 51
+    and 101 steps DDIM's float arithmetic puts some timesteps one below the exact floor(0.8 T k^2 / (S-1)^2)
+    (31 for 32 at 16 steps): the grid is DDIM's code's, which its experiments ran."""
+    sde = SDES["vp"]
+    pairs = (("leading", "uniform"), ("quadratic", "quad")) if 1000 % steps == 0 else (("quadratic", "quad"),)
+    for ours, theirs in pairs:  # leading at other steps: the next test
+        expected = (torch.tensor(sorted(set(_ddim_timesteps(theirs, steps)), reverse=True), dtype=torch.float64) + 1) / 1000
+        torch.testing.assert_close(noise_levels(sde, steps, ours), expected, rtol=0, atol=1e-12)
+    assert float(noise_levels(sde, steps, "quadratic")[0]) == pytest.approx(1e-3 + 0.8 * (steps > 1), abs=1e-3)
+
+
+def test_leading_steps_that_do_not_divide_1000_follow_diffusers():
+    """Where steps does not divide 1000, DDIM's range(0, 1000, 1000 // steps) has more than `steps`
+    timesteps (31 for 30); `leading` keeps `steps` of them, diffusers' timestep_spacing="leading"."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(timestep_spacing="leading")
+    sde = SDES["ve"]  # any t_end: timestep i lies at t_end + (T - t_end) i / 999
+    for steps in (3, 7, 30, 333):
+        sched.set_timesteps(steps)
+        expected = sde.sample_eps + (sde.T - sde.sample_eps) * sched.timesteps.double() / 999
+        torch.testing.assert_close(noise_levels(sde, steps, "leading"), expected, rtol=0, atol=1e-12)
+        assert len(_ddim_timesteps("uniform", steps)) >= steps
+    assert len(_ddim_timesteps("uniform", 30)) == 31
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))
 def test_leading_spacing_is_ddim_original_grid(sde_name):
-    """DDIM's timesteps 0, c, 2c, ..., (N-1)c of 1000 at t = (k+1)/1000 when t_end = 1e-3: it starts
-    one interval below T and ends at t_end."""
+    """DDIM's timesteps 0, c, 2c, ..., (N-1)c of 1000 at t = (k+1)/1000 when t_end = 1e-3; for another
+    t_end the 1000 timesteps lie evenly on [t_end, T]: the grid starts one interval below T, ends at t_end."""
     sde = SDES[sde_name]
     t = noise_levels(sde, 10, "leading", t_end=1e-3)
     torch.testing.assert_close(t, (torch.arange(900, -1, -100, dtype=torch.float64) + 1) / 1000)
+    t = noise_levels(sde, 10, "leading", t_end=0.1)
+    torch.testing.assert_close(t, 0.1 + 0.9 * torch.arange(900, -1, -100, dtype=torch.float64) / 999)
     assert float(noise_levels(sde, 10, "leading")[-1]) == sde.sample_eps
-    with pytest.raises(ConfigError, match="allows at most 1000 steps"):  # the grid would pass T
-        noise_levels(sde, 1001, "leading", t_end=1e-3)
+    assert float(noise_levels(sde, 1000, "leading")[0]) == sde.T
+    for spacing in ("leading", "quadratic"):  # timesteps of DDPM's 1000-step chain
+        with pytest.raises(ConfigError, match="allows at most 1000 steps"):
+            noise_levels(sde, 1001, spacing, t_end=1e-3)
 
 
 @pytest.mark.parametrize("sde_name", list(SDES))
@@ -89,8 +131,10 @@ def test_adaptive_solver_meets_its_tolerance(sde_name):
 
 
 STOCHASTIC = [
-    ({"name": "ddpm", "spacing": "quadratic"}, 200, 16),
-    ({"name": "ddim", "eta": 0.5, "spacing": "quadratic"}, 200, 16),
+    ({"name": "ddpm", "spacing": "leading"}, 200, 16),
+    ({"name": "ddpm", "variance": "large"}, 200, 16),
+    ({"name": "ddim", "eta": 0.5, "spacing": "uniform"}, 200, 16),
+    ({"name": "pc", "predictor": "ancestral", "corrector": "none", "variance": "large"}, 200, 16),
     ({"name": "pc", "predictor": "reverse_diffusion", "corrector": "none"}, 500, 16),
     ({"name": "pc", "predictor": "euler_maruyama", "corrector": "none"}, 500, 16),
     ({"name": "pc", "predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.05}, 200, 256),
@@ -112,24 +156,49 @@ def test_samplers_reach_the_data_distribution(sde_name, spec, steps, dim):
     assert abs(float(x.std()) - C) < 5 * C / math.sqrt(2 * count) + 0.02 * C
 
 
+def _ula_moments(mean0, var0, mu, v, steps, step_size):
+    """Mean and variance, per coordinate, of the unadjusted Langevin iteration x <- x + e score + sqrt(2e) z
+    on the Gaussian target N(mu, v) (score = -(x - mu)/v) after `steps` steps from N(mean0, var0):
+    x - mu <- r (x - mu) + sqrt(2e) z with r = 1 - e/v, so m <- r m and V <- r^2 V + 2e. Its fixed
+    point is V = v / (1 - e/(2v)), the ULA bias. step_size(Q) gives e from the current second
+    moment Q = V + m^2 about mu (score_sde's norm-ratio step depends on it)."""
+    m, var = mean0 - mu, var0
+    for _ in range(steps):
+        e = step_size(var + m * m)
+        r = 1 - e / v
+        m, var = r * m, r * r * var + 2 * e
+    return mu + m, var
+
+
 @pytest.mark.parametrize("sde_name", list(SDES))
-@pytest.mark.parametrize("corrector,snr,dim", [("ald", 0.3, 16), ("langevin", 0.3, 256)])
-def test_correctors_keep_the_marginal_of_their_level(sde_name, corrector, snr, dim):
-    """Langevin steps at a fixed level, started off target, settle at p_t = N(alpha M, alpha^2 C^2 + sigma^2);
-    for ALD's fixed step e the unadjusted Langevin stationary variance is exactly v / (1 - e / (2 v))."""
+@pytest.mark.parametrize("corrector,snr", [("ald", 0.3), ("langevin", 0.3)])
+def test_correctors_follow_the_unadjusted_langevin_moments(sde_name, corrector, snr):
+    """Langevin steps at a fixed level on p_t = N(alpha M, v), v = alpha^2 C^2 + sigma^2, started off
+    target at N(0, 2v): after k steps the mean and variance are the closed-form ULA moments
+    (_ula_moments), including the known bias of the stationary variance. ald's step is the fixed
+    e = 2 (snr sigma)^2; score_sde's langevin step is e = 2 (snr mean||z|| / mean||score||)^2, which in
+    D = 1024 dimensions is 2 snr^2 v^2 / Q to O(1/D) (both norms are chi-distributed), so its
+    stationary variance is v (1 + snr^2). 65536 coordinates: 5 standard errors of the variance are
+    2.8%, and a +10% variance bias (noise scaled by sqrt(1.1)) fails."""
     sde = SDES[sde_name]
     level = Level.from_ratio(sde, C)  # s = C: data and noise matter equally
-    v = level.alpha**2 * C**2 + level.sigma**2
-    model, n = ExactGaussian(sde), 8192 // dim
+    v, mu = level.alpha**2 * C**2 + level.sigma**2, level.alpha * M
+    model, n, dim, steps = ExactGaussian(sde), 64, 1024, 30
     generators = sample_generators(0, range(n))
     y = math.sqrt(2 * v) / level.alpha * randn(generators, (dim,), dtype=torch.float64)  # x off: mean 0, variance 2v
-    for _ in range(150):
+    for _ in range(steps):
         y = CORRECTORS[corrector](model, y, level, None, None, generators, snr)
     x = level.alpha * y
-    target_var = v / (1 - (snr * level.sigma) ** 2 / v) if corrector == "ald" else v
+    if corrector == "ald":
+        step_size = lambda q: 2 * (snr * level.sigma) ** 2  # noqa: E731
+    else:
+        step_size = lambda q: 2 * snr**2 * v * v / q  # noqa: E731
+    mean, var = _ula_moments(0.0, 2 * v, mu, v, steps, step_size)
     count = x.numel()
-    assert abs(float(x.mean()) - level.alpha * M) < 5 * math.sqrt(v / count)
-    assert abs(float(x.var()) / target_var - 1) < 5 * math.sqrt(2 / count) + (0 if corrector == "ald" else 0.05)
+    assert abs(float(x.mean()) - mean) < 5 * math.sqrt(var / count)
+    assert abs(float(x.var()) / var - 1) < 5 * math.sqrt(2 / count) + (0 if corrector == "ald" else 2e-3)
+    if corrector == "langevin":  # 30 steps reach the fixed point of the norm-ratio step
+        assert var == pytest.approx(v * (1 + snr**2), rel=1e-4)
 
 
 @pytest.mark.parametrize("spec", [{"name": "ddpm"}, {"name": "ddim", "eta": 0.3}, {"name": "pc", "corrector_steps": 2}, {"name": "ode", "solver": "dpmpp_2m"}])
@@ -160,7 +229,10 @@ def test_network_evaluations_per_sampler(spec, nfe):
      ({"name": "ddpm", "eta": 0.5}, "sampler=ddpm has no option eta"), ({"name": "ode", "solver": "rk45"}, "solver must be one of"),
      ({"name": "pc", "predictor": "langevin"}, "predictor must be one of"), ({"name": "pc", "snr": 0}, "snr must be > 0"),
      ({"name": "ddim", "spacing": "linear"}, "spacing must be one of"), ({"name": "pc", "corrector_steps": -1}, "corrector_steps"),
-     ({"name": "ddim", "spacing": "auto"}, "spacing must be one of")],  # auto is the ODE solvers' own choice only
+     ({"name": "ddim", "spacing": "auto"}, "spacing must be one of"),  # auto is the ODE solvers' own choice only
+     ({"name": "ddpm", "variance": "fixed_large"}, "sampler.variance must be one of small, large"),
+     ({"name": "pc", "variance": "large"}, "variance=large is the ancestral predictor's; add sampler.predictor=ancestral"),
+     ({"name": "ddim", "variance": "large"}, "sampler=ddim has no option variance")],
 )
 def test_bad_sampler_options_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -17,7 +17,7 @@ from torch import Tensor
 from diffctl.errors import ConfigError
 from diffctl.samplers.common import SPACINGS, Level, denoise, noise_levels, randn, randn_like, sample_generators, start
 from diffctl.samplers.ode import SOLVERS, ode
-from diffctl.samplers.stochastic import CORRECTORS, PREDICTORS, ddim, ddpm, pc
+from diffctl.samplers.stochastic import CORRECTORS, PREDICTORS, VARIANCES, ddim, ddpm, pc
 
 
 @torch.inference_mode()
@@ -44,7 +44,13 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 # Allowed values of the options that are not free numbers.
-_CHOICES = {"spacing": SPACINGS, "solver": SOLVERS, "predictor": tuple(PREDICTORS), "corrector": tuple(CORRECTORS)}
+_CHOICES = {
+    "spacing": SPACINGS,
+    "solver": SOLVERS,
+    "predictor": tuple(PREDICTORS),
+    "corrector": tuple(CORRECTORS),
+    "variance": VARIANCES,
+}
 
 
 def sampler_options(name: str) -> dict[str, Any]:
@@ -67,6 +73,8 @@ def check_sampler(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         choices = (*_CHOICES[key], "auto") if (name, key) == ("ode", "spacing") else _CHOICES.get(key)
         if choices and value not in choices:
             raise ConfigError(f"sampler.{key} must be one of {', '.join(choices)}, got {value!r}")
+    if name == "pc" and spec.get("variance", "small") != "small" and spec.get("predictor", "reverse_diffusion") != "ancestral":
+        raise ConfigError(f"sampler.variance={spec['variance']} is the ancestral predictor's; add sampler.predictor=ancestral")
     if not 0.0 <= float(spec.get("eta", 0.0)) <= 1.0:
         raise ConfigError(f"sampler.eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM), got {spec['eta']}")
     for key in ("snr", "rtol", "atol"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,16 +35,51 @@ def randn_like(x: Tensor, generators: list[torch.Generator]) -> Tensor:
     return randn(generators, x.shape[1:], x.dtype, x.device)
 
 
-def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0, t_end: float | None = None) -> Tensor:
-    """`steps` diffusion times t_0 = T > t_1 > ... > t_{steps-1} (float64) at which a sampler calls the
-    network, down to t_end (default sde.sample_eps). Every sampler ends with a step from the last
-    level to noise level 0, i.e. it returns the denoised x0 prediction there (no noise added at the end).
+# DDIM's two grids pick timesteps of DDPM's 1000-step training chain. Timestep i (0..999) is placed at
+# t = t_end + (T - t_end) i / 999: evenly from t_end (timestep 0) to T (timestep 999), which for VP's
+# sample_eps = 1e-3 is DDPM's own t = (i + 1)/1000 (see sde.ddpm_betas).
+DDPM_TIMESTEPS = 1000
 
-    uniform / quadratic: uniform in t or in sqrt(t - t_end) (DDIM's two schedules), from T to t_end.
-    trailing: T, T(N-1)/N, ..., T/N (Lin et al. 2024: start exactly at T, evenly spaced).
-    leading: t_end + T(N-1-i)/N, i = 0..N-1: DDIM's original schedule (timesteps 0, c, 2c, ... of
-      1000, diffusers' `leading`): it starts one interval below T, where the prior is still a good
-      stand-in for the marginal (see `start`), and ends at t_end.
+
+def _ddpm_timesteps(timesteps: Tensor, T: float, t_end: float) -> Tensor:
+    t = t_end + (T - t_end) * timesteps.to(torch.float64) / (DDPM_TIMESTEPS - 1)
+    return torch.where(timesteps == DDPM_TIMESTEPS - 1, T, t)  # exactly T despite rounding
+
+
+def _ddim_grid(steps: int, spacing: str, T: float, t_end: float) -> Tensor:
+    """DDIM's timesteps (Song et al. 2021, ermongroup/ddim runners/diffusion.py), largest first, as times.
+
+    leading: k * (1000 // steps), k = 0..steps-1 (DDIM's skip_type=uniform when steps divides 1000;
+      for other steps DDIM's range(0, 1000, 1000 // steps) has more than `steps` entries, and we keep
+      exactly `steps`, as diffusers' timestep_spacing="leading" does).
+    quadratic: int(linspace(0, sqrt(0.8 * 1000), steps)^2) (DDIM's skip_type=quad, its CIFAR-10 grid;
+      top timestep 800, t ~ 0.8). For steps >= 30 the int() rounding repeats small timesteps; DDIM's
+      sampler spends an evaluation on each repeat and does not move, we visit each timestep once.
+    """
+    if steps > DDPM_TIMESTEPS:
+        raise ConfigError(
+            f"spacing={spacing} picks timesteps of DDPM's {DDPM_TIMESTEPS}-step chain, so it allows at most "
+            f"{DDPM_TIMESTEPS} steps (got {steps}); use spacing=trailing or uniform"
+        )
+    if spacing == "leading":
+        timesteps = torch.arange(steps, dtype=torch.int64) * (DDPM_TIMESTEPS // steps)
+    else:  # numpy's float64 linspace and int() truncation, the arithmetic of DDIM's own code
+        grid = np.linspace(0.0, np.sqrt(0.8 * DDPM_TIMESTEPS), steps) ** 2
+        timesteps = torch.tensor(sorted({int(v) for v in grid}), dtype=torch.int64)
+    return _ddpm_timesteps(timesteps.flip(0), T, t_end)
+
+
+def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0, t_end: float | None = None) -> Tensor:
+    """Diffusion times t_0 > t_1 > ... (float64; `steps` of them, fewer for quadratic at steps >= 30) at which a
+    sampler calls the network. Every sampler ends with a step from the last level to noise level 0,
+    i.e. it returns the denoised x0 prediction there (no noise added at the end). t_end (default
+    sde.sample_eps) is the last level of every spacing except trailing.
+
+    uniform: uniform in t from T to t_end (ours; DDIM's "uniform" is `leading`).
+    trailing: T, T(N-1)/N, ..., T/N (Lin et al. 2024: start exactly at T, evenly spaced); it ends at
+      T/N, not at t_end (steps=1000 on VP is DDPM's own chain).
+    leading / quadratic: DDIM's two grids of DDPM timesteps (see `_ddim_grid`); both start below T,
+      where the prior is still a good stand-in for the marginal (see `start`), and end at t_end.
     karras: s = sigma/alpha spaced uniformly in s^(1/rho) from s(T) to s(t_end) (EDM, rho = 7).
     logsnr: uniform in log s, i.e. in log-SNR (DPM-Solver's choice).
     """
@@ -52,20 +88,13 @@ def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0, t_
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     T, eps = sde.T, (sde.sample_eps if t_end is None else t_end)
-    u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     if spacing == "trailing":
         return T * torch.arange(steps, 0, -1, dtype=torch.float64) / steps
-    if spacing == "leading":
-        if eps + T * (steps - 1) / steps > T:
-            raise ConfigError(
-                f"spacing=leading puts its levels T/steps apart from t={eps:g} up, so it allows at most "
-                f"{int(T / eps)} steps with this SDE (got {steps}); use spacing=trailing or uniform"
-            )
-        return eps + T * torch.arange(steps - 1, -1, -1, dtype=torch.float64) / steps
+    if spacing in ("leading", "quadratic"):
+        return _ddim_grid(steps, spacing, T, eps)
+    u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     if spacing == "uniform":
         t = T + (eps - T) * u
-    elif spacing == "quadratic":
-        t = eps + (T - eps) * (1.0 - u) ** 2
     else:
         s_max = float(sde.noise_ratio(torch.tensor(T, dtype=torch.float64)))
         s_min = float(sde.noise_ratio(torch.tensor(eps, dtype=torch.float64)))
@@ -99,7 +128,7 @@ def start(x: Tensor, sde, level: Level) -> Tensor:
     """y = x/alpha at the first level from a prior draw x ~ N(0, prior_std^2) made for time T.
 
     The prior stands for y_T ~ N(0, (prior_std/alpha_T)^2) = N(0, s_T^2 + v), where v is the data
-    variance it implicitly assumes (1 for VP, 0 for VE). A schedule that starts lower (leading)
+    variance it implicitly assumes (1 for VP, 0 for VE). A schedule that starts lower (leading, quadratic)
     gets the same prior at its level: y ~ N(0, s^2 + v); at T this is exactly x/alpha_T.
     """
     prior = sde.prior_std()

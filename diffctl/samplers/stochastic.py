@@ -6,6 +6,7 @@ common.py) and ends by returning the x0 prediction at the last level.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,14 +25,30 @@ def _posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, f
     return ratio * y + (1.0 - ratio) * x0, nxt.s * math.sqrt(1.0 - ratio)
 
 
+VARIANCES = ("small", "large")
+
+
+def _ancestral_step(y: Tensor, x0: Tensor, now: Level, nxt: Level, variance: str, generators) -> Tensor:
+    """One ancestral step from `now` to `nxt`: the posterior mean of q(y_s | y_t, x0) plus noise of
+    variance small = the posterior's (DDPM's beta-tilde, "fixed small") or large = the forward
+    transition's: x_t | x_s has variance v = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2 (DDPM's beta_t,
+    "fixed large", for VP; sigma_t^2 - sigma_s^2 for VE), which is (alpha_t/alpha_s)^2 (s_t^2 - s_s^2) in y."""
+    mean, std = _posterior(y, x0, now, nxt)
+    if variance == "large":
+        std = now.alpha / nxt.alpha * math.sqrt(now.s**2 - nxt.s**2)
+    return mean + std * randn_like(y, generators)
+
+
 @torch.inference_mode()
-def ddpm(denoiser, x: Tensor, steps: int, labels=None, generators=None, spacing: str = "trailing") -> Tensor:
-    """Ancestral sampling: draw x_s ~ q(x_s | x_t, x0 = predicted x0) level by level (Ho et al. 2020)."""
+def ddpm(denoiser, x: Tensor, steps: int, labels=None, generators=None, variance: str = "small", spacing: str = "trailing") -> Tensor:
+    """Ancestral sampling: draw x_s ~ q(x_s | x_t, x0 = predicted x0) level by level (Ho et al. 2020),
+    with the posterior's variance (variance=small) or the forward step's (variance=large)."""
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
     y = start(x, denoiser.sde, levels[0])
     for now, nxt in zip(levels, levels[1:]):
-        mean, std = _posterior(y, denoise(denoiser, y, now, labels).x0, now, nxt)
-        y = mean + std * randn_like(y, generators)
+        y = _ancestral_step(y, denoise(denoiser, y, now, labels).x0, now, nxt, variance, generators)
     return denoise(denoiser, y, levels[-1], labels).x0
 
 
@@ -82,9 +99,10 @@ def _reverse_diffusion(denoiser, y, now: Level, nxt: Level, labels, generators):
     return x / nxt.alpha
 
 
-def _ancestral(denoiser, y, now: Level, nxt: Level, labels, generators):
-    mean, std = _posterior(y, denoise(denoiser, y, now, labels).x0, now, nxt)
-    return mean + std * randn_like(y, generators)
+def _ancestral(denoiser, y, now: Level, nxt: Level, labels, generators, variance: str = "small"):
+    """`ddpm`'s step. score_sde's AncestralSamplingPredictor is variance=large for VP (beta_i) and
+    variance=small for VE (sigma_{i-1}^2 (sigma_i^2 - sigma_{i-1}^2) / sigma_i^2)."""
+    return _ancestral_step(y, denoise(denoiser, y, now, labels).x0, now, nxt, variance, generators)
 
 
 def _no_predictor(denoiser, y, now, nxt, labels, generators):
@@ -145,17 +163,23 @@ def pc(
     corrector: str = "ald",
     snr: float = 0.16,
     corrector_steps: int = 1,
+    variance: str = "small",
     spacing: str = "uniform",
 ) -> Tensor:
     """Predictor-corrector sampling (Song et al. 2021, Alg. 1): at each level run `corrector_steps`
     corrector steps, then one predictor step to the next level; the last level denoises to x0.
-    predictor=none with corrector=ald is NCSN's annealed Langevin dynamics."""
+    predictor=none with corrector=ald is NCSN's annealed Langevin dynamics; `variance` is the
+    ancestral predictor's (as in `ddpm`)."""
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
     if corrector not in CORRECTORS:
         raise ValueError(f"unknown corrector {corrector!r}; choose one of {', '.join(CORRECTORS)}")
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
     correct, predict = CORRECTORS[corrector], PREDICTORS[predictor]
+    if predictor == "ancestral":
+        predict = functools.partial(_ancestral, variance=variance)
     y = start(x, denoiser.sde, levels[0])
     for i, now in enumerate(levels):
         nxt = levels[i + 1] if i + 1 < len(levels) else None
