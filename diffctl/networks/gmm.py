@@ -175,24 +175,39 @@ class GaussianMixture:
         cfg = {k: v for k, v in dict(cfg).items() if k in CONFIG_KEYS}
         if cfg.get("file"):
             cfg.update(_read_mixture_file(cfg["file"]))
-        shape = [int(s) for s in cfg.get("shape") or [2]]
-        dim = math.prod(shape)
-        means = cfg.get("means")
+        means, covariances = cfg.get("means"), _plain(cfg.get("covariances"))
+        if means is not None:
+            means = torch.as_tensor(_plain(means), dtype=torch.float64)
+        shape = cfg.get("shape")
+        if shape is not None and (isinstance(shape, (str, int)) or not shape or not all(isinstance(s, int) and s > 0 for s in shape)):
+            raise ConfigError(f"model.shape must be a list of positive integers ([D] or [C, H, W]) or null (inferred), got {shape!r}")
+        shape = _inferred_shape(means, covariances) if shape is None else [int(s) for s in shape]
         if means is None:  # K random means ~ N(0, mean_scale^2 I), reproducible from `seed`
             K = cfg.get("num_components", 1)
             if not isinstance(K, int) or K < 1:
                 raise ConfigError(f"model.num_components must be a positive integer, got {K!r}")
             g = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
-            means = float(cfg.get("mean_scale", 1.0)) * torch.randn(K, dim, generator=g, dtype=torch.float64)
+            means = float(cfg.get("mean_scale", 1.0)) * torch.randn(K, math.prod(shape), generator=g, dtype=torch.float64)
         else:
-            means = torch.as_tensor(_plain(means), dtype=torch.float64)
             means = means.reshape(means.shape[0], -1) if means.ndim > 2 else means
-        covariances = _plain(cfg.get("covariances"))
         scales = None if covariances is not None else _plain(cfg.get("scales", 1.0))
         try:
             return cls(means, scales=scales, covariances=covariances, weights=_plain(cfg.get("weights")), shape=shape)
         except (ValueError, RuntimeError) as err:
             raise ConfigError(f"model=gmm: {err}") from None
+
+
+def _inferred_shape(means: Tensor | None, covariances) -> list[int] | None:
+    """The shape of one sample when model.shape is null: that of one mean (K x C x H x W means give
+    [C, H, W]; None lets the class take [D] of K x D means and report means of other ranks), else D
+    of K x D x D covariances, else [2] for random means (the default before shape was inferred)."""
+    if means is not None:
+        return [int(s) for s in means.shape[1:]] if means.ndim > 2 else None
+    try:
+        cov = torch.as_tensor(covariances if covariances is not None else [])
+    except (ValueError, TypeError, RuntimeError):  # ragged lists: the class reports them
+        return [2]
+    return [int(cov.shape[-1])] if cov.ndim == 3 else [2]  # other ranks: the class reports them
 
 
 def _plain(value):
