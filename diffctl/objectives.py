@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from diffctl.denoiser import Denoiser
-from diffctl.rng import BatchRandom
+from diffctl.rng import BatchRandom, same_global_draws
 from diffctl.sde import SDE, _bcast
 
 
@@ -73,15 +73,21 @@ class NCSNObjective(Objective):
         return (sigma * pred.score + noise).pow(2).flatten(1).mean(1).mean()
 
 
+TARGET_DECAY_RULES = ("paper", "code")
+
+
 class ConsistencyObjective(Objective):
     """Consistency training (CT) and distillation (CD), Song et al. 2023.
 
     Works in the VE variables y = x/alpha(t), s = sigma(t)/alpha(t), where every SDE here is VE, so
     the paper's recipe applies unchanged: Karras boundaries s_1 < ... < s_N (rho=7) between
     s(eps) and s(1); N(k) grows from `num_scales_start` to `num_scales_end` over training; the
-    target network is an EMA with decay mu(k) = exp(s0 log mu0 / N(k)). CT uses the unbiased
-    one-sample score estimate, so x_n shares the noise of x_{n+1}; CD takes one Heun step of the
-    teacher's probability-flow ODE from x_{n+1} (`teacher` set by the training module).
+    target network is an EMA with decay mu(k) = exp(s0 log mu0 / N(k)) (the paper's formula;
+    `target_decay_rule="code"`: openai/consistency_models' exp(s0 log mu0 / (N(k) - 1))). CT uses
+    the unbiased one-sample score estimate, so x_n shares the noise of x_{n+1}; CD takes one Heun
+    step of the teacher's probability-flow ODE from x_{n+1} (`teacher` set by the training module),
+    whose weights also initialize the student when `init_from_teacher` (done in diffctl.train).
+    The target network sees the dropout masks the online network drew (same global RNG state).
     """
 
     prediction = "consistency"
@@ -97,16 +103,24 @@ class ConsistencyObjective(Objective):
         metric: str = "l2",
         total_steps: int = 1,
         teacher: str | None = None,
+        init_from_teacher: bool = True,
+        target_decay_rule: str = "paper",
     ):
         super().__init__(sde)
         if not 2 <= num_scales_start <= num_scales_end:
             raise ValueError("objective.num_scales_start must be >= 2 and <= objective.num_scales_end")
         if metric not in ("l2", "l1", "pseudo_huber"):
             raise ValueError(f"objective.metric must be l2, l1 or pseudo_huber, got {metric!r}")
+        if target_decay_rule not in TARGET_DECAY_RULES:
+            raise ValueError(f"objective.target_decay_rule must be paper or code, got {target_decay_rule!r}")
+        if not isinstance(init_from_teacher, bool):
+            raise ValueError(f"objective.init_from_teacher must be true or false, got {init_from_teacher!r}")
         self.s0, self.s1 = int(num_scales_start), int(num_scales_end)
         self.mu0, self.rho, self.metric = float(target_decay_start), float(rho), metric
         self.total_steps = max(int(total_steps), 1)
         self.teacher_path = teacher
+        self.init_from_teacher = init_from_teacher
+        self.target_decay_rule = target_decay_rule
         self.teacher: Denoiser | None = None  # loaded by the training module when teacher_path is set
 
     def num_scales(self, step: int) -> int:
@@ -116,7 +130,9 @@ class ConsistencyObjective(Objective):
         return max(n, 2)
 
     def target_decay(self, step: int) -> float:
-        return math.exp(self.s0 * math.log(self.mu0) / self.num_scales(step))
+        """mu(k): the paper divides s0 log mu0 by N(k), the reference code by N(k) - 1."""
+        n = self.num_scales(step) - (1 if self.target_decay_rule == "code" else 0)
+        return math.exp(self.s0 * math.log(self.mu0) / n)
 
     def boundaries(self, n: int, device=None) -> Tensor:
         """N Karras noise ratios from s(eps) to s(1), increasing, float64."""
@@ -167,7 +183,10 @@ class ConsistencyObjective(Objective):
             y_lo = x0 + _bcast(s_lo, x0) * noise
         else:
             y_lo = self._teacher_step(y_hi, s_hi, s_lo, t_hi, t_lo, labels)
-        online = denoiser(_bcast(self.sde.alpha(t_hi), x0) * y_hi, t_hi, labels).x0
+        # The target runs in train mode from the global RNG state the online call started from, so
+        # both draw the same dropout masks (the reference saves and restores the RNG state).
+        with same_global_draws(x0.device):
+            online = denoiser(_bcast(self.sde.alpha(t_hi), x0) * y_hi, t_hi, labels).x0
         with torch.no_grad():
             tgt = target(_bcast(self.sde.alpha(t_lo), x0) * y_lo, t_lo, labels).x0
         return self.distance(online, tgt).mean()

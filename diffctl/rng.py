@@ -44,6 +44,19 @@ def seed_step(seed: int, step: int, micro: int, rank: int, device=None) -> None:
         torch.manual_seed(s)
 
 
+def same_global_draws(device):
+    """Context manager: the global RNG state of the CPU and of `device` is put back on exit, so what
+    runs next draws the same numbers (dropout masks) as what ran inside. The CUDA generator is
+    included: on a GPU dropout draws from it, not from the CPU generator."""
+    device = torch.device(device)
+    if device.type in ("cpu", "meta"):
+        return torch.random.fork_rng(devices=[])
+    index = device.index
+    if index is None:
+        index = torch.get_device_module(device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
 def batches_consumed(trainer) -> int:
     """Training batches already processed by this run and the runs it resumed from.
 

@@ -23,6 +23,7 @@ from diffctl.build import (
     load_denoiser,
     plain,
     same_sde,
+    state_mismatch,
 )
 from diffctl.callbacks import DataPosition, SampleGrid, StepCheckpoint, TrainSummary
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
@@ -95,6 +96,21 @@ def _quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*")
 
 
+def init_from_teacher(student, teacher) -> None:
+    """Start the distilled network from the teacher's weights, as the consistency-models recipe does
+    (the module's EMA and target copies are made from it afterwards). Only the backbone's weights
+    are copied: the student keeps its own consistency parameterization, so at step 0 it computes
+    f = c_skip y + c_out F_teacher (F: the network output, equal for equal denoiser.{sigma_data,
+    scale_input}), not the teacher's x0. A resumed run loads its checkpoint over this."""
+    mismatch = state_mismatch(student.net.state_dict(), teacher.net.state_dict())
+    if mismatch is not None:
+        raise ConfigError(
+            f"objective.init_from_teacher=true needs the teacher's architecture, but {mismatch.replace('the file', 'the teacher').replace('the network', 'the student')}; "
+            "use the teacher's model config or set objective.init_from_teacher=false"
+        )
+    student.net.load_state_dict(teacher.net.state_dict())
+
+
 def build_datamodule(cfg: DictConfig):
     data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in DATA_HINT_KEYS])
     # Random flips happen in the training step from keyed generators (exactly reproducible on resume
@@ -142,6 +158,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
             )
         objective.teacher = teacher
     denoiser = build_denoiser(cfg, sde, objective, shape)
+    if getattr(objective, "teacher", None) is not None and objective.init_from_teacher:
+        init_from_teacher(denoiser, objective.teacher)
 
     module = DiffusionModule(
         denoiser,
@@ -155,9 +173,14 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         random_flip=bool(cfg.data.get("random_flip", False)),
         nan_policy=cfg.get("nan_policy", "stop"),
     )
-    # After the module made its EMA (and target) copies: those stay plain eager modules.
+    # After the module made its EMA (and target) copies: those stay plain eager modules. The target
+    # takes the online network's memory layout: in another layout the same RNG state gives other
+    # dropout masks (measured on CPU, where channels_last is the default). A compiled online network
+    # draws its masks with inductor's own generator, so compile=true does not share them.
     channels_last = use_channels_last(cfg.get("channels_last", False), accelerator_type(cfg.trainer.get("accelerator", "auto")))
     speed_up(denoiser.net, channels_last, cfg.get("compile", False))
+    if module.target is not None:
+        speed_up(module.target.net, channels_last)
     grid = SampleGrid(
         out_dir=str(run_dir / "samples"),
         every_n_steps=cfg.sample_grid.every_n_steps,

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import load_ckpt, run_train, subtree, tiny_overrides
+from helpers import compose_train, load_ckpt, run_train, subtree, tiny_overrides
 
 MODELS = ["unet", "dit"]
 SDES = ["vp", "vpsub", "ve"]
@@ -262,6 +262,105 @@ def test_consistency_distillation_from_a_trained_teacher(tmp_path):
     assert math.isfinite(result["loss"])
     state = load_ckpt(student / "checkpoints" / "last.ckpt")["state_dict"]
     assert any(k.startswith("target.") for k in state)  # the EMA target network is checkpointed
+
+
+CD = ["sde=ve", "objective=consistency", "objective.num_scales_start=18", "objective.num_scales_end=18",
+      "objective.target_decay_start=0.95", "model.dropout=0.2", "channels_last=false"]
+
+
+class StartState:
+    """Lightning callback: the module's tensors when training starts (after a resumed run loaded its
+    checkpoint), the student's and the teacher's outputs then, and the target's mode at every step."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class _StartState(L.Callback):
+            def __init__(self):
+                self.state, self.outputs, self.target_training = None, None, []
+
+            def on_train_start(self, trainer, module):
+                self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+                t = torch.tensor([0.3, 0.9])
+                module.denoiser.eval()  # without dropout, as the teacher runs
+                with torch.no_grad():
+                    self.outputs = {name: (net.raw(x, t), net(x, t).x0) for name, net in
+                                    (("student", module.denoiser), ("teacher", module.teacher))}
+                module.denoiser.train()
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                self.target_training.append(module.target.training)
+
+        return _StartState()
+
+
+def _train_recording(run_dir, overrides):
+    from diffctl.train import train
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = StartState()
+    train(compose_train(run_dir, overrides), callbacks=[start])
+    return start
+
+
+def test_distillation_starts_from_the_teacher_and_a_resumed_run_from_its_checkpoint(tmp_path):
+    from diffctl.errors import ConfigError
+
+    teacher = tmp_path / "teacher"
+    run_train(teacher, [*tiny_overrides("unet"), "sde=ve", "trainer.max_steps=2", "model.dropout=0.2"])
+    teacher_net = subtree(load_ckpt(teacher / "checkpoints" / "last.ckpt")["state_dict"], "ema.net.")  # the teacher is its EMA
+    student = [*tiny_overrides("unet"), *CD, f"objective.teacher={teacher}", "trainer.max_steps=2",
+               "checkpoint.every_n_steps=1", "trainer.deterministic=true"]
+    full = _train_recording(tmp_path / "full", student)
+    # Step 0: the student, its EMA and its target hold the teacher's network weights exactly...
+    for prefix in ("denoiser.net.", "ema.net.", "target.net.", "teacher.net."):
+        got = subtree(full.state, prefix)
+        assert got.keys() == teacher_net.keys() and all(torch.equal(got[k], v) for k, v in teacher_net.items()), prefix
+    # ...so the network output F is the teacher's, while the x0 each computes from it differs: the
+    # student's is the consistency parameterization c_skip y + c_out F, the teacher's (x - sigma F)/alpha.
+    (raw_s, x0_s), (raw_t, x0_t) = full.outputs["student"], full.outputs["teacher"]
+    torch.testing.assert_close(raw_s, raw_t, rtol=0, atol=0)
+    assert (x0_s - x0_t).abs().max() > 1e-2
+    assert full.target_training == [True, True]  # the target runs with dropout, on the online masks
+
+    # Resumed from step 1: weights come from the checkpoint, not the teacher, and it ends as the full run.
+    step1 = load_ckpt(tmp_path / "full" / "checkpoints" / "step_0000001.ckpt")
+    resumed = _train_recording(tmp_path / "resumed", [*student, f"resume={tmp_path / 'full' / 'checkpoints' / 'step_0000001.ckpt'}"])
+    assert all(torch.equal(resumed.state[k], v) for k, v in step1["state_dict"].items())
+    assert not all(torch.equal(resumed.state["denoiser.net." + k], v) for k, v in teacher_net.items())
+    assert_same_training_state(load_ckpt(tmp_path / "full" / "checkpoints" / "last.ckpt"),
+                               load_ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt"))
+
+    # Switched off: a random start (the same for student, EMA and target).
+    scratch = _train_recording(tmp_path / "scratch", [*student, "objective.init_from_teacher=false", "trainer.max_steps=1"])
+    net = subtree(scratch.state, "denoiser.net.")
+    assert not all(torch.equal(net[k], v) for k, v in teacher_net.items())
+    assert all(torch.equal(subtree(scratch.state, "target.net.")[k], v) for k, v in net.items())
+    # Another architecture cannot start from the teacher: one line naming the switch.
+    with pytest.raises(ConfigError, match=r"objective.init_from_teacher=true needs the teacher's architecture.*init_from_teacher=false"):
+        run_train(tmp_path / "wide", [*student, "model.base_channels=32"])
+
+
+def test_consistency_target_draws_the_online_dropout_masks_in_training(tmp_path):
+    """In a real training step, with channels_last (the CPU default) and dropout on."""
+    import lightning as L
+
+    masks = {"denoiser": [], "target": []}
+
+    class RecordMasks(L.Callback):
+        def on_train_start(self, trainer, module):
+            for name in masks:
+                for m in getattr(module, name).modules():
+                    if isinstance(m, torch.nn.Dropout):
+                        m.register_forward_hook(lambda mod, args, out, name=name: masks[name].append(out == 0))
+
+    from diffctl.train import train
+
+    overrides = [*tiny_overrides("unet"), "objective=consistency", "model.dropout=0.5", "channels_last=true", "trainer.max_steps=2"]
+    train(compose_train(tmp_path, overrides), callbacks=[RecordMasks()])
+    assert len(masks["denoiser"]) == len(masks["target"]) > 2
+    assert all(torch.equal(a, b) for a, b in zip(masks["denoiser"], masks["target"]))
 
 
 def test_distillation_teacher_with_another_sde_is_refused(tmp_path):
