@@ -112,8 +112,9 @@ def check_config(cfg: DictConfig) -> list[str]:
         _positive_int(cfg, key, low)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"metrics.seed must be an integer, got {cfg.seed!r}")
-    if cfg.ref_limit is not None and cfg.ref_limit != "auto":
-        _positive_int(cfg, "ref_limit")
+    limit = cfg.ref_limit
+    if limit is not None and limit != "auto" and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(f"metrics.ref_limit must be auto, null (all reference images) or a positive integer, got {limit!r}")
     _positive_int(cfg, "fid_min_samples", 0)
     _positive_int(cfg, "quick_ref_limit")
     return names

@@ -238,6 +238,9 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
+    from diffctl.console import route_library_logs
+
+    route_library_logs()  # Lightning's (Fabric's) log lines once, through Hydra's handlers
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     resuming = bool(cfg.get("resume"))
     if resuming:

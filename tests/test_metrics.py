@@ -303,7 +303,9 @@ def test_detector_without_logits_reports_is_as_null(tmp_path, nets):
 def test_config_errors_are_one_line(tmp_path, nets):
     images = digits_uint8("test", 10)
     for overrides, text in [({"names": ["fid", "fidd"]}, "metrics.names"), ({"detector": "clip"}, "metrics.detector"),
-                            ({"kid_subset_size": 1}, "kid_subset_size"), ({"ref": "digits"}, "metrics.ref")]:  # fmt: skip
+                            ({"kid_subset_size": 1}, "kid_subset_size"), ({"ref": "digits"}, "metrics.ref"),
+                            ({"ref_limit": "all"}, "metrics.ref_limit must be auto, null"),
+                            ({"quick_ref_limit": 0}, "metrics.quick_ref_limit")]:  # fmt: skip
         with pytest.raises(ConfigError, match=text) as err:
             evaluate(images, tiny_cfg(tmp_path, nets, **overrides), digits_cfg(), CPU)
         assert "\n" not in str(err.value)
