@@ -170,15 +170,18 @@ class StepProgressBar(RichProgressBar):
         if self.is_disabled or self.progress is None:
             return
         if self.train_progress_bar_id is None:  # one task for the run, not one per epoch
-            self.train_progress_bar_id = self._add_task(trainer.max_steps, self._get_train_description(0))
-            self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)
+            self._add_step_task(trainer)
         self.refresh()
+
+    def _add_step_task(self, trainer) -> None:
+        self.train_progress_bar_id = self._add_task(trainer.max_steps, self._get_train_description(0))
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)  # a resumed run starts there
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._by_steps():
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()
+        if not self.is_disabled and self.progress is not None and self.train_progress_bar_id is None:
+            self._add_step_task(trainer)  # no epoch start was seen (a mid-epoch resume)
         self._update(self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
         self.refresh()
