@@ -295,6 +295,7 @@ class TrainSummary(L.Callback):
         self._start_step = 0
         self._batch_ends: list[float] = []
         self.result: dict = {}
+        self._ended = False  # on_train_end was reached (teardown also runs after an exception)
 
     def on_train_start(self, trainer, pl_module):
         self._start = time.perf_counter()
@@ -311,9 +312,6 @@ class TrainSummary(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module):
-        from rich.console import Console
-        from rich.table import Table
-
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
         steps = trainer.global_step - self._start_step
         dm = trainer.datamodule
@@ -330,23 +328,41 @@ class TrainSummary(L.Callback):
             "steady_images_per_s": round(steady, 2) if steady else None,
             "last_loss": loss,
         }
+        self._ended = True
+
+    @rank_zero_only
+    def teardown(self, trainer, pl_module, stage):
+        """Printed here, after every callback's on_train_end: the checkpoint callback (last in
+        Lightning's order) saves the final step there, and the progress bar stops there."""
+        if not self._ended:  # an exception ended training: no summary
+            return
+        self._ended = False
+        from rich.console import Console
+        from rich.table import Table
+
+        from diffctl.console import print_paths
+
+        r = self.result
         table = Table(title="diffctl train: done", show_header=False)
-        table.add_row("steps", f"{trainer.global_step} ({steps} this run)")
-        table.add_row("time", f"{elapsed:.1f} s")
-        table.add_row("images/s", f"{self.result['images_per_s']} overall, {self.result['steady_images_per_s']} steady (median batch)")
-        if loss is not None:
-            table.add_row("last loss", f"{loss:.4f}")
+        table.add_column(overflow="fold")
+        table.add_column(overflow="fold")
+        table.add_row("steps", f"{r['global_step']} ({r['steps_this_run']} this run)")
+        table.add_row("time", f"{r['time_s']:.1f} s")
+        table.add_row("images/s", f"{r['images_per_s']} overall, {r['steady_images_per_s']} steady (median batch)")
+        if r["last_loss"] is not None:
+            table.add_row("last loss", f"{r['last_loss']:.4f}")
         skipped = getattr(pl_module, "skipped_steps", 0)
         if skipped:
             table.add_row("skipped steps", f"{skipped} (non-finite loss or gradients, nan_policy=skip)")
+        paths = {}
         for cb in trainer.callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.last_model_path:
-                table.add_row("checkpoint", cb.last_model_path)
-                self.result["checkpoint"] = cb.last_model_path
+                paths["checkpoint"] = r["checkpoint"] = cb.last_model_path
             if isinstance(cb, SampleGrid) and cb.last_path:
-                table.add_row("samples", str(cb.last_path))
-        table.add_row("run dir", str(self.run_dir))
+                paths["samples"] = str(cb.last_path)
+        paths["run dir"] = str(self.run_dir)
         Console().print(table)
+        print_paths(paths)  # outside the table: a cell would cut or fold a path wider than the terminal
         self._append_record()
 
     def _append_record(self) -> None:

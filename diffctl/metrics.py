@@ -112,9 +112,21 @@ def check_config(cfg: DictConfig) -> list[str]:
         _positive_int(cfg, key, low)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"metrics.seed must be an integer, got {cfg.seed!r}")
-    if cfg.ref_limit is not None:
-        _positive_int(cfg, "ref_limit")
+    limit = cfg.ref_limit
+    if limit is not None and limit != "auto" and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(f"metrics.ref_limit must be auto, null (all reference images) or a positive integer, got {limit!r}")
+    _positive_int(cfg, "fid_min_samples", 0)
+    _positive_int(cfg, "quick_ref_limit")
     return names
+
+
+def ref_limit(cfg: DictConfig, num_samples: int | None) -> int | None:
+    """Reference images to use (None = all). auto: all for num_samples >= fid_min_samples (FID is
+    reported, the standard protocol) or without a sample count (fid-stats); the first quick_ref_limit
+    for fewer samples, where only KID/IS are reported and a bounded first run matters more."""
+    if cfg.ref_limit != "auto":
+        return cfg.ref_limit
+    return None if num_samples is None or num_samples >= cfg.fid_min_samples else cfg.quick_ref_limit
 
 
 # ---------------------------------------------------------------- processes
@@ -177,10 +189,10 @@ def _gather_rows(x: Tensor | None, device: torch.device) -> Tensor | None:
 # ---------------------------------------------------------------- features
 
 
-def _progress(enabled: bool):
-    from rich.progress import Progress
+def _progress(enabled: bool, unit: str = "images"):
+    from diffctl.console import JobProgress
 
-    return Progress(disable=not enabled or _rank() != 0, transient=False)
+    return JobProgress(enabled and _rank() == 0, unit)
 
 
 def extract(detector: Detector, batches, total: int, shape, desc: str, progress: bool):
@@ -212,8 +224,10 @@ class Reference:
     path: Path | None = None  # cache file or .npz
 
 
-def ref_source(cfg: DictConfig, data_cfg: DictConfig, split: str = "train", resolution=None, channels=None):
-    """An .npz path, or the build_dataset arguments of the reference set (resolution/channels resolved)."""
+def ref_source(cfg: DictConfig, data_cfg: DictConfig, split: str = "train", resolution=None, channels=None,
+               num_samples: int | None = None):  # fmt: skip
+    """An .npz path, or the build_dataset arguments of the reference set (resolution/channels resolved;
+    num_samples: the generated images it will score, which metrics.ref_limit=auto depends on)."""
     ref, name, root = cfg.ref, data_cfg.name, data_cfg.get("root")
     if ref is not None and str(ref).endswith(".npz"):
         return Path(str(ref)).expanduser()
@@ -230,9 +244,10 @@ def ref_source(cfg: DictConfig, data_cfg: DictConfig, split: str = "train", reso
         raise ConfigError(f"reference split must be one of {', '.join(SPLITS)}, got {split!r}")
     resolution = data_cfg.get("resolution") if resolution is None else resolution
     channels = data_cfg.get("channels") if channels is None else channels
-    root, resolution, channels = _validate(name, root, resolution, channels, cfg.ref_limit)
+    limit = ref_limit(cfg, num_samples)
+    root, resolution, channels = _validate(name, root, resolution, channels, limit)
     return dict(name=name, root=root, split=split, resolution=resolution, channels=channels,
-                download=bool(data_cfg.get("download", False)), limit=cfg.ref_limit)  # fmt: skip
+                download=bool(data_cfg.get("download", False)), limit=limit)  # fmt: skip
 
 
 def _describe(src: dict) -> str:
@@ -311,7 +326,8 @@ def reference(cfg: DictConfig, src, detector: Detector, device: torch.device, pr
     shard = torch.utils.data.Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
     loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size)
     if rank == 0:
-        print(f"computing reference statistics for {description} ({n} images) with the {detector.name} detector")
+        print(f"computing reference statistics for {description} ({n} images) with the {detector.name} detector; "
+              f"cached for later runs in {path}")  # fmt: skip
     batches = (to_uint8(x).permute(0, 3, 1, 2) for x, _ in loader)  # the same conversion as generated samples
     shape = (src["channels"], src["resolution"], src["resolution"])
     feats, _ = extract(detector, batches, len(shard), shape, "reference features", progress)
@@ -334,7 +350,16 @@ def _compute(names, feats: Tensor, logits: Tensor | None, ref: Reference | None,
     if "fid" in names:
         if n < 2:
             raise ConfigError("FID needs at least 2 images")
-        out["fid"] = frechet_distance(*feature_stats(feats), ref.mu, ref.sigma)
+        out["fid"] = None
+        if n < cfg.fid_min_samples:  # not computed: a number that small samples bias this much misleads
+            notes.append(f"FID withheld: {n} samples < metrics.fid_min_samples={cfg.fid_min_samples} (FID is biased upward "
+                         f"at small N, KID is not: compare KID, or sample more, or lower metrics.fid_min_samples)")  # fmt: skip
+        else:
+            out["fid"] = frechet_distance(*feature_stats(feats), ref.mu, ref.sigma)
+            if n <= feats.shape[1]:  # the sample covariance is singular: rank <= n - 1 < feature dimension
+                out["fid_small_n"] = True
+                notes.append(f"FID from {n} samples (<= {feats.shape[1]} feature dimensions) is biased upward: "
+                             f"compare it only with FIDs from the same number of samples")  # fmt: skip
     if "kid" in names:
         out["kid_mean"] = out["kid_std"] = None
         if ref.features is None:
@@ -345,7 +370,7 @@ def _compute(names, feats: Tensor, logits: Tensor | None, ref: Reference | None,
                 raise ConfigError("KID needs at least 2 images")
             if m < cfg.kid_subset_size:
                 notes.append(f"KID subsets of {m} images (metrics.kid_subset_size={cfg.kid_subset_size} > image count)")
-            with _progress(cfg.progress_bar) as bar:
+            with _progress(cfg.progress_bar, "subsets") as bar:
                 kid = kernel_inception_distance(feats, ref.features, cfg.kid_subsets, m, cfg.seed, bar)
             out["kid_mean"], out["kid_std"] = kid
     if "is" in names:
@@ -386,8 +411,8 @@ def evaluate(images: Tensor, cfg: DictConfig, data_cfg: DictConfig, device: torc
     batches = (images[i : i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size))
     feats, logits = extract(detector, batches, len(images), images.shape[1:], "sample features", cfg.progress_bar)
     feats, logits = _gather_rows(feats, device), _gather_rows(logits, device)
-    ref = None
-    if "fid" in names or "kid" in names:
-        src = ref_source(cfg, data_cfg, resolution=images.shape[2], channels=images.shape[1])
+    ref, n = None, len(feats)
+    if "kid" in names or ("fid" in names and n >= cfg.fid_min_samples):  # a withheld FID needs no reference
+        src = ref_source(cfg, data_cfg, resolution=images.shape[2], channels=images.shape[1], num_samples=n)
         ref = reference(cfg, src, detector, device, cfg.progress_bar)
     return _broadcast(_on_rank0(lambda: _compute(names, feats, logits, ref, cfg, detector), device), device)

@@ -238,6 +238,9 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
+    from diffctl.console import route_library_logs
+
+    route_library_logs()  # Lightning's (Fabric's) log lines once, through Hydra's handlers
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     resuming = bool(cfg.get("resume"))
     if resuming:
@@ -347,7 +350,7 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
     if cfg.clip_denoised or (cfg.clip_denoised is None and source.mixture is None):  # null: clip images only
         model = ClippedDenoiser(model)
 
-    from rich.progress import Progress
+    from diffctl.console import JobProgress
 
     mine = shard(cfg.num_samples, rank, world)
     batches = range(mine.start, mine.stop, cfg.batch_size)
@@ -357,7 +360,7 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
     images, labels = [], []
     total_calls, made = 0, 0
     start = time.perf_counter()
-    with Progress(disable=not cfg.progress_bar or rank > 0) as progress:
+    with JobProgress(cfg.progress_bar and rank == 0, "images") as progress:
         task = progress.add_task(f"sampling ({world} process{'es' if world > 1 else ''})", total=len(mine))
         for first in batches:
             n = min(cfg.batch_size, mine.stop - first)
@@ -536,17 +539,45 @@ def _write_samples(out_dir: Path, images: torch.Tensor, labels: torch.Tensor | N
         save_scatter(images, out_dir / "samples.png", reference=exact)
 
 
+def _metric_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Table rows of the image metrics: KID and IS with their std over subsets/splits, FID marked
+    when withheld or biased by a small sample count (the reasons are in the notes below the table)."""
+    rows = []
+    if result.get("kid_mean") is not None:
+        rows.append(("kid (unbiased)", f"{result['kid_mean']:.4g} ± {result['kid_std']:.2g} (std over subsets)"))
+    if "fid" in result:
+        if result["fid"] is None and "FID withheld" in result.get("notes", ""):
+            rows.append(("fid", f"withheld: {result['num_images']} samples are too few (see notes)"))
+        elif result["fid"] is not None:
+            label = f"fid (biased: N={result['num_images']})" if result.get("fid_small_n") else "fid"
+            rows.append((label, f"{result['fid']:.4g}"))
+    if result.get("is_mean") is not None:
+        rows.append(("is", f"{result['is_mean']:.4g} ± {result['is_std']:.2g} (std over splits)"))
+    return rows
+
+
 def _print_table(result: dict[str, Any], out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from diffctl.console import print_paths
+
     table = Table(title="diffctl sample")
-    table.add_column("")
-    table.add_column("value")
+    table.add_column("", overflow="fold")
+    table.add_column("value", overflow="fold")
     for key in (*TABLE_COLUMNS, *METRIC_COLUMNS):
+        if key in ("fid", "kid_mean", "is_mean"):
+            continue
         if result.get(key) is not None:
             table.add_row(key, f"{result[key]:.4g}" if isinstance(result[key], float) else str(result[key]))
-    Console().print(table)
+    for row in _metric_rows(result):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    if result.get("ref"):  # not in the table: an .npz reference is a path, which a cell would cut
+        images = f"{result['ref_num_images']} images" if result.get("ref_num_images") else "mu/sigma only"
+        console.print(f"reference: {result['ref']} ({images}), {result['detector']} detector", soft_wrap=True, highlight=False, markup=False)
     if result.get("notes"):
-        Console().print(f"metrics notes: {result['notes']}")
-    Console().print(f"samples: {out_dir / 'samples.npz'}  grid: {out_dir / 'samples.png'}  metrics: {out_dir / 'metrics.json'}")
+        for note in result["notes"].split("; "):
+            console.print(f"note: {note}", soft_wrap=True, highlight=False, markup=False)
+    print_paths({"samples": out_dir / "samples.npz", "grid": out_dir / "samples.png", "metrics": out_dir / "metrics.json"}, console)

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffctl.build import (
@@ -26,6 +26,7 @@ from diffctl.build import (
     state_mismatch,
 )
 from diffctl.callbacks import DataPosition, SampleGrid, StepCheckpoint, TrainSummary
+from diffctl.console import ParamSummary, StepProgressBar, route_library_logs
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
 from diffctl.networks.gmm import is_mixture
@@ -94,6 +95,9 @@ def _quiet_expected_warnings() -> None:
     # checkpoint callback then starts its bookkeeping afresh, which is what we want.
     warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
     warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*")
+    # Lightning warns when an epoch has fewer batches than log_every_n_steps, as if logging restarted each
+    # epoch; it counts optimizer steps over the whole run, so step-based runs log every n steps regardless.
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
 
 
 def init_from_teacher(student, teacher) -> None:
@@ -121,6 +125,7 @@ def build_datamodule(cfg: DictConfig):
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as `diffctl train` does; `callbacks` are extra Lightning callbacks (benchmarks, notebooks)."""
     _quiet_expected_warnings()
+    route_library_logs()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if is_mixture(cfg.get("model")):
         raise ConfigError("model=gmm is the analytic Gaussian mixture: it has nothing to train; sample from it with `diffctl sample model=gmm`")
@@ -204,10 +209,12 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         ),
         DataPosition(),
         grid,
-        summary,
     ]
-    if cfg.progress_bar:
-        callbacks.append(RichProgressBar(refresh_rate=10))  # per-step refresh: quickstart 88 s -> 77 s with 10
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks.append(ParamSummary())  # Lightning's, without its all-zero FLOPs column
+    if cfg.progress_bar:  # before the summary: the bar's last line is printed before the summary table
+        callbacks.append(StepProgressBar(refresh_rate=10))  # per-step refresh: quickstart 88 s -> 77 s with 10
+    callbacks.append(summary)
     loggers = _build_loggers(cfg, run_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -220,6 +227,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         logger=loggers,
         default_root_dir=str(run_dir),
         enable_progress_bar=bool(cfg.progress_bar),
+        enable_model_summary=False,  # ParamSummary above, when trainer.enable_model_summary
         plugins=[AtomicCheckpointIO()],  # every checkpoint file written to a temporary and renamed
     )
     environ = dict(os.environ)

