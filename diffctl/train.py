@@ -30,7 +30,7 @@ from diffctl.console import ParamSummary, StepProgressBar, route_library_logs
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
 from diffctl.networks.gmm import is_mixture
-from diffctl.samplers import check_sampler
+from diffctl.samplers import check_sampler, sampler_spec
 from diffctl.module import DiffusionModule
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
 
@@ -130,7 +130,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     if is_mixture(cfg.get("model")):
         raise ConfigError("model=gmm is the analytic Gaussian mixture: it has nothing to train; sample from it with `diffctl sample model=gmm`")
     ckpt_path = _apply_resume(cfg)
-    check_sampler({"name": cfg.sample_grid.sampler})
+    grid_sampler = sampler_spec(cfg.sample_grid.sampler)
+    check_sampler(grid_sampler)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build_datamodule(cfg)
@@ -190,7 +191,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         out_dir=str(run_dir / "samples"),
         every_n_steps=cfg.sample_grid.every_n_steps,
         num=cfg.sample_grid.num,
-        sampler="consistency" if objective.prediction == "consistency" else cfg.sample_grid.sampler,
+        sampler="consistency" if objective.prediction == "consistency" else grid_sampler,
         steps=cfg.sample_grid.consistency_steps if objective.prediction == "consistency" else cfg.sample_grid.steps,
         seed=cfg.sample_grid.seed,
     )

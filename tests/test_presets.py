@@ -13,6 +13,7 @@ from PIL import Image
 from test_data import make_cifar, make_idx_set
 
 import diffctl.samplers
+from diffctl.samplers import sampler_spec
 from diffctl.cli import config_dir
 
 PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
@@ -55,13 +56,13 @@ def write_tiny_data(name: str, root, resolution: int, channels: int) -> None:
 
 @pytest.fixture
 def sampler_calls(monkeypatch):
-    """Names of the sampler functions run, in order (wrapped in place, so generate() still checks options)."""
+    """(name, options) of the sampler functions run, in order (wrapped in place, so generate() still checks options)."""
     calls = []
     for name, fn in list(diffctl.samplers.SAMPLERS.items()):
 
         @functools.wraps(fn)
         def record(*args, _name=name, _fn=fn, **kwargs):
-            calls.append(_name)
+            calls.append((_name, {k: v for k, v in kwargs.items() if k not in ("labels", "generators")}))
             return _fn(*args, **kwargs)
 
         monkeypatch.setitem(diffctl.samplers.SAMPLERS, name, record)
@@ -91,15 +92,17 @@ def test_preset_trains_writes_its_grid_and_samples(preset, tmp_path, sampler_cal
     result = run_train(run_dir, overrides)
     assert result["global_step"] == 2 and np.isfinite(result["loss"])
     consistency = cfg.objective._target_.endswith("ConsistencyObjective")
-    sampler = "consistency" if consistency else cfg.sample_grid.sampler  # train.py's rule for the grid
-    assert sampler_calls == [sampler]
+    # train.py's rule for the grid: the preset's sampler, with its options, unless the model is a consistency model
+    spec = {"name": "consistency"} if consistency else sampler_spec(cfg.sample_grid.sampler)
+    sampler, options = spec.pop("name"), spec
+    assert sampler_calls == [(sampler, options)]
     with Image.open(run_dir / "samples" / "step_0000002.png") as grid:
         assert grid.mode == ("L" if data.channels == 1 else "RGB")
 
     out = tmp_path / "sample"
-    run_sample(out, [f"ckpt={run_dir}", f"sampler={sampler}", "steps=2", "num_samples=4", "batch_size=4",
+    run_sample(out, [f"ckpt={run_dir}", f"sampler={sampler}", *(f"sampler.{k}={v}" for k, v in options.items()), "steps=2", "num_samples=4", "batch_size=4",
                      "metrics.names=[]", "trainer.accelerator=cpu"])  # fmt: skip
-    assert sampler_calls == [sampler, sampler]
+    assert sampler_calls[1][0] == sampler and options.items() <= sampler_calls[1][1].items()
     with np.load(out / "samples.npz") as z:
         images = z["samples"]
     assert images.shape == (4, data.resolution, data.resolution, data.channels) and images.dtype == np.uint8

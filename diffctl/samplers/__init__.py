@@ -85,6 +85,15 @@ def check_sampler(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return name, spec
 
 
+def sampler_spec(value: str | Mapping[str, Any]) -> dict[str, Any]:
+    """A sampler given as a name (its default options) or as a mapping {name, **options}, as a dict."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    raise ConfigError(f"a sampler is a name or {{name: ..., <option>: ...}}, got {value!r}")
+
+
 def generate(
     denoiser,
     num: int,
@@ -98,7 +107,7 @@ def generate(
 ) -> Tensor:
     """Samples first_index .. first_index+num-1 of `shape` for `seed`. `sampler` is a name or a
     config {name, **options}."""
-    name, options = check_sampler({"name": sampler} if isinstance(sampler, str) else sampler)
+    name, options = check_sampler(sampler_spec(sampler))
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     generators = sample_generators(seed, range(first_index, first_index + num))
@@ -106,4 +115,4 @@ def generate(
     return SAMPLERS[name](denoiser, x, steps, labels=labels, generators=generators, **options)
 
 
-__all__ = ["SAMPLERS", "check_sampler", "generate", "noise_levels", "sample_generators", "sampler_options"]
+__all__ = ["SAMPLERS", "check_sampler", "generate", "sampler_spec", "noise_levels", "sample_generators", "sampler_options"]
