@@ -166,6 +166,16 @@ def _raised_in_task(err: BaseException) -> bool:
 # ---------------------------------------------------------------- Hydra's own errors
 
 
+def _raised_in_submitit(err: BaseException) -> bool:
+    """Whether `err` came from the submitit library (the SLURM launcher plugin), not from a job."""
+    tb = err.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return bool(frames) and f"{os.sep}submitit{os.sep}" in frames[-1]
+
+
 def _hydra_error(err: Exception, multirun: bool) -> str | None:
     """One line for an error Hydra raises before or around the task (a config group choice or key that
     does not exist, an unparsable override, a run directory it cannot create); None: not one of those."""
@@ -188,6 +198,11 @@ def _hydra_error(err: Exception, multirun: bool) -> str | None:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         cause = str(err.__cause__).splitlines()[0] if err.__cause__ is not None and str(err.__cause__) else ""
         return " ".join(lines + ([f"({cause})"] if cause else [])) or None
+    if _raised_in_submitit(err):
+        if "srun" in str(err):
+            return ("hydra/launcher=slurm submits jobs with SLURM's sbatch/srun, which this machine does not have; run the "
+                    "sweep on a SLURM login node, or drop hydra/launcher=slurm to run the jobs here")
+        return f"the SLURM launcher (submitit) failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     if isinstance(err, OSError) and err.filename is not None and not _raised_in_task(err):
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         return f"cannot create or write the run directory ({err.strerror}: {err.filename}); choose a writable one with {key}=<dir>"

@@ -72,3 +72,12 @@ def test_sweep_runs_through_submitit_local_executor(tmp_path):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
         assert f"- sde={sde}" in (sweep / job / ".hydra" / "overrides.yaml").read_text().splitlines()
     assert list((sweep / ".submitit").iterdir())  # submitit's job folders, where its logs and results live
+
+
+def test_slurm_launcher_without_slurm_is_a_one_line_error(tmp_path):
+    """Off a cluster submitit finds no `srun` and raises; the user gets one line saying so, not its traceback."""
+    env = {"PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (os.path.exists(os.path.join(p, "srun"))))}
+    out = run_cli(["train", "--multirun", "hydra/launcher=slurm", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, env=env, timeout=120)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+    assert "error:" in out.stderr and "srun" in out.stderr and "hydra/launcher=slurm" in out.stderr
