@@ -21,8 +21,8 @@ from scipy.integrate import solve_ivp
 from scipy.stats import norm
 
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser
-from diffctl.samplers import generate, noise_levels, sample_generators, sampler_options
-from diffctl.samplers.common import Level, randn, start
+from diffctl.samplers import generate, noise_levels, sample_generators
+from diffctl.samplers.common import randn
 from diffctl.samplers.ode import ode
 from diffctl.samplers.stochastic import ddim, ddpm, pc
 from diffctl.sde import SubVPSDE, VESDE, VPSDE, ddpm_alphas_cumprod, ddpm_betas
@@ -69,34 +69,27 @@ def _tweedie_x0(sde, x: torch.Tensor, t: float, mixture: GaussianMixture = MIXTU
 REF_RTOL = 1e-12
 
 
-def _reference_x0(sde, x_start: torch.Tensor, mixture: GaussianMixture = MIXTURE, t_start: float | None = None) -> torch.Tensor:
-    """The PF-ODE dx/dt = f - g^2/2 score in x and t (scipy DOP853, rtol = atol = 1e-12) from x_start
-    at t_start (default T) to sample_eps (where the samplers stop), then the exact x0 prediction there."""
-    n = x_start.shape[0]
+def _reference_x0(sde, x_T: torch.Tensor, mixture: GaussianMixture = MIXTURE) -> torch.Tensor:
+    """The PF-ODE dx/dt = f - g^2/2 score in x and t (scipy DOP853, rtol = atol = 1e-12) from T to
+    sample_eps (where the samplers stop), then the exact x0 prediction there."""
+    n = x_T.shape[0]
 
     def rhs(t, flat):
         x = torch.from_numpy(flat.reshape(n, D))
         g2 = float(sde.diffusion(_t(t))) ** 2
         return (sde.drift(x, _t(t).expand(n)) - 0.5 * g2 * _score(sde, x, t, mixture)).numpy().ravel()
 
-    t0 = sde.T if t_start is None else t_start
-    sol = solve_ivp(rhs, (t0, sde.sample_eps), x_start.numpy().ravel(), method="DOP853", rtol=REF_RTOL, atol=REF_RTOL)
+    sol = solve_ivp(rhs, (sde.T, sde.sample_eps), x_T.numpy().ravel(), method="DOP853", rtol=REF_RTOL, atol=REF_RTOL)
     assert sol.success, sol.message
     return _tweedie_x0(sde, torch.from_numpy(sol.y[:, -1].reshape(n, D)), sde.sample_eps, mixture)
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(sde_name: str, n: int = 32, seed: int = 0, mixture: str = "broad", s_start: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start noise x_T [n, D] from the prior, reference x0 of the PF-ODE from it). s_start: the
-    solve starts where a sampler whose levels begin at s = sigma/alpha = s_start (below s(T))
-    does, from the same state: the prior draw rescaled to that level by `start`; the order tests
-    measure the discretization error, the distribution tests what starting lower costs."""
+def _reference(sde_name: str, n: int = 32, seed: int = 0, mixture: str = "broad") -> tuple[torch.Tensor, torch.Tensor]:
+    """(start noise x_T [n, D] from the prior, reference x0 of the PF-ODE from it)."""
     sde = SDES[sde_name]
     x_T = sde.prior_std() * randn(sample_generators(seed, range(n)), (D,), dtype=torch.float64)
-    if s_start is None or s_start >= float(sde.noise_ratio(_t(sde.T))):
-        return x_T, _reference_x0(sde, x_T, MIXTURES[mixture])
-    level = Level.from_ratio(sde, s_start)
-    return x_T, _reference_x0(sde, level.alpha * start(x_T, sde, level), MIXTURES[mixture], level.t)
+    return x_T, _reference_x0(sde, x_T, MIXTURES[mixture])
 
 
 def _start(sde, n: int, seed: int) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -110,17 +103,14 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------- 1. order
-# (run, theoretical order, step counts N, 2N, 4N, s = sigma/alpha of its first level or None for T).
-# The step counts are in the asymptotic regime: measured on this mixture, the local order estimates
-# at 8..32 steps still wander (rk4: 2.6 to 4.4). The karras levels of euler/heun/rk4 start at
-# sampler.sigma_max (80) below VP's s(T) = 152 and VE's 100; their reference starts there too.
-KARRAS_S_MAX = sampler_options("ode")["sigma_max"]
+# (run, theoretical order, step counts N, 2N, 4N). The step counts are in the asymptotic regime:
+# measured on this mixture, the local order estimates at 8..32 steps still wander (rk4: 2.6 to 4.4).
 ORDER_CASES = {
-    "ode-euler": (lambda den, x, n: ode(den, x, n, solver="euler"), 1, (64, 128, 256), KARRAS_S_MAX),
-    "ode-heun": (lambda den, x, n: ode(den, x, n, solver="heun"), 2, (32, 64, 128), KARRAS_S_MAX),
-    "ode-rk4": (lambda den, x, n: ode(den, x, n, solver="rk4"), 4, (64, 128, 256), KARRAS_S_MAX),
-    "ode-dpmpp_2m": (lambda den, x, n: ode(den, x, n, solver="dpmpp_2m"), 2, (64, 128, 256), None),
-    "ddim-eta0": (lambda den, x, n: ddim(den, x, n, eta=0.0), 1, (64, 128, 256), None),
+    "ode-euler": (lambda den, x, n: ode(den, x, n, solver="euler"), 1, (64, 128, 256)),
+    "ode-heun": (lambda den, x, n: ode(den, x, n, solver="heun"), 2, (32, 64, 128)),
+    "ode-rk4": (lambda den, x, n: ode(den, x, n, solver="rk4"), 4, (64, 128, 256)),
+    "ode-dpmpp_2m": (lambda den, x, n: ode(den, x, n, solver="dpmpp_2m"), 2, (64, 128, 256)),
+    "ddim-eta0": (lambda den, x, n: ddim(den, x, n, eta=0.0), 1, (64, 128, 256)),
 }
 
 
@@ -136,8 +126,8 @@ def test_ode_solvers_converge_at_their_theoretical_order(sde_name, case, mixture
       e = C N^-p (1 + O(1/N)) the estimates approach p as N doubles.
     The reference is accurate to ~1e-12, far below the smallest error measured (asserted)."""
     sde = SDES[sde_name]
-    run, order, steps, s_start = ORDER_CASES[case]
-    x_T, reference = _reference(sde_name, mixture=mixture, s_start=s_start)
+    run, order, steps = ORDER_CASES[case]
+    x_T, reference = _reference(sde_name, mixture=mixture)
     den = MixtureDenoiser(MIXTURES[mixture], sde)
     errors = [_rms(run(den, x_T, n), reference) for n in steps]
     assert errors[-1] > 1e3 * REF_RTOL * float(reference.abs().max()), f"reference not accurate enough for {errors}"
@@ -155,44 +145,46 @@ def test_dpmpp_2m_beats_ddim_on_the_same_levels(sde_name, mixture):
     at 10, 20 and 40 steps. Without lower_order_final it is not on uniform levels for VP and sub-VP,
     whose last step (to sample_eps) is 3-5x the one before: its 2M correction then extrapolates
     with weight 1/(2r) ~ 2.5 (measured, narrow VP: 0.49 vs DDIM's 0.085 at 10 steps, 0.059 vs
-    0.045 at 20). karras levels over the SDE's whole range (sigma_max=None), as DDIM's are."""
+    0.045 at 20)."""
     sde = SDES[sde_name]
     x_T, reference = _reference(sde_name, mixture=mixture)
     den = MixtureDenoiser(MIXTURES[mixture], sde)
     worse = {}
     for spacing in ("uniform", "quadratic", "trailing", "karras", "logsnr"):
         for n in (10, 20, 40):
-            e_2m = _rms(ode(den, x_T, n, solver="dpmpp_2m", spacing=spacing, sigma_max=None), reference)
+            e_2m = _rms(ode(den, x_T, n, solver="dpmpp_2m", spacing=spacing), reference)
             e_ddim = _rms(ddim(den, x_T, n, eta=0.0, spacing=spacing), reference)
             if not e_2m < e_ddim:
                 worse[f"{spacing}@{n}"] = f"{e_2m:.3e} vs ddim {e_ddim:.3e}"
     assert not worse, f"dpmpp_2m on {sde_name}, {mixture} mixture, no better than DDIM: {worse}"
 
 
-# (solver, step counts): 9-39 NFE, where the level range matters most (rk4 at 3-4 steps is no
-# solver at all: errors ~1 either way). Measured default/whole-range error ratios: euler 0.70-0.96,
-# heun 0.59-0.91, rk4 0.37-0.91 (VE, whose range shrinks only from 100 to 80, gains least).
+# (solver, step counts): 9-39 NFE (rk4 at 3-4 steps is no solver at all: errors ~1 either way).
+# Measured sigma_max=80 / whole-range error ratios: euler 0.70-0.96, heun 0.59-0.91, rk4 0.37-0.91
+# (VE, whose range shrinks only from 100 to 80, gains least).
 FEW_STEPS = {"euler": (10, 20, 40), "heun": (5, 10, 20), "rk4": (5, 10)}
 
 
 @pytest.mark.parametrize("mixture", list(MIXTURES))
 @pytest.mark.parametrize("sde_name", list(SDES))
-def test_karras_levels_from_sigma_max_beat_the_whole_range_at_few_steps(sde_name, mixture):
-    """The default karras levels (from sampler.sigma_max = 80, EDM's) against the same number over
-    the SDE's whole range (VP: from s(T) = 152, 12% of the levels above 80 where the flow is nearly
-    straight): the endpoint error against the PF-ODE from the prior at T, which the lower start
-    pays for, must be smaller at 9-39 NFE for euler, heun and rk4. With more NFE the start's own
-    error (~3e-4 here) can dominate (rk4 at 77 NFE)."""
+def test_karras_levels_from_sigma_max_80_win_at_few_steps(sde_name, mixture):
+    """sampler.sigma_max=80 (EDM's) against the default karras levels over the SDE's whole range
+    (VP: from s(T) = 152, 12% of the levels above 80 where the flow is nearly straight): the
+    endpoint error against the PF-ODE from the prior at T, which the lower start pays for, must be
+    smaller at 9-39 NFE for euler, heun and rk4. It is not the default because with more NFE the
+    start's own error takes over: it starts from the prior rescaled to s = 80 (see `start`), not
+    from the flow from T (rk4 at 77 NFE: 3.2e-4 against 4e-4 at 17; scripts/bench_samplers.py,
+    heun at 999 NFE: 4.1e-2 against 2.7e-4)."""
     sde = SDES[sde_name]
     x_T, reference = _reference(sde_name, mixture=mixture)
     den = MixtureDenoiser(MIXTURES[mixture], sde)
     worse = {}
     for solver, counts in FEW_STEPS.items():
         for n in counts:
-            e_default = _rms(ode(den, x_T, n, solver=solver), reference)
-            e_whole = _rms(ode(den, x_T, n, solver=solver, sigma_max=None), reference)
-            if not e_default < e_whole:
-                worse[f"{solver}@{n}"] = f"{e_default:.3e} vs {e_whole:.3e} over the whole range"
+            e_80 = _rms(ode(den, x_T, n, solver=solver, sigma_max=80.0), reference)
+            e_whole = _rms(ode(den, x_T, n, solver=solver), reference)
+            if not e_80 < e_whole:
+                worse[f"{solver}@{n}"] = f"{e_80:.3e} vs {e_whole:.3e} over the whole range"
     assert not worse, f"{sde_name}, {mixture} mixture: {worse}"
 
 
@@ -284,8 +276,9 @@ def test_samplers_match_the_mixture_mean_covariance_and_weights(sde_name, case):
 # Those samplers are not listed here: they are issue 13's other items. The ODE solvers at their defaults pass.
 NARROW_CASES = [
     ({"name": "ode"}, DEFAULT_STEPS),  # dpmpp_2m on logsnr levels
-    ({"name": "ode", "spacing": "karras"}, DEFAULT_STEPS),  # dpmpp_2m on karras levels from sigma_max
-    ({"name": "ode", "solver": "heun"}, DEFAULT_STEPS),  # karras levels from sigma_max = 80 (spacing=auto)
+    ({"name": "ode", "spacing": "karras"}, DEFAULT_STEPS),  # dpmpp_2m on karras levels
+    ({"name": "ode", "solver": "heun"}, DEFAULT_STEPS),  # on karras levels (spacing=auto)
+    ({"name": "ode", "solver": "heun", "sigma_max": 80.0}, DEFAULT_STEPS),  # starting below T: the prior rescaled there
     ({"name": "ode", "solver": "rk4"}, DEFAULT_STEPS),
     ({"name": "ode", "solver": "euler"}, 100),
     ({"name": "ode", "solver": "adaptive"}, DEFAULT_STEPS),
@@ -351,8 +344,7 @@ def test_ddim_eta0_is_euler_on_the_pf_ode_in_scaled_variables(sde_name, spacing)
     den = MixtureDenoiser(MIXTURE, sde)
     expected = _pf_ode_euler(sde, x_T, noise_levels(sde, 12, spacing))
     torch.testing.assert_close(ddim(den, x_T, 12, eta=0.0, spacing=spacing), expected, rtol=1e-9, atol=1e-9)
-    # sigma_max=None: the karras levels over the SDE's whole range, as noise_levels' (ode's default starts at 80)
-    torch.testing.assert_close(ode(den, x_T, 12, solver="euler", spacing=spacing, sigma_max=None), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ode(den, x_T, 12, solver="euler", spacing=spacing), expected, rtol=1e-9, atol=1e-9)
 
 
 def _ancestral_chain(sde, n: int, times: torch.Tensor, seed: int) -> torch.Tensor:

@@ -97,7 +97,7 @@ def ode(
     atol: float = 1e-5,
     lower_order_final: bool = True,
     sigma_min: float | None = None,
-    sigma_max: float | None = 80.0,
+    sigma_max: float | None = None,
 ) -> Tensor:
     """Deterministic sampling: the only randomness is the starting noise x.
 
