@@ -4,6 +4,7 @@ the same analytic Gaussian-mixture model (diffctl/networks/gmm.py), error vs num
 evaluations (NFE).
 
     python scripts/bench_samplers.py                          # default run (a few minutes on 2 cores)
+    python scripts/bench_samplers.py --narrow-std 0           # without the narrow (std 0.04) component
     python scripts/bench_samplers.py --dim 16 --components 10 --num 4000 --nfe 5,10,20,50 --seed 1
 
 Errors, for every sampler and NFE:
@@ -98,12 +99,15 @@ PAIR_NAMES = {
 # the ground truth
 
 
-def make_mixture(dim: int, components: int, seed: int, mean_scale: float) -> GaussianMixture:
+def make_mixture(dim: int, components: int, seed: int, mean_scale: float, narrow_std: float = 0.0) -> GaussianMixture:
     """K isotropic components: means ~ N(0, mean_scale^2 I), stds uniform in [0.1, 0.5], weights
-    proportional to uniform [1, 2]; reproducible from `seed`."""
+    proportional to uniform [1, 2]; reproducible from `seed`. narrow_std > 0: the first component's
+    std instead (a narrow component, where uneven level spacing and the last solver steps show)."""
     g = torch.Generator().manual_seed(10_000 + seed)
     means = mean_scale * torch.randn(components, dim, generator=g, dtype=torch.float64)
     scales = 0.1 + 0.4 * torch.rand(components, generator=g, dtype=torch.float64)
+    if narrow_std > 0:
+        scales[0] = narrow_std
     weights = 1.0 + torch.rand(components, generator=g, dtype=torch.float64)
     return GaussianMixture(means, scales=scales, weights=weights / weights.sum())
 
@@ -314,7 +318,7 @@ def diffusers_runs(mixture, z: torch.Tensor, seed: int, sigma_max: float) -> lis
 def run_benchmark(args) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
-    mixture = make_mixture(args.dim, args.components, args.seed, args.mean_scale)
+    mixture = make_mixture(args.dim, args.components, args.seed, args.mean_scale, args.narrow_std)
     g = torch.Generator().manual_seed(20_000 + args.seed)
     exact = mixture.sample(args.num, g)[0]
     dirs = random_directions(args.dim, args.directions, args.seed)
@@ -366,7 +370,7 @@ def run_benchmark(args) -> dict:
     return {
         "config": {
             "dim": args.dim, "components": args.components, "num": args.num, "nfe": list(args.nfe), "seed": args.seed,
-            "mean_scale": args.mean_scale, "directions": args.directions, "floor_repeats": args.floor_repeats,
+            "mean_scale": args.mean_scale, "narrow_std": args.narrow_std, "directions": args.directions, "floor_repeats": args.floor_repeats,
             "vp": "continuous VP beta 0.1..20 (ours) / DDPM linear betas 1e-4..0.02, 1000 steps (diffusers)",
             "ve": {"sigma_min": 0.01, "sigma_max": sigma_max},
             "reference": {"solver": "dopri5 (torchdiffeq)", "rtol": REF_TOL, "atol": REF_TOL, "s_end": REF_S_END,
@@ -537,6 +541,9 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=8, help="data dimension (default 8)")
     p.add_argument("--components", type=int, default=8, help="mixture components (default 8)")
     p.add_argument("--mean-scale", type=float, default=1.0, help="component means ~ N(0, mean_scale^2 I) (default 1)")
+    p.add_argument("--narrow-std", type=float, default=0.04,
+                   help="std of the first component (default 0.04: a narrow one, which showed DPM-Solver++'s last step "
+                        "on uneven levels and the karras range, issue 13 item 9); 0: stds all uniform in [0.1, 0.5] as before")
     p.add_argument("--num", type=int, default=1000, help="samples per run (default 1000)")
     p.add_argument("--nfe", type=lambda s: [int(v) for v in s.split(",")], default=list(DEFAULT_NFE),
                    help="comma-separated target NFE list (default 5,10,20,50,100,1000)")

@@ -177,7 +177,9 @@ def test_euler_heun_in_y_s_equal_karras_schedulers(solver, cls):
 
 def test_dpmpp_2m_equals_dpm_solver_multistep():
     """Our DPM-Solver++(2M) equals DPMSolverMultistepScheduler (dpmsolver++, midpoint, order 2,
-    final step first order to sigma = 0) given the same (alpha, sigma) sequence."""
+    final step first order to sigma = 0) given the same (alpha, sigma) sequence. Its step to 0 is
+    our x0 prediction at the last level; the step before stays second order on both sides, ours
+    with lower_order_final on: trailing levels end with r = h_prev/h >= 0.6, above its 1/2 threshold."""
     cfg = dict(timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
     mixture = _mixture()
     for steps in (4, 10, 20):  # divisors of 1000 (exact trailing timesteps); also past lower_order_final's 15-step threshold
@@ -187,6 +189,33 @@ def test_dpmpp_2m_equals_dpm_solver_multistep():
         theirs, calls = _drive(DPMSolverMultistepScheduler(**cfg), mixture, z, steps, bench.level_sigma)
         assert calls == steps
         torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("steps", [9, 27])  # below and above diffusers' 15-step lower_order_final threshold
+@pytest.mark.parametrize("lower_order_final", [True, False])
+def test_dpmpp_2m_lower_order_final_equals_dpm_solver_multistep(steps, lower_order_final):
+    """The step to the last level, at first order or not, against DPMSolverMultistepScheduler with
+    final_sigmas_type="sigma_min" (its last step ends at timestep 0's sigma, our last level t = 1e-3)
+    and timestep_spacing="linspace": its timesteps round(999 (N - i)/N) are our spacing=uniform
+    levels exactly when N divides 999 (9, 27). Their last step is over twice the one before
+    (r ~ 0.2), so ours lowers it at both N; diffusers lowers it for N < 15 with lower_order_final,
+    at any N with euler_at_final. Its result is a sample at sigma_min, which the exact model's x0
+    there turns into our output (our last evaluation). The two variants differ by far more than
+    the tolerance here (asserted), so each side must take the branch the other takes."""
+    mixture = _mixture()
+    cfg = dict(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min", timestep_spacing="linspace",
+               lower_order_final=lower_order_final, euler_at_final=lower_order_final and steps >= 15)
+    sde = DiscreteVP(DPMSolverMultistepScheduler(**cfg).alphas_cumprod)
+    z = randn(sample_generators(7, range(B)), (D,), torch.float64)
+    den = bench.Counted(MixtureDenoiser(mixture, sde))
+    ours = ode(den, z, steps + 1, solver="dpmpp_2m", spacing="uniform", lower_order_final=lower_order_final)
+    x_end, calls = _drive(DPMSolverMultistepScheduler(**cfg), mixture, z, steps, bench.level_sigma)
+    last = _discrete_level(DPMSolverMultistepScheduler(**cfg), 0)
+    theirs, _ = bench.ExactModel(mixture)(x_end, last.alpha, last.sigma)
+    assert den.calls == calls + 1 == steps + 1
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
+    other = ode(MixtureDenoiser(mixture, sde), z, steps + 1, solver="dpmpp_2m", spacing="uniform", lower_order_final=not lower_order_final)
+    assert (other - theirs).abs().max() > 1e-3
 
 
 # --------------------------------------------------------------------------- the benchmark's mapping

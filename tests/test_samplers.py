@@ -10,8 +10,8 @@ import torch
 
 from diffctl.denoiser import ClippedDenoiser, Denoiser, GuidedDenoiser, Prediction
 from diffctl.errors import ConfigError
-from diffctl.samplers import check_sampler, generate, noise_levels, sample_generators
-from diffctl.samplers.common import Level, randn
+from diffctl.samplers import check_sampler, generate, noise_levels, sample_generators, sampler_options
+from diffctl.samplers.common import Level, randn, ratio_levels
 from diffctl.samplers.ode import ode
 from diffctl.samplers.stochastic import CORRECTORS
 from diffctl.sde import SubVPSDE, VESDE, VPSDE, _bcast
@@ -232,7 +232,10 @@ def test_network_evaluations_per_sampler(spec, nfe):
      ({"name": "ddim", "spacing": "auto"}, "spacing must be one of"),  # auto is the ODE solvers' own choice only
      ({"name": "ddpm", "variance": "fixed_large"}, "sampler.variance must be one of small, large"),
      ({"name": "pc", "variance": "large"}, "variance=large is the ancestral predictor's; add sampler.predictor=ancestral"),
-     ({"name": "ddim", "variance": "large"}, "sampler=ddim has no option variance")],
+     ({"name": "ddim", "variance": "large"}, "sampler=ddim has no option variance"),
+     ({"name": "ode", "lower_order_final": "yes"}, "lower_order_final must be true or false"),
+     ({"name": "ode", "sigma_min": 0}, "sigma_min must be a number > 0"), ({"name": "ode", "sigma_max": "80"}, "sigma_max must be a number"),
+     ({"name": "ode", "sigma_min": 90.0, "sigma_max": 80.0}, "sigma_min must be below sampler.sigma_max")],
 )
 def test_bad_sampler_options_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -256,6 +259,29 @@ def test_ode_default_is_dpmpp_2m_on_logsnr_levels_and_auto_spacing_follows_the_s
     for solver in ("euler", "heun", "rk4"):
         assert torch.equal(run(solver=solver), run(solver=solver, spacing="karras"))
     assert check_sampler({"name": "ode", "spacing": "auto"}) == ("ode", {"spacing": "auto"})
+    defaults = sampler_options("ode")
+    for key in ("lower_order_final", "sigma_min", "sigma_max"):
+        assert conf[key] == defaults[key], key
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_karras_levels_run_from_sigma_max_to_sample_eps(sde_name):
+    """EDM's levels s_i = (s_max^(1/7) + i/(N-1) (s_min^(1/7) - s_max^(1/7)))^7 with s_max =
+    min(sigma_max, s(T)) and s_min = s(sample_eps) (sigma_min null), or max(sigma_min, s(eps)):
+    VP (s(T) = 152) starts at 80, VE with sigma_max 50 at T exactly, as before."""
+    sde = VPSDE() if sde_name == "vp" else VESDE(sigma_max=50.0)
+    ratio = lambda t: float(sde.noise_ratio(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    for sigma_max, sigma_min in ((80.0, None), (None, None), (80.0, 0.002), (1e4, 1e-9)):
+        hi = min(sigma_max or math.inf, ratio(sde.T))
+        lo = ratio(sde.sample_eps) if sigma_min is None else max(sigma_min, ratio(sde.eps))
+        i = torch.arange(10, dtype=torch.float64) / 9
+        expected = (hi ** (1 / 7) + i * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+        t = ratio_levels(sde, 10, "karras", sigma_max, sigma_min)
+        torch.testing.assert_close(sde.noise_ratio(t), expected, rtol=1e-10, atol=0)
+        assert (float(t[0]) == sde.T) == (hi == ratio(sde.T))
+    if sde_name == "vp":
+        assert not torch.equal(ratio_levels(sde, 10, "karras", 80.0), noise_levels(sde, 10, "karras"))
+    torch.testing.assert_close(ratio_levels(sde, 10, "karras"), noise_levels(sde, 10, "karras"), rtol=0, atol=0)
 
 
 class _ClassMeans(torch.nn.Module):

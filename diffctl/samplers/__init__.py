@@ -80,6 +80,14 @@ def check_sampler(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     for key in ("snr", "rtol", "atol"):
         if key in spec and not float(spec[key]) > 0:
             raise ConfigError(f"sampler.{key} must be > 0, got {spec[key]}")
+    if "lower_order_final" in spec and not isinstance(spec["lower_order_final"], bool):
+        raise ConfigError(f"sampler.lower_order_final must be true or false, got {spec['lower_order_final']!r}")
+    for key in ("sigma_min", "sigma_max"):
+        if spec.get(key) is not None and not (isinstance(spec[key], (int, float)) and not isinstance(spec[key], bool) and spec[key] > 0):
+            raise ConfigError(f"sampler.{key} must be a number > 0 (s = sigma/alpha) or null (the SDE's own end), got {spec[key]!r}")
+    s_min, s_max = spec.get("sigma_min"), spec.get("sigma_max", allowed.get("sigma_max"))
+    if s_min is not None and s_max is not None and not s_min < s_max:
+        raise ConfigError(f"sampler.sigma_min must be below sampler.sigma_max, got {s_min} and {s_max}")
     if "corrector_steps" in spec and (not isinstance(spec["corrector_steps"], int) or spec["corrector_steps"] < 0):
         raise ConfigError(f"sampler.corrector_steps must be an integer >= 0, got {spec['corrector_steps']!r}")
     return name, spec

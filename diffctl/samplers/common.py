@@ -147,3 +147,30 @@ def denoise(denoiser: Denoiser, y: Tensor, level: Level, labels) -> Prediction:
 
 def levels_of(sde, times: Tensor) -> list[Level]:
     return [Level(sde, float(t)) for t in times]
+
+
+def ratio_levels(sde, steps: int, spacing: str, s_max: float | None = None, s_min: float | None = None, rho: float = 7.0) -> Tensor:
+    """`steps` times (float64) of karras or logsnr levels (as in `noise_levels`) that run from
+    s = sigma/alpha = s_max down to s_min (EDM's sigma_max and sigma_min) instead of from s(T) to
+    s(sample_eps); None keeps that end. Each end is clamped into what the SDE has, [s(eps), s(T)];
+    a start below T gets the prior at its level (see `start`)."""
+    if spacing not in ("karras", "logsnr"):
+        raise ValueError(f"an s range needs spacing karras or logsnr, got {spacing!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    ratio = lambda t: float(sde.noise_ratio(torch.tensor(t, dtype=torch.float64)))
+    top, bottom = ratio(sde.T), ratio(sde.eps)
+    hi = top if s_max is None else min(max(float(s_max), bottom), top)
+    lo = ratio(sde.sample_eps) if s_min is None else max(float(s_min), bottom)
+    lo = min(lo, hi)
+    u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    if spacing == "karras":
+        s = (hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    else:
+        s = torch.exp(math.log(hi) + u * (math.log(lo) - math.log(hi)))
+    t = sde.t_from_noise_ratio(s)
+    if hi == top:
+        t[0] = sde.T  # exact ends despite the bisection: a start at T uses the prior draw as it is
+    if s_min is None and steps > 1:
+        t[-1] = sde.sample_eps
+    return t

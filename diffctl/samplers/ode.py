@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, start
+from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, ratio_levels, start
 
 SOLVERS = ("euler", "heun", "rk4", "dpmpp_2m", "adaptive")
 
@@ -43,15 +43,20 @@ def _rk4_step(denoiser, y, now: Level, nxt: Level, labels):
     return y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-def _dpmpp_2m(denoiser, y, levels, labels):
+def _dpmpp_2m(denoiser, y, levels, labels, lower_order_final: bool):
     """DPM-Solver++(2M) (Lu et al. 2022), data-prediction multistep in lambda = -log s; the first
-    step is first order (DDIM) and so is the last, which lands on x0."""
+    step is first order (DDIM). lower_order_final: so is the step to the last level where it is over
+    twice as long in lambda as the step before (r = h_prev/h < 1/2): there the 2M correction, weight
+    1/(2r), extrapolates further than the two data predictions it comes from are apart (uniform
+    levels' jump to sample_eps: r ~ 0.2; trailing ~ 0.6, karras ~ 0.8, logsnr 1). DPM-Solver and
+    diffusers lower the final step by step count instead (below 10 / 15 steps). Then x0 at the last level."""
     prev_x0, prev_h = None, None
-    for now, nxt in zip(levels, levels[1:]):
+    last = len(levels) - 2
+    for i, (now, nxt) in enumerate(zip(levels, levels[1:])):
         x0 = denoise(denoiser, y, now, labels).x0
         h = math.log(now.s / nxt.s)
         d = x0
-        if prev_x0 is not None:
+        if prev_x0 is not None and not (lower_order_final and i == last and prev_h / h < 0.5):
             r = prev_h / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
         y = (nxt.s / now.s) * y - math.expm1(-h) * d
@@ -90,11 +95,17 @@ def ode(
     spacing: str = "auto",
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    lower_order_final: bool = True,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
 ) -> Tensor:
     """Deterministic sampling: the only randomness is the starting noise x.
 
     spacing="auto" is each solver's own choice: logsnr (uniform in log(alpha/sigma)) for dpmpp_2m,
-    as DPM-Solver does; karras (EDM, rho=7) for euler, heun and rk4, as EDM does.
+    as DPM-Solver does; karras (EDM, rho=7) for euler, heun and rk4, as EDM does. karras levels run
+    from s = sigma/alpha = sigma_max down to sigma_min (None: the SDE's own end, s(T) or
+    s(sample_eps)), each clamped to the SDE's range; the others from T to sample_eps.
+    lower_order_final: dpmpp_2m's step to the last level at first order (see _dpmpp_2m).
 
     NFE: euler and dpmpp_2m 1 per level; heun 2 and rk4 4 per level except the last (1);
     adaptive: whatever dopri5 needs for rtol/atol from T to eps (steps and spacing are unused).
@@ -107,10 +118,14 @@ def ode(
         return _adaptive(denoiser, start(x, sde, ends[0]), ends, labels, rtol, atol)
     if spacing == "auto":
         spacing = "logsnr" if solver == "dpmpp_2m" else "karras"
-    levels = levels_of(sde, noise_levels(sde, steps, spacing))
+    if spacing == "karras":
+        times = ratio_levels(sde, steps, spacing, sigma_max, sigma_min)
+    else:
+        times = noise_levels(sde, steps, spacing)
+    levels = levels_of(sde, times)
     y = start(x, denoiser.sde, levels[0])
     if solver == "dpmpp_2m":
-        return _dpmpp_2m(denoiser, y, levels, labels)
+        return _dpmpp_2m(denoiser, y, levels, labels, lower_order_final)
     step = _STEPS[solver]
     for now, nxt in zip(levels, levels[1:]):
         y = step(denoiser, y, now, nxt, labels)
