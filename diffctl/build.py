@@ -111,14 +111,15 @@ def _shape(t) -> str:
     return str(list(t.shape))
 
 
-def state_mismatch(expected: dict[str, Any], state: dict[str, Any]) -> str | None:
-    """The first way a state dict does not fit a network whose own state dict is `expected`, naming
-    the tensor and both shapes (None: every tensor fits, as a strict load_state_dict needs)."""
+def state_mismatch(expected: dict[str, Any], state: dict[str, Any], source: str = "the file", target: str = "the network") -> str | None:
+    """The first way a state dict (from `source`) does not fit a network (`target`) whose own state dict
+    is `expected`, naming the tensor and both shapes (None: every tensor fits, as a strict
+    load_state_dict needs)."""
     for key, tensor in state.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
-            return f"{key} is {_shape(tensor)} in the file but {_shape(expected[key])} in the network"
-    for keys, where in (([k for k in expected if k not in state], "missing from the file"),
-                        ([k for k in state if k not in expected], "in the file but not in the network")):
+            return f"{key} is {_shape(tensor)} in {source} but {_shape(expected[key])} in {target}"
+    for keys, where in (([k for k in expected if k not in state], f"missing from {source}"),
+                        ([k for k in state if k not in expected], f"in {source} but not in {target}")):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
             return f"{keys[0]}{more} {where}"

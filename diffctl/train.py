@@ -106,10 +106,10 @@ def init_from_teacher(student, teacher) -> None:
     are copied: the student keeps its own consistency parameterization, so at step 0 it computes
     f = c_skip y + c_out F_teacher (F: the network output, equal for equal denoiser.{sigma_data,
     scale_input}), not the teacher's x0. A resumed run loads its checkpoint over this."""
-    mismatch = state_mismatch(student.net.state_dict(), teacher.net.state_dict())
+    mismatch = state_mismatch(student.net.state_dict(), teacher.net.state_dict(), "the teacher", "the student")
     if mismatch is not None:
         raise ConfigError(
-            f"objective.init_from_teacher=true needs the teacher's architecture, but {mismatch.replace('the file', 'the teacher').replace('the network', 'the student')}; "
+            f"objective.init_from_teacher=true needs the teacher's architecture, but {mismatch}; "
             "use the teacher's model config or set objective.init_from_teacher=false"
         )
     student.net.load_state_dict(teacher.net.state_dict())
