@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffctl.checkpoint import checkpoint_config, denoiser_state, load_checkpoint, resolve_checkpoint
 from diffctl.denoiser import Denoiser
 from diffctl.errors import CheckpointError, ConfigError
+from diffctl.filekinds import describe, identify
 from diffctl.objectives import Objective
 from diffctl.sde import SDE
 
@@ -126,9 +127,10 @@ def state_mismatch(expected: dict[str, Any], state: dict[str, Any], source: str 
     return None
 
 
-def load_denoiser(path, use_ema: bool = True) -> tuple[Denoiser, DictConfig]:
-    """Rebuild a trained denoiser from a checkpoint file or run directory."""
-    ckpt = load_checkpoint(path)
+def load_denoiser(path, use_ema: bool = True, key: str = "ckpt") -> tuple[Denoiser, DictConfig]:
+    """Rebuild a trained denoiser from a checkpoint file or run directory (`key`: the config key it
+    was given as, for messages)."""
+    ckpt = load_checkpoint(path, key)
     return _build_stored(checkpoint_config(ckpt, path), denoiser_state(ckpt, use_ema), path, "weights")
 
 
@@ -152,7 +154,8 @@ def export_files(path) -> tuple[Path, Path]:
     if not weights.is_file():
         raise CheckpointError(f"export weights not found: {weights}")
     if not config.is_file():
-        raise CheckpointError(f"export config not found: {config} (the .json written next to {weights.name} by `diffctl export`)")
+        raise CheckpointError(f"export config not found: {config} (the .json written next to {weights.name} by `diffctl export`; "
+                              f"{weights.name} without it is {describe(weights)}, not a diffctl export)")
     return weights, config
 
 
@@ -176,6 +179,11 @@ def read_export(path) -> tuple[dict[str, Any], dict[str, Any]]:
     from safetensors.torch import load_file
 
     weights, config_path = export_files(path)
+    kind, what = identify(weights)
+    if kind != "safetensors":
+        raise CheckpointError(f"cannot read {weights}: the file is truncated or not a safetensors file (it is {what})")
+    if identify(config_path)[0] != "text":
+        raise CheckpointError(f"cannot read export config {config_path}: it is {describe(config_path)}, not JSON")
     try:
         meta = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -32,22 +32,54 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from diffctl.errors import CheckpointError
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A .ckpt file, or a run directory (its checkpoints/last.ckpt)."""
+CHECKPOINT_HINT = "a .ckpt from `diffctl train`, a run directory, or a .safetensors from `diffctl export`"
+RESUME_HINT = "a .ckpt from `diffctl train` or its run directory"
+
+
+def _hint(key: str) -> str:
+    return RESUME_HINT if key == "resume" else CHECKPOINT_HINT
+
+
+def resolve_checkpoint(path: str | Path, key: str = "ckpt") -> Path:
+    """A .ckpt file, or a run directory (its checkpoints/last.ckpt). `key`: the config key the path
+    was given as, for messages."""
     p = Path(path).expanduser()
     if p.is_dir():
         for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"no checkpoint in run directory {p}: expected {p / 'checkpoints' / 'last.ckpt'}")
+        steps = sorted(p.glob("checkpoints/step_*.ckpt"))
+        found = f"; it has {steps[-1]}: give that file" if steps else ""
+        raise CheckpointError(f"{key}={p} is a directory without checkpoints (expected {p / 'checkpoints' / 'last.ckpt'}){found}")
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p} (give a .ckpt file or a run directory under outputs/)")
     return p
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU without unpickling arbitrary objects."""
-    p = resolve_checkpoint(path)
+def _not_a_checkpoint(p: Path, key: str) -> CheckpointError | None:
+    """The error for a file that is not torch.save data, told from its bytes (None: it is)."""
+    from diffctl.filekinds import TORCH_KINDS, identify
+
+    kind, what = identify(p)
+    if kind in TORCH_KINDS:
+        return None
+    if kind == "zip-damaged":
+        return CheckpointError(f"cannot read checkpoint {key}={p}: the file is truncated or not a PyTorch checkpoint ({what})")
+    extra = ""
+    if kind == "safetensors":
+        extra = "; exports hold no optimizer state: resume from the run's .ckpt" if key == "resume" else (
+            f"; a `diffctl export` is read from its .safetensors path with the .json it wrote next to it ({p.with_suffix('.json').name})")
+    return CheckpointError(f"{key}={p} is {what}, not a diffctl checkpoint ({_hint(key)}){extra}")
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU without unpickling arbitrary objects. The file is
+    identified first (diffctl.filekinds): anything that is not torch.save data is refused naming
+    what it is."""
+    p = resolve_checkpoint(path, key)
+    error = _not_a_checkpoint(p, key)
+    if error is not None:
+        raise error
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -55,10 +87,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"refusing to load {p}: it contains objects other than tensors and plain data, which could run "
             f"code when unpickled ({str(err).splitlines()[0]}). Only load checkpoints written by diffctl."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"cannot read checkpoint {p}: the file is truncated or not a PyTorch checkpoint ({err})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{p} is not a diffctl training checkpoint (no 'state_dict' entry)")
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {key}={p}: the file is truncated or not a PyTorch checkpoint ({first})") from None
+    if not isinstance(ckpt, dict):
+        what = f"a {type(ckpt).__name__}" + (f" of shape {list(ckpt.shape)}" if isinstance(ckpt, torch.Tensor) else "")
+        raise CheckpointError(f"{key}={p} holds {what}, not a diffctl training checkpoint ({_hint(key)})")
+    if "state_dict" not in ckpt:
+        keys = ", ".join(map(str, list(ckpt)[:5])) + (", ..." if len(ckpt) > 5 else "")
+        raise CheckpointError(f"{key}={p} is not a diffctl training checkpoint (no 'state_dict' entry; its keys: {keys or 'none'}): "
+                              f"{key}= takes {_hint(key)}")
     return ckpt
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 
+from diffctl.image_files import open_image
 from diffctl.rng import GlobalBatchSampler, batches_consumed
 
 try:  # share the project-wide config error type when there is one
@@ -62,7 +63,8 @@ class _Transform:
 
     def resize(self, img: Image.Image) -> Image.Image:
         """The deterministic part: channel conversion, resize of the shorter side, center crop."""
-        img, r = img.convert(self.mode), self.resolution
+        # "F": a high-bit-depth image already converted by diffctl.image_files (0..255 scale, one channel)
+        img, r = (img if img.mode == "F" else img.convert(self.mode)), self.resolution
         w, h = img.size
         if (w, h) != (r, r):
             s = r / min(w, h)
@@ -73,8 +75,11 @@ class _Transform:
         return img
 
     def pixels(self, img: Image.Image) -> torch.Tensor:
-        """uint8 [channels, resolution, resolution]."""
-        arr = torch.from_numpy(np.array(self.resize(img), dtype=np.uint8))
+        """uint8 [channels, resolution, resolution]; float32 on the same 0..255 scale for "F" images."""
+        img = self.resize(img)
+        if img.mode == "F":  # not rounded to 8 bits: the file's bit depth is kept
+            return torch.from_numpy(np.array(img, dtype=np.float32))[None].repeat(self.channels, 1, 1)
+        arr = torch.from_numpy(np.array(img, dtype=np.uint8))
         return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -284,10 +289,6 @@ def _image_classes(root: Path):
     return classes
 
 
-def _open_image(path: str, mode: str, resolution: int) -> Image.Image:
-    with Image.open(path) as img:
-        img.draft(mode, (resolution, resolution))  # JPEG: decode at a reduced scale, much cheaper for big photos
-        return img.convert(mode)  # forces the load while the file is open
 
 
 class _ClassFolders(ImageFolder):
@@ -313,7 +314,8 @@ class _FlatImages(Dataset):
 
 
 def _load_imagefolder(root: Path, transform: _Transform, limit):
-    loader = functools.partial(_open_image, mode=transform.mode, resolution=transform.resolution)
+    # each mode with its real bit depth; a file that cannot be decoded is named (diffctl.image_files)
+    loader = functools.partial(open_image, mode=transform.mode, resolution=transform.resolution)
     if _image_classes(root) is None:
         ds = _FlatImages(root, loader, transform)
     else:

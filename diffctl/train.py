@@ -43,8 +43,8 @@ DATA_HINT_KEYS = ("ve_sigma_max",)
 def _apply_resume(cfg: DictConfig) -> Path | None:
     if not cfg.get("resume"):
         return None
-    path = resolve_checkpoint(cfg.resume)
-    stored = checkpoint_config(load_checkpoint(path), path)
+    path = resolve_checkpoint(cfg.resume, "resume")
+    stored = checkpoint_config(load_checkpoint(path, "resume"), path)
     check_stored_targets(stored, path)  # the stored config is instantiated below: only diffctl classes
     with open_dict(cfg):
         for key in MODEL_KEYS:
@@ -151,7 +151,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     sde = build_sde(cfg)
     objective = build_objective(cfg, sde)
     if getattr(objective, "teacher_path", None):
-        teacher, teacher_cfg = load_denoiser(objective.teacher_path, use_ema=True)
+        teacher, teacher_cfg = load_denoiser(objective.teacher_path, use_ema=True, key="objective.teacher")
         if not same_sde(teacher.sde, sde):
             raise ConfigError(
                 f"consistency distillation needs the teacher's SDE: teacher has {teacher.sde}, this run has {sde}; "
