@@ -13,6 +13,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 
+from diffctl.filekinds import describe
 from diffctl.image_files import open_image
 from diffctl.rng import GlobalBatchSampler, batches_consumed
 
@@ -150,11 +152,16 @@ def _load_digits(split: str):
 
 def _read_idx(path: Path) -> torch.Tensor:
     """Read an unsigned-byte IDX file (the MNIST format), gzipped or not."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as err:  # a .gz cut short or not gzip at all
+        raise DataError(f"'{path}' cannot be read ({describe(path)}: {' '.join(str(err).split())}); re-download it.") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise DataError(f"'{path}' is not an unsigned-byte IDX file; re-download it or fix data.root=.")
+        raise DataError(f"'{path}' is not an unsigned-byte IDX file (it is {describe(path)}); re-download it or fix data.root=.")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"IDX file '{path}' is truncated (cut inside its header); re-download it.")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
@@ -213,9 +220,12 @@ def _load_cifar(root: Path, split: str):
             with open(d / fname, "rb") as f:
                 entry = _NumpyUnpickler(f, encoding="latin1").load()  # latin1: batches were pickled by Python 2
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            if len(entry["labels"]) != len(images[-1]):
+                raise ValueError(f"{len(images[-1])} images but {len(entry['labels'])} labels")
             labels.extend(entry["labels"])
-        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
-            raise DataError(f"'{d / fname}' is not a CIFAR-10 python batch ({err}); re-download it.") from err
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, struct.error) as err:
+            raise DataError(f"'{d / fname}' is not a CIFAR-10 python batch (it is {describe(d / fname)}: "
+                            f"{' '.join(str(err).split())}); re-download it.") from None
     images = np.concatenate(images).transpose(0, 2, 3, 1)  # -> N,H,W,C
     return torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels, dtype=torch.long)
 

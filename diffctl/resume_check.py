@@ -26,6 +26,25 @@ SHARD_NAME = re.compile(r"shard-(\d+)-(\d+)\.npz")
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
+def read_run_config(path: Path, given: str):
+    """The stored Hydra config of a run (.hydra/config.yaml), checked to be a YAML mapping."""
+    from omegaconf import DictConfig, OmegaConf
+
+    kind, what = identify(path)
+    problem = None if kind == "text" else what
+    if problem is None:
+        try:
+            stored = OmegaConf.load(path)
+        except Exception as err:  # noqa: BLE001  yaml's and OmegaConf's parse errors have many types
+            problem = f"not valid YAML ({' '.join(str(err).split())[:120]})"
+        else:
+            problem = None if isinstance(stored, DictConfig) else "a YAML list, not a mapping"
+    if problem is not None:
+        raise ConfigError(f"{given}: {path} is {problem}, not the run config diffctl wrote; "
+                          f"that run cannot be resumed: start a new one without resume=")  # fmt: skip
+    return stored
+
+
 def read_manifest(path: Path) -> dict | None:
     """The JSON manifest of a run in progress (None when there is none), checked to be one."""
     if not path.is_file():

@@ -27,13 +27,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffctl.build import build_sde, is_export, load_denoiser, load_export, resolve_weights
-from diffctl.checkpoint import atomic_write, file_sha256, remove_stale_temporaries
+from diffctl.checkpoint import atomic_write, file_sha256
 from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, save_scatter, to_uint8
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser, is_mixture
 from diffctl.performance import sampling_autocast, speed_up, use_channels_last
-from diffctl.resume_check import check_shards, read_manifest
+from diffctl.resume_check import check_shards, read_manifest, read_run_config
 from diffctl.samplers import check_sampler, generate
 from diffctl.sde import VPSDE
 
@@ -192,7 +192,7 @@ def _resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     stored_path = run / ".hydra" / "config.yaml"
     if not run.is_dir() or not stored_path.is_file():
         raise ConfigError(f"resume={cfg.resume}: not a `diffctl sample` run directory (no {stored_path})")
-    stored = OmegaConf.load(stored_path)
+    stored = read_run_config(stored_path, f"resume={cfg.resume}")
     if stored.get("resume"):
         raise ConfigError(f"{run} is the log directory of an earlier resume; resume {stored.resume} itself")
     if (run / "metrics.json").is_file() and not (run / PARTIAL).is_dir():
@@ -262,7 +262,6 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     source = load_source(cfg, ckpt)
     _check_fits(cfg, source)  # before any process is started
     if resuming:  # every finished shard fits this run, before any new sample is made
-        remove_stale_temporaries(partial)  # hidden temporaries of shards a killed run was writing
         done = _check_resume_shards(cfg, source, partial)
     _manifest(out_dir, ckpt, resuming)
     if resuming:

@@ -16,11 +16,13 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from diffctl.denoiser import Prediction
 from diffctl.errors import ConfigError
+from diffctl.filekinds import identify
 from diffctl.sde import SDE, _bcast
 
 # Keys of conf/model/gmm.yaml (and of a mixture file).
@@ -226,6 +228,9 @@ def _read_mixture_file(path) -> dict:
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise ConfigError(f"model.file not found: {p} (a YAML or JSON file with means, scales or covariances, weights)")
+    kind, what = identify(p)
+    if kind != "text":
+        raise ConfigError(f"model.file {p} is {what}, not a YAML or JSON mixture file (keys like means, scales, weights)")
     try:
         if p.suffix == ".json":
             data = json.loads(p.read_text())
@@ -240,7 +245,30 @@ def _read_mixture_file(path) -> dict:
     unknown = sorted(set(data) - set(CONFIG_KEYS) - {"file"})
     if unknown:
         raise ConfigError(f"model.file {p} has unknown keys {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS[:-1])}")
+    for key, value in data.items():
+        problem = _structure_problem(key, value)
+        if problem is not None:
+            raise ConfigError(f"model.file {p}: {key} must be {problem}, got {str(value)[:60]!r}")
     return data
+
+
+def _structure_problem(key: str, value) -> str | None:
+    """What a mixture file's entry must be when it is not (None: it is), before any tensor is built."""
+    if key in ("means", "scales", "covariances", "weights"):
+        flat = np.ravel(np.array(value, dtype=object)) if isinstance(value, list) else [value]
+        ok = value is None or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat)
+        try:
+            ok = ok and (value is None or np.array(value, dtype=np.float64).dtype == np.float64)
+        except ValueError:  # ragged: rows of different lengths
+            ok = False
+        return None if ok else "a number or a rectangular (nested) list of numbers"
+    if key in ("seed", "num_components") and (not isinstance(value, int) or isinstance(value, bool)):
+        return "an integer"
+    if key == "mean_scale" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        return "a number"
+    if key == "conditional" and not isinstance(value, bool):
+        return "true or false"
+    return None
 
 
 class MixtureDenoiser(nn.Module):
