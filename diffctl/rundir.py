@@ -82,7 +82,7 @@ def _resumes_in_place(directory: Path, command: str, resume: Any) -> bool:
 
 def _refusal(directory: Path, command: str, found: list[str], key: str) -> str:
     shown = ", ".join(found)
-    if command == "sample" and any(f.startswith("partial") for f in found):
+    if command == "sample" and any((directory / "partial").glob("*.npz")):
         return f"{directory} holds unfinished samples of an interrupted run; continue it with resume={directory}, or choose a new {key}"
     if command == "train" and (directory / "checkpoints" / "last.ckpt").is_file():
         return (f"{directory} already holds a training run ({shown}); nothing is overwritten: continue it with "
