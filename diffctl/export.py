@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from diffctl.build import EXPORT_FORMAT, EXPORT_VERSION, _build_stored, is_export
 from diffctl.checkpoint import checkpoint_config, denoiser_state, file_sha256, load_checkpoint, resolve_checkpoint
 from diffctl.errors import CheckpointError, ConfigError
+from diffctl.rundir import claims_run_dir
 
 FORMATS = ("safetensors",)
 
@@ -29,6 +30,8 @@ def _targets(cfg: DictConfig) -> tuple[Path, Path]:
         out = Path(str(out)).expanduser()
         if out.suffix == ".json":
             raise ConfigError(f"out={out} names the config; give the .safetensors path or a directory (the .json goes next to it)")
+        if out.suffix != ".safetensors" and out.exists() and not out.is_dir():
+            raise ConfigError(f"out={out} is an existing file, not a directory; give a new <name>.safetensors path or a directory (nothing is overwritten)")
         base = out.with_suffix("") if out.suffix == ".safetensors" else out / "model"
     return base.with_suffix(".safetensors"), base.with_suffix(".json")
 
@@ -39,11 +42,17 @@ def _write_atomic(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:  # a hard link, unlike os.replace, never replaces a file that appeared meanwhile (another export)
+            os.link(tmp, path)
+        except FileExistsError:
+            raise ConfigError(f"{path} appeared while exporting (another process wrote it); choose another out= (nothing is overwritten)") from None
+        except OSError:  # a filesystem without hard links: the check before any work stands
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+@claims_run_dir("export")  # refuses a used run directory, locks it while writing
 def export(cfg: DictConfig) -> dict[str, Any]:
     from safetensors.torch import save_file
 

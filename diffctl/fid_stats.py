@@ -11,8 +11,10 @@ from omegaconf import DictConfig
 
 from diffctl.errors import ConfigError
 from diffctl.metrics import check_config, load_detector, ref_source, reference
+from diffctl.rundir import claims_run_dir
 
 
+@claims_run_dir("fid_stats")  # refuses a used run directory, locks it while writing
 def fid_stats(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 

@@ -44,6 +44,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from diffctl.errors import ConfigError
+from diffctl.rundir import claims_run_dir
 from diffctl.samplers.common import Level, denoise, sample_generators
 
 TRACES = ("exact", "hutchinson")
@@ -253,6 +254,7 @@ def _stats(values: Tensor) -> tuple[float, float | None]:
     return float(v.mean()), se
 
 
+@claims_run_dir("likelihood")  # refuses a used run directory, locks it while writing
 def likelihood(cfg: DictConfig) -> dict[str, Any]:
     """`diffctl likelihood`: NLL of a checkpoint's data split (bits/dim) or of exact mixture samples
     (model=gmm, nats/dim next to the exact value); likelihood.json and a table in the run dir."""

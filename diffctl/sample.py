@@ -34,6 +34,7 @@ from diffctl.images import save_grid, save_scatter, to_uint8
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser, is_mixture
 from diffctl.performance import sampling_autocast, speed_up, use_channels_last
 from diffctl.resume_check import check_shards, read_manifest, read_run_config
+from diffctl.rundir import claims_run_dir
 from diffctl.samplers import check_sampler, generate
 from diffctl.sde import VPSDE
 
@@ -238,6 +239,7 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
         os.replace(tmp, path)
 
 
+@claims_run_dir("sample")  # refuses a used run directory, locks it while writing
 def sample(cfg: DictConfig) -> dict[str, Any]:
     from diffctl.console import route_library_logs
 

@@ -33,6 +33,7 @@ from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_sampler, sampler_spec
 from diffctl.module import DiffusionModule
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
+from diffctl.rundir import claims_run_dir
 
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
 MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout")
@@ -122,6 +123,7 @@ def build_datamodule(cfg: DictConfig):
     return instantiate_config(data_cfg, "data", seed=cfg.seed, random_flip=False)
 
 
+@claims_run_dir("train")  # refuses a used run directory, locks it while writing
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as `diffctl train` does; `callbacks` are extra Lightning callbacks (benchmarks, notebooks)."""
     _quiet_expected_warnings()

@@ -172,7 +172,7 @@ def test_exact_trace_raw_pixels_and_no_overwrite(trained, tmp_path):
     exact = _run(tmp_path / "a", [*common, "trace=exact"])
     assert exact["probe"] is None and "no dequantization" in exact["conventions"]
     before = (tmp_path / "a" / "likelihood.json").read_text()
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(likelihood.json\)"):
         _run(tmp_path / "a", common)
     assert (tmp_path / "a" / "likelihood.json").read_text() == before
     # The weak 2-step network barely moves y, so every sample's Hutchinson estimate is close to the exact one.
