@@ -240,6 +240,11 @@ def _read_mixture_file(path) -> dict:
     unknown = sorted(set(data) - set(CONFIG_KEYS) - {"file"})
     if unknown:
         raise ConfigError(f"model.file {p} has unknown keys {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS[:-1])}")
+    from diffctl.schema import check_node
+    from diffctl.schema_keys import GMM
+
+    for key, value in data.items():  # the rules of the same keys given on the command line: no NaN/inf arrays
+        check_node(value, GMM[key], f"{key} in model.file {p}", "sample")
     return data
 
 

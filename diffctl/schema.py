@@ -1,0 +1,379 @@
+"""Validation of a command's whole config against its declared schema (diffctl/schema_keys.py), before
+any work: every key has a type and, where it has one, a range or a set of choices. A bad value is one
+line, `<key> must be <what>, got <value>` (a ConfigError; the CLI prints it as `error: ...`, exit 1).
+
+A schema is a nested dict of key -> Rule (a leaf) or dict (a node). Three node kinds go further:
+ByTarget picks the keys of a group (model, sde, ...) by the node's `_target_`; Passthrough also allows
+the extra arguments of the class it names (`+trainer.profiler=simple`: Lightning checks those when the
+Trainer is built); SamplerNode takes a sampler name or {name, **options}, with the options each sampler
+declares (diffctl.samplers.OPTION_RULES). Other keys not in the schema are refused with the close matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import re
+from typing import Any, Callable
+
+from diffctl.errors import ConfigError
+
+MISSING = "???"  # OmegaConf's mark of a required value that was not given
+_NO_EXAMPLE = object()
+
+
+def show(value: Any) -> str:
+    """A value as the user wrote it on the command line (true, null, 'abc', [1.5, 0.9], inf)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class Rule:
+    """A leaf: `problem(value)` is None when the value is allowed, else what it must be."""
+
+    def __init__(self, null: bool = False, hint: str | None = None, what: str | None = None):
+        self.null, self.hint, self.what_text = null, hint, what
+
+    def describe(self) -> str:  # the type (and range), e.g. "a number in [0, 1)"
+        raise NotImplementedError
+
+    def bad(self, value) -> str | None:  # value is not None here
+        raise NotImplementedError
+
+    def _full(self, text: str) -> str:
+        text = self.what_text or text
+        if self.null and self.what_text is None:
+            text += " or null"
+        return f"{text} ({self.hint})" if self.hint else text
+
+    def problem(self, value) -> str | None:
+        if value is None:
+            return None if self.null else self._full(self.describe())
+        if isinstance(value, str) and value == MISSING:
+            return "set (it has no default)"
+        what = self.bad(value)
+        return None if what is None else self._full(what)
+
+    def wrong_type(self):  # a value of the wrong type, for the schema-walking test
+        return [[1]]
+
+    def out_of_range(self):  # an allowed type outside the range / choices (_NO_EXAMPLE: none exists)
+        return _NO_EXAMPLE
+
+
+class Int(Rule):
+    def __init__(self, lo: int | None = None, hi: int | None = None, **kw):
+        super().__init__(**kw)
+        self.lo, self.hi = lo, hi
+
+    def describe(self) -> str:
+        if self.lo == 1 and self.hi is None:
+            return "a positive integer"
+        if self.hi is None:
+            return "an integer" + (f" >= {self.lo}" if self.lo is not None else "")
+        return f"an integer in [{self.lo}, {self.hi}]"
+
+    def bad(self, value):
+        ok = _is_int(value) and (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+        return None if ok else self.describe()
+
+    def wrong_type(self):
+        return "abc"
+
+    def out_of_range(self):
+        return self.lo - 1 if self.lo is not None else (self.hi + 1 if self.hi is not None else _NO_EXAMPLE)
+
+
+class Float(Rule):
+    """A finite number (ints allowed) with optional bounds: ge/gt below, le/lt above."""
+
+    def __init__(self, ge=None, gt=None, le=None, lt=None, **kw):
+        super().__init__(**kw)
+        self.ge, self.gt, self.le, self.lt = ge, gt, le, lt
+
+    def range(self) -> str:
+        lo, hi = (self.ge, "[") if self.ge is not None else (self.gt, "("), (self.le, "]") if self.le is not None else (self.lt, ")")
+        if lo[0] is not None and hi[0] is not None:
+            return f"in {lo[1]}{lo[0]}, {hi[0]}{hi[1]}"
+        if lo[0] is not None:
+            return f"{'>=' if lo[1] == '[' else '>'} {lo[0]}"
+        if hi[0] is not None:
+            return f"{'<=' if hi[1] == ']' else '<'} {hi[0]}"
+        return ""
+
+    def describe(self) -> str:
+        return f"a number {self.range()}".rstrip()
+
+    def bad(self, value):
+        if not _is_number(value):
+            return self.describe()
+        if not math.isfinite(value):
+            return f"a finite number {self.range()}".rstrip()
+        ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))  # fmt: skip
+        return None if ok else self.range()  # the type is right: say the range only
+
+    def wrong_type(self):
+        return "abc"
+
+    def out_of_range(self):
+        for bound, step in ((self.ge, -1), (self.gt, 0), (self.le, 1), (self.lt, 0)):
+            if bound is not None:
+                return bound + step if step else bound
+        return float("nan")
+
+
+class Bool(Rule):
+    def describe(self) -> str:
+        return "true or false"
+
+    def bad(self, value):
+        return None if isinstance(value, bool) else self.describe()
+
+    def wrong_type(self):
+        return "yes"
+
+
+class Choice(Rule):
+    """One of the listed values (compared with their type: 1 is not true). as_text: an integer given
+    for a name made of digits counts as that name (precision=32 is "32")."""
+
+    def __init__(self, *choices, sep: str = ", ", as_text: bool = False, **kw):
+        super().__init__(**kw)
+        self.choices, self.sep, self.as_text = tuple(choices), sep, as_text
+
+    def describe(self) -> str:
+        return "one of " + self.sep.join(show(c) if not isinstance(c, str) else c for c in self.choices)
+
+    def bad(self, value):
+        if self.as_text and _is_int(value):
+            value = str(value)
+        hit = any(type(value) is type(c) and value == c for c in self.choices)
+        return None if hit else self.describe()
+
+    def wrong_type(self):
+        return [1] if any(isinstance(c, str) for c in self.choices) else "abc"
+
+    def out_of_range(self):
+        return "not-a-choice" if any(isinstance(c, str) for c in self.choices) else 12345
+
+
+class Text(Rule):
+    """Any non-empty string (paths, names); `what` says which."""
+
+    def __init__(self, what: str = "a path", empty: bool = False, **kw):
+        super().__init__(**kw)
+        self.name, self.empty = what, empty
+
+    def describe(self) -> str:
+        return self.name
+
+    def bad(self, value):
+        return None if isinstance(value, str) and (value or self.empty) else self.describe()
+
+
+class Pattern(Text):
+    def __init__(self, regex: str, what: str, **kw):
+        super().__init__(what=what, **kw)
+        self.regex = re.compile(regex)
+
+    def bad(self, value):
+        return None if isinstance(value, str) and self.regex.fullmatch(value) else self.describe()
+
+    def out_of_range(self):
+        return "not-a-device"
+
+
+class Seq(Rule):
+    """A list of items each allowed by `item`, of a given length (or at least min_len)."""
+
+    def __init__(self, item: Rule, what: str, length: int | None = None, min_len: int = 0, unique: bool = False, **kw):
+        super().__init__(**kw)
+        self.item, self.name, self.length, self.min_len, self.unique = item, what, length, min_len, unique
+
+    def describe(self) -> str:
+        return self.name
+
+    def bad(self, value):
+        if not isinstance(value, (list, tuple)) or (self.length is not None and len(value) != self.length):
+            return self.describe()
+        if len(value) < self.min_len or any(v is None or self.item.bad(v) for v in value):
+            return self.describe()
+        if self.unique and len(set(map(show, value))) != len(value):
+            return self.describe()
+        return None
+
+    def wrong_type(self):
+        return "abc"
+
+    def out_of_range(self):
+        bad = self.item.out_of_range()
+        return [bad] * (self.length or max(self.min_len, 1)) if bad is not _NO_EXAMPLE else [self.item.wrong_type()]
+
+
+class Numbers(Rule):
+    """A number or nested lists of numbers (an array: the mixture's means, scales, ...), all finite
+    and >= ge / > gt when given. scalar: a bare number is allowed too."""
+
+    def __init__(self, what: str, ge=None, gt=None, scalar: bool = False, **kw):
+        super().__init__(**kw)
+        self.name, self.ge, self.gt, self.scalar = what, ge, gt, scalar
+
+    def describe(self) -> str:
+        return self.name
+
+    def _leaves(self, value):
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                yield from self._leaves(v)
+        else:
+            yield value
+
+    def bad(self, value):
+        if not isinstance(value, (list, tuple)) and not self.scalar:
+            return self.describe()
+        for v in self._leaves(value):
+            if not _is_number(v) or not math.isfinite(v) or (self.ge is not None and v < self.ge) or (self.gt is not None and v <= self.gt):
+                return self.describe()
+        return None
+
+    def wrong_type(self):
+        return "abc"
+
+    def out_of_range(self):
+        return [[float("inf")]]
+
+
+class AnyOf(Rule):
+    def __init__(self, *rules: Rule, what: str, **kw):
+        super().__init__(**kw)
+        self.rules, self.name = rules, what
+
+    def describe(self) -> str:
+        return self.name
+
+    def bad(self, value):
+        return None if any(r.bad(value) is None for r in self.rules) else self.describe()
+
+    def wrong_type(self):
+        return {"a": 1}
+
+    def out_of_range(self):
+        for r in self.rules:
+            example = r.out_of_range()
+            if example is not _NO_EXAMPLE and self.bad(example) is not None:
+                return example
+        return _NO_EXAMPLE
+
+
+# ---------------------------------------------------------------- nodes
+
+
+class ByTarget:
+    """A config group whose keys depend on its `_target_` (model=unet vs dit). A `_target_` not listed
+    is the user's own class: its constructor checks its arguments."""
+
+    def __init__(self, variants: dict[str, dict], null: bool = False):
+        self.variants, self.null = variants, null
+
+
+class Passthrough:
+    """A node whose declared keys are checked, and whose other keys are allowed if they are arguments
+    of `callable_path()` (a zero-argument function returning the class), checked by that class."""
+
+    def __init__(self, keys: dict, callable_path: Callable[[], Any]):
+        self.keys, self.callable_path = keys, callable_path
+
+    def extra_allowed(self) -> set[str] | None:  # None: any (the class takes **kwargs)
+        params = inspect.signature(self.callable_path()).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return None
+        return set(params) - {"self"}
+
+
+class SamplerNode:
+    """A sampler: a name (its default options) or {name, **options}; `options(name)` gives the
+    sampler's option rules (derived from what the samplers declare)."""
+
+    def __init__(self, names: tuple[str, ...], options: Callable[[str], dict]):
+        self.names, self.options = names, options
+
+
+def unknown_key(key: str, known, command: str) -> ConfigError:
+    parent, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, list(known), n=3, cutoff=0.6)
+    near = f"; close matches: {', '.join(f'{parent}.{c}' if parent else c for c in close)}" if close else ""
+    return ConfigError(f"{key}: no such config key of diffctl {command}{near} (`diffctl {command} --cfg job` prints every key)")
+
+
+def _fail(key: str, what: str, value) -> ConfigError:
+    text = show(value)
+    return ConfigError(f"{key} must be {what}, got {text if len(text) <= 80 else text[:77] + '...'}")
+
+
+def check_node(data, schema, prefix: str, command: str) -> None:
+    """Check plain `data` (dicts, lists, scalars) against `schema`, naming keys as prefix + key."""
+    if isinstance(schema, Rule):
+        what = schema.problem(data)
+        if what is not None:
+            raise _fail(prefix, what, data)
+        return
+    if isinstance(schema, SamplerNode):
+        return check_sampler_node(data, schema, prefix, command)
+    if isinstance(schema, ByTarget):
+        if data is None and schema.null:
+            return
+        if not isinstance(data, dict):
+            raise _fail(prefix, "a config group (a mapping)" + (" or null" if schema.null else ""), data)
+        keys = schema.variants.get(data.get("_target_"))
+        if keys is None:
+            return  # the user's own class
+        if isinstance(keys, dict):
+            keys = {"_target_": Text(what="a class path"), **keys}
+        return check_node(data, keys, prefix, command)
+    extra: set[str] | None = set()
+    if isinstance(schema, Passthrough):
+        extra, schema = schema.extra_allowed(), schema.keys
+    if not isinstance(data, dict):
+        raise _fail(prefix, "a mapping of keys", data)
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key in schema:
+            check_node(value, schema[key], full, command)
+        elif extra is not None and key not in extra:
+            raise unknown_key(full, [*schema, *sorted(extra)], command)
+
+
+def check_sampler_node(data, node: SamplerNode, prefix: str, command: str) -> None:
+    named = isinstance(data, str) or data is None  # a name alone: its default options
+    if named:
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise _fail(prefix, "a sampler name or {name: ..., <option>: ...}", data)
+    name = data.get("name")
+    what = Choice(*node.names).problem(name)
+    if what is not None:
+        raise _fail(prefix if named else f"{prefix}.name", what, name)
+    rules = node.options(name)
+    unknown = sorted(set(data) - set(rules) - {"name"})
+    if unknown:  # the wording check_sampler has always used
+        raise ConfigError(f"{prefix}={name} has no option {', '.join(unknown)}; its options are: {', '.join(rules) or 'none'}")
+    for key, value in data.items():
+        if key != "name":
+            check_node(value, rules[key], f"{prefix}.{key}", command)
