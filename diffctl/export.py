@@ -47,9 +47,9 @@ def _write_atomic(path: Path, write) -> None:
 def export(cfg: DictConfig) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from diffctl.schema_keys import validate
+    from diffctl.schema import validate
 
-    validate(cfg, "export")  # every key's type and range (diffctl/schema_keys.py), before any work
+    validate(cfg, "export")  # every key's type and range (diffctl/schema/keys.py), before any work
     if not cfg.ckpt:
         raise ConfigError("export needs ckpt=<checkpoint file or run directory>")
     if is_export(cfg.ckpt):

@@ -11,13 +11,13 @@ from omegaconf import DictConfig
 
 from diffctl.errors import ConfigError
 from diffctl.metrics import load_detector, ref_source, reference
-from diffctl.schema_keys import validate
+from diffctl.schema import validate
 
 
 def fid_stats(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
-    validate(cfg, "fid_stats")  # every key's type and range (diffctl/schema_keys.py), before any work
+    validate(cfg, "fid_stats")  # every key's type and range (diffctl/schema/keys.py), before any work
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.metrics.ref is not None:
         raise ConfigError("fid-stats computes the statistics of data=<dataset> split=<split>; leave metrics.ref unset")

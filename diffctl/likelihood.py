@@ -204,7 +204,7 @@ def _check_options(cfg: DictConfig) -> None:
     """Everything checkable without a checkpoint: done before loading anything."""
     from diffctl.networks.gmm import GaussianMixture, is_mixture
 
-    # Types and ranges: the schema (diffctl/schema_keys.py), checked first in likelihood(); here the combinations.
+    # Types and ranges: the schema (diffctl/schema/keys.py), checked first in likelihood(); here the combinations.
     model = cfg.get("model")
     if model is not None and not is_mixture(model):
         raise ConfigError("likelihood takes a trained network from its checkpoint (ckpt=...); model= only selects the analytic model=gmm")
@@ -241,7 +241,7 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
 
     from diffctl.checkpoint import resolve_checkpoint
     from diffctl.sample import load_source, newest_checkpoint
-    from diffctl.schema_keys import validate
+    from diffctl.schema import validate
 
     validate(cfg, "likelihood")  # every key's type and range, before any work
     _check_options(cfg)

@@ -95,8 +95,8 @@ def inception_score(logits: Tensor, splits: int, seed: int) -> tuple[float, floa
 
 def check_config(cfg: DictConfig) -> list[str]:
     """Validate the metrics node without touching weights or data (the schema's metrics.* rules,
-    diffctl/schema_keys.py); returns the requested metric names."""
-    from diffctl.schema_keys import validate_group
+    diffctl/schema/keys.py); returns the requested metric names."""
+    from diffctl.schema import validate_group
 
     validate_group(cfg, "sample", "metrics")
     return list(cfg.names or [])

@@ -88,8 +88,8 @@ def newest_checkpoint(root: Path = Path("outputs")) -> Path:
 
 def _check_options(cfg: DictConfig) -> None:
     """Checks that need no checkpoint: done before loading anything. Types and ranges are the schema's
-    (diffctl/schema_keys.py), checked again here on the config a resume= run continues with."""
-    from diffctl.schema_keys import validate
+    (diffctl/schema/keys.py), checked again here on the config a resume= run continues with."""
+    from diffctl.schema import validate
 
     validate(cfg, "sample", where=f"in {cfg.resume}/.hydra/config.yaml" if cfg.get("resume") else None)
     devices = cfg.trainer.devices
@@ -229,9 +229,9 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
-    from diffctl.schema_keys import validate
+    from diffctl.schema import validate
 
-    validate(cfg, "sample")  # every key's type and range (diffctl/schema_keys.py), before any work
+    validate(cfg, "sample")  # every key's type and range (diffctl/schema/keys.py), before any work
     from diffctl.console import route_library_logs
 
     route_library_logs()  # Lightning's (Fabric's) log lines once, through Hydra's handlers

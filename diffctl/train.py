@@ -31,7 +31,7 @@ from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_check
 from diffctl.errors import ConfigError
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_sampler, sampler_spec
-from diffctl.schema_keys import validate
+from diffctl.schema import validate
 from diffctl.module import DiffusionModule
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
 

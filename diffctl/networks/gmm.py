@@ -241,7 +241,7 @@ def _read_mixture_file(path) -> dict:
     if unknown:
         raise ConfigError(f"model.file {p} has unknown keys {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS[:-1])}")
     from diffctl.schema import check_node
-    from diffctl.schema_keys import GMM
+    from diffctl.schema.keys import GMM
 
     for key, value in data.items():  # the rules of the same keys given on the command line: no NaN/inf arrays
         check_node(value, GMM[key], f"{key} in model.file {p}", "sample")

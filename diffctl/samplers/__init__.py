@@ -49,7 +49,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 # Every sampler option's type and range, declared once: check_sampler and the config schema
-# (diffctl/schema_keys.py: sampler.*, sample_grid.sampler.*) both read them. (sampler, option) entries
+# (diffctl/schema/keys.py: sampler.*, sample_grid.sampler.*) both read them. (sampler, option) entries
 # override the option's rule for one sampler.
 OPTION_RULES: dict = {
     "spacing": Choice(*SPACINGS),

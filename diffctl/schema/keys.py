@@ -1,5 +1,5 @@
 """The config schema of every command: each key's type, range and choices, in one place (the rules
-are in diffctl/schema.py; sampler options are declared by the samplers, diffctl/samplers/__init__.py).
+are in diffctl/schema/rules.py; sampler options are declared by the samplers, diffctl/samplers/__init__.py).
 `validate(cfg, command)` is the first thing each command does; a key added to conf/ without an entry
 here is refused (tests/test_bad_inputs_schema.py composes every config and checks this).
 
@@ -17,8 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffctl.errors import ConfigError
-from diffctl.schema import (AnyOf, Bool, ByTarget, Choice, Float, Int, Numbers, Passthrough, Pattern, Seq, Text,
-                            check_node)  # fmt: skip
+from diffctl.schema.nodes import ByTarget, Passthrough, check_node
+from diffctl.schema.rules import (
+    AnyOf,
+    Bool,
+    Choice,
+    Float,
+    Int,
+    Numbers,
+    Pattern,
+    Seq,
+    Text,
+)
 
 SEED = Int(lo=0, hi=2**32 - 1)  # numpy's and Lightning's seed range (Lightning replaces others by a random seed)
 PATH = Text()

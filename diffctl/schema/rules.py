@@ -1,26 +1,15 @@
-"""Validation of a command's whole config against its declared schema (diffctl/schema_keys.py), before
-any work: every key has a type and, where it has one, a range or a set of choices. A bad value is one
-line, `<key> must be <what>, got <value>` (a ConfigError; the CLI prints it as `error: ...`, exit 1).
-
-A schema is a nested dict of key -> Rule (a leaf) or dict (a node). Three node kinds go further:
-ByTarget picks the keys of a group (model, sde, ...) by the node's `_target_`; Passthrough also allows
-the extra arguments of the class it names (`+trainer.profiler=simple`: Lightning checks those when the
-Trainer is built); SamplerNode takes a sampler name or {name, **options}, with the options each sampler
-declares (diffctl.samplers.OPTION_RULES). Other keys not in the schema are refused with the close matches.
-"""
+"""The rule types of the config schema: a leaf's type, range or choices. `Rule.problem(value)` says
+what the value must be (None: allowed); every number must be finite. Each rule also gives a value of
+the wrong type and one out of range, which tests/test_bad_inputs_schema.py feeds to every key."""
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 import re
-from typing import Any, Callable
-
-from diffctl.errors import ConfigError
+from typing import Any
 
 MISSING = "???"  # OmegaConf's mark of a required value that was not given
-_NO_EXAMPLE = object()
+NO_EXAMPLE = object()  # out_of_range() of a rule that has no range (true|false, free text)
 
 
 def show(value: Any) -> str:
@@ -73,8 +62,8 @@ class Rule:
     def wrong_type(self):  # a value of the wrong type, for the schema-walking test
         return [[1]]
 
-    def out_of_range(self):  # an allowed type outside the range / choices (_NO_EXAMPLE: none exists)
-        return _NO_EXAMPLE
+    def out_of_range(self):  # an allowed type outside the range / choices (NO_EXAMPLE: none exists)
+        return NO_EXAMPLE
 
 
 class Int(Rule):
@@ -97,7 +86,7 @@ class Int(Rule):
         return "abc"
 
     def out_of_range(self):
-        return self.lo - 1 if self.lo is not None else (self.hi + 1 if self.hi is not None else _NO_EXAMPLE)
+        return self.lo - 1 if self.lo is not None else (self.hi + 1 if self.hi is not None else NO_EXAMPLE)
 
 
 class Float(Rule):
@@ -224,7 +213,7 @@ class Seq(Rule):
 
     def out_of_range(self):
         bad = self.item.out_of_range()
-        return [bad] * (self.length or max(self.min_len, 1)) if bad is not _NO_EXAMPLE else [self.item.wrong_type()]
+        return [bad] * (self.length or max(self.min_len, 1)) if bad is not NO_EXAMPLE else [self.item.wrong_type()]
 
 
 class Numbers(Rule):
@@ -277,103 +266,8 @@ class AnyOf(Rule):
     def out_of_range(self):
         for r in self.rules:
             example = r.out_of_range()
-            if example is not _NO_EXAMPLE and self.bad(example) is not None:
+            if example is not NO_EXAMPLE and self.bad(example) is not None:
                 return example
-        return _NO_EXAMPLE
+        return NO_EXAMPLE
 
 
-# ---------------------------------------------------------------- nodes
-
-
-class ByTarget:
-    """A config group whose keys depend on its `_target_` (model=unet vs dit). A `_target_` not listed
-    is the user's own class: its constructor checks its arguments."""
-
-    def __init__(self, variants: dict[str, dict], null: bool = False):
-        self.variants, self.null = variants, null
-
-
-class Passthrough:
-    """A node whose declared keys are checked, and whose other keys are allowed if they are arguments
-    of `callable_path()` (a zero-argument function returning the class), checked by that class."""
-
-    def __init__(self, keys: dict, callable_path: Callable[[], Any]):
-        self.keys, self.callable_path = keys, callable_path
-
-    def extra_allowed(self) -> set[str] | None:  # None: any (the class takes **kwargs)
-        params = inspect.signature(self.callable_path()).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return None
-        return set(params) - {"self"}
-
-
-class SamplerNode:
-    """A sampler: a name (its default options) or {name, **options}; `options(name)` gives the
-    sampler's option rules (derived from what the samplers declare)."""
-
-    def __init__(self, names: tuple[str, ...], options: Callable[[str], dict]):
-        self.names, self.options = names, options
-
-
-def unknown_key(key: str, known, command: str) -> ConfigError:
-    parent, _, leaf = key.rpartition(".")
-    close = difflib.get_close_matches(leaf, list(known), n=3, cutoff=0.6)
-    near = f"; close matches: {', '.join(f'{parent}.{c}' if parent else c for c in close)}" if close else ""
-    return ConfigError(f"{key}: no such config key of diffctl {command}{near} (`diffctl {command} --cfg job` prints every key)")
-
-
-def _fail(key: str, what: str, value) -> ConfigError:
-    text = show(value)
-    return ConfigError(f"{key} must be {what}, got {text if len(text) <= 80 else text[:77] + '...'}")
-
-
-def check_node(data, schema, prefix: str, command: str) -> None:
-    """Check plain `data` (dicts, lists, scalars) against `schema`, naming keys as prefix + key."""
-    if isinstance(schema, Rule):
-        what = schema.problem(data)
-        if what is not None:
-            raise _fail(prefix, what, data)
-        return
-    if isinstance(schema, SamplerNode):
-        return check_sampler_node(data, schema, prefix, command)
-    if isinstance(schema, ByTarget):
-        if data is None and schema.null:
-            return
-        if not isinstance(data, dict):
-            raise _fail(prefix, "a config group (a mapping)" + (" or null" if schema.null else ""), data)
-        keys = schema.variants.get(data.get("_target_"))
-        if keys is None:
-            return  # the user's own class
-        if isinstance(keys, dict):
-            keys = {"_target_": Text(what="a class path"), **keys}
-        return check_node(data, keys, prefix, command)
-    extra: set[str] | None = set()
-    if isinstance(schema, Passthrough):
-        extra, schema = schema.extra_allowed(), schema.keys
-    if not isinstance(data, dict):
-        raise _fail(prefix, "a mapping of keys", data)
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key in schema:
-            check_node(value, schema[key], full, command)
-        elif extra is not None and key not in extra:
-            raise unknown_key(full, [*schema, *sorted(extra)], command)
-
-
-def check_sampler_node(data, node: SamplerNode, prefix: str, command: str) -> None:
-    named = isinstance(data, str) or data is None  # a name alone: its default options
-    if named:
-        data = {"name": data}
-    if not isinstance(data, dict):
-        raise _fail(prefix, "a sampler name or {name: ..., <option>: ...}", data)
-    name = data.get("name")
-    what = Choice(*node.names).problem(name)
-    if what is not None:
-        raise _fail(prefix if named else f"{prefix}.name", what, name)
-    rules = node.options(name)
-    unknown = sorted(set(data) - set(rules) - {"name"})
-    if unknown:  # the wording check_sampler has always used
-        raise ConfigError(f"{prefix}={name} has no option {', '.join(unknown)}; its options are: {', '.join(rules) or 'none'}")
-    for key, value in data.items():
-        if key != "name":
-            check_node(value, rules[key], f"{prefix}.{key}", command)
