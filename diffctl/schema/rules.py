@@ -9,7 +9,6 @@ import re
 from typing import Any
 
 MISSING = "???"  # OmegaConf's mark of a required value that was not given
-NO_EXAMPLE = object()  # out_of_range() of a rule that has no range (true|false, free text)
 
 
 def show(value: Any) -> str:
@@ -62,8 +61,8 @@ class Rule:
     def wrong_type(self):  # a value of the wrong type, for the schema-walking test
         return [[1]]
 
-    def out_of_range(self):  # an allowed type outside the range / choices (NO_EXAMPLE: none exists)
-        return NO_EXAMPLE
+    def out_of_range(self) -> list:  # values of the allowed type outside the range / choices ([]: none exist)
+        return []
 
 
 class Int(Rule):
@@ -86,7 +85,7 @@ class Int(Rule):
         return "abc"
 
     def out_of_range(self):
-        return self.lo - 1 if self.lo is not None else (self.hi + 1 if self.hi is not None else NO_EXAMPLE)
+        return [b for b in (None if self.lo is None else self.lo - 1, None if self.hi is None else self.hi + 1) if b is not None]
 
 
 class Float(Rule):
@@ -122,10 +121,8 @@ class Float(Rule):
         return "abc"
 
     def out_of_range(self):
-        for bound, step in ((self.ge, -1), (self.gt, 0), (self.le, 1), (self.lt, 0)):
-            if bound is not None:
-                return bound + step if step else bound
-        return float("nan")
+        bounds = [b + step for b, step in ((self.ge, -1), (self.gt, 0), (self.le, 1), (self.lt, 0)) if b is not None]
+        return [*bounds, float("nan"), float("inf"), float("-inf")]
 
 
 class Bool(Rule):
@@ -160,7 +157,7 @@ class Choice(Rule):
         return [1] if any(isinstance(c, str) for c in self.choices) else "abc"
 
     def out_of_range(self):
-        return "not-a-choice" if any(isinstance(c, str) for c in self.choices) else 12345
+        return ["not-a-choice" if any(isinstance(c, str) for c in self.choices) else 12345]
 
 
 class Text(Rule):
@@ -186,7 +183,7 @@ class Pattern(Text):
         return None if isinstance(value, str) and self.regex.fullmatch(value) else self.describe()
 
     def out_of_range(self):
-        return "not-a-device"
+        return ["not-a-device"]
 
 
 class Seq(Rule):
@@ -212,8 +209,9 @@ class Seq(Rule):
         return "abc"
 
     def out_of_range(self):
-        bad = self.item.out_of_range()
-        return [bad] * (self.length or max(self.min_len, 1)) if bad is not NO_EXAMPLE else [self.item.wrong_type()]
+        n = self.length or max(self.min_len, 1)
+        wrong_length = [[]] if self.length or self.min_len else []
+        return [*([bad] * n for bad in self.item.out_of_range() or [self.item.wrong_type()]), *wrong_length]
 
 
 class Numbers(Rule):
@@ -246,7 +244,8 @@ class Numbers(Rule):
         return "abc"
 
     def out_of_range(self):
-        return [[float("inf")]]
+        below = [] if self.ge is None and self.gt is None else [[(self.ge if self.ge is not None else self.gt) - 1]]
+        return [[[float("nan")]], [float("inf")], *below]
 
 
 class AnyOf(Rule):
@@ -263,11 +262,7 @@ class AnyOf(Rule):
     def wrong_type(self):
         return {"a": 1}
 
-    def out_of_range(self):
-        for r in self.rules:
-            example = r.out_of_range()
-            if example is not NO_EXAMPLE and self.bad(example) is not None:
-                return example
-        return NO_EXAMPLE
+    def out_of_range(self):  # the examples of its rules that none of them allows
+        return [e for r in self.rules for e in r.out_of_range() if self.bad(e) is not None]
 
 
