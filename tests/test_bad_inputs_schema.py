@@ -102,7 +102,7 @@ def _set(data: dict, key: str, value) -> dict:
 def _examples(rule):
     if isinstance(rule, SamplerNode):
         return [5, "not-a-sampler"]
-    return [rule.wrong_type(), *rule.out_of_range()]
+    return [*rule.wrong_types(), *rule.out_of_range()]
 
 
 def test_every_composed_key_has_a_schema_entry(composed):

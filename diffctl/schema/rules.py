@@ -61,6 +61,9 @@ class Rule:
     def wrong_type(self):  # a value of the wrong type, for the schema-walking test
         return [[1]]
 
+    def wrong_types(self) -> list:  # all those it feeds
+        return [self.wrong_type()]
+
     def out_of_range(self) -> list:  # values of the allowed type outside the range / choices ([]: none exist)
         return []
 
@@ -83,6 +86,9 @@ class Int(Rule):
 
     def wrong_type(self):
         return "abc"
+
+    def wrong_types(self):  # 1.5 and true are not integers either
+        return ["abc", 1.5, True]
 
     def out_of_range(self):
         return [b for b in (None if self.lo is None else self.lo - 1, None if self.hi is None else self.hi + 1) if b is not None]
@@ -120,6 +126,9 @@ class Float(Rule):
     def wrong_type(self):
         return "abc"
 
+    def wrong_types(self):
+        return ["abc", True]
+
     def out_of_range(self):
         bounds = [b + step for b, step in ((self.ge, -1), (self.gt, 0), (self.le, 1), (self.lt, 0)) if b is not None]
         return [*bounds, float("nan"), float("inf"), float("-inf")]
@@ -134,6 +143,9 @@ class Bool(Rule):
 
     def wrong_type(self):
         return "yes"
+
+    def wrong_types(self):
+        return ["yes", 1]
 
 
 class Choice(Rule):
