@@ -172,6 +172,8 @@ def train_schema() -> dict:
                         "consistency_steps": Int(lo=1), "seed": SEED},
         "model": ByTarget(MODEL), "sde": ByTarget(SDE), "objective": ByTarget(OBJECTIVE), "data": _data(),
         "trainer": _trainer(), "logger": _logger(),
+        # written by train itself (the data's shape, stored in checkpoints); a second train() of one config sees it
+        "data_shape": {"channels": Choice(1, 3), "resolution": Int(lo=1), "num_classes": Int(lo=0)},
     }  # fmt: skip
 
 
