@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,37 @@ from diffctl.objectives import Objective
 from diffctl.sde import SDE
 
 
+def _library_refusal(node, what: str, cause: BaseException) -> str:
+    """One line for a library class (Lightning's Trainer, a logger) refusing its arguments, naming the
+    key(s) of `node` its message is about: those it names, else those whose value it quotes."""
+    from diffctl.schema import show
+
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    items = [(k, v) for k, v in node.items() if k != "_target_"]
+    named = [(k, v) for k, v in items if re.search(rf"\b{re.escape(str(k))}\b", text)]
+    quoted = [(k, v) for k, v in items if isinstance(v, str) and len(v) > 1 and v.lower() in text.lower()]
+    keys = named or quoted
+    if not keys:
+        return f"{what}: {node.get('_target_', what)} refused its arguments: {text}"
+    given = ", ".join(f"{what}.{k}={show(v)}" for k, v in keys)
+    return f"{given}: {'refused' if len(keys) == 1 else 'a combination refused'} by {node.get('_target_', what)}: {text}"
+
+
 def instantiate_config(node, what: str, **kwargs):
-    """hydra instantiate, turning constructor ValueErrors into one-line config errors."""
+    """hydra instantiate, turning constructor errors on the arguments into one-line config errors:
+    diffctl's own classes name the key in their message; for a library's class (trainer, logger:
+    Lightning's MisconfigurationException, ValueError, a missing optional package) the key is found."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, (ValueError, TypeError)):
+        ours = str(node.get("_target_", "")).startswith("diffctl.")
+        if isinstance(cause, (ValueError, TypeError)) and ours:
             raise ConfigError(f"{what}: {cause}") from None
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException, ImportError)) and not ours:
+            raise ConfigError(_library_refusal(node, what, cause)) from None
         raise
 
 

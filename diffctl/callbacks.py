@@ -21,7 +21,7 @@ from diffctl.errors import DiffctlError
 from diffctl.images import save_grid, to_uint8
 from diffctl.module import NonFiniteLoss
 from diffctl.rng import GlobalBatchSampler, batches_consumed
-from diffctl.samplers import generate
+from diffctl.samplers import NonFiniteSamples, generate
 
 
 class TrainingInterrupted(DiffctlError):
@@ -254,16 +254,20 @@ class SampleGrid(L.Callback):
         labels = None
         if pl_module.conditional:
             labels = torch.arange(self.num, device=pl_module.device) % pl_module.denoiser.num_classes
-        images = generate(
-            pl_module.ema,
-            self.num,
-            (dm.channels, dm.resolution, dm.resolution),
-            self.sampler,
-            self.steps,
-            seed=self.seed,
-            labels=labels,
-            device=pl_module.device,
-        )
+        try:
+            images = generate(
+                pl_module.ema,
+                self.num,
+                (dm.channels, dm.resolution, dm.resolution),
+                self.sampler,
+                self.steps,
+                seed=self.seed,
+                labels=labels,
+                device=pl_module.device,
+            )
+        except NonFiniteSamples as err:  # a preview: training goes on, the run says why there is no grid
+            print(f"warning: no sample grid at step {trainer.global_step}: {err}")
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{trainer.global_step:07d}.png"
         grid = save_grid(to_uint8(images), path)

@@ -56,10 +56,9 @@ def _write_atomic(path: Path, write) -> None:
 def export(cfg: DictConfig) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    if cfg.format not in FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
-    if not isinstance(cfg.use_ema, bool):
-        raise ConfigError(f"use_ema must be true or false, got {cfg.use_ema!r}")
+    from diffctl.schema import validate
+
+    validate(cfg, "export")  # every key's type and range (diffctl/schema/keys.py), before any work
     if not cfg.ckpt:
         raise ConfigError("export needs ckpt=<checkpoint file or run directory>")
     if is_export(cfg.ckpt):

@@ -10,16 +10,17 @@ import torch
 from omegaconf import DictConfig
 
 from diffctl.errors import ConfigError
-from diffctl.metrics import check_config, load_detector, ref_source, reference
+from diffctl.metrics import load_detector, ref_source, reference
 from diffctl.rundir import claims_run_dir
+from diffctl.schema import validate
 
 
 @claims_run_dir("fid_stats")  # refuses a used run directory, locks it while writing
 def fid_stats(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
+    validate(cfg, "fid_stats")  # every key's type and range (diffctl/schema/keys.py), before any work
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    check_config(cfg.metrics)
     if cfg.metrics.ref is not None:
         raise ConfigError("fid-stats computes the statistics of data=<dataset> split=<split>; leave metrics.ref unset")
     src = ref_source(cfg.metrics, cfg.data, split=cfg.split)  # config errors before any weights are loaded

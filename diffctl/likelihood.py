@@ -203,28 +203,9 @@ def dequantize(x: Tensor, generators: list[torch.Generator]) -> Tensor:
 
 def _check_options(cfg: DictConfig) -> None:
     """Everything checkable without a checkpoint: done before loading anything."""
-    from diffctl.data import SPLITS
     from diffctl.networks.gmm import GaussianMixture, is_mixture
 
-    def integer(key: str, low: int, allow_null: bool = False) -> None:
-        value = cfg[key]
-        if allow_null and value is None:
-            return
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{key} must be an integer >= {low}{' or null' if allow_null else ''}, got {value!r}")
-
-    integer("num_batches", 1, allow_null=True)
-    integer("batch_size", 1)
-    integer("seed", 0)
-    for key in ("rtol", "atol"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float)) or not cfg[key] > 0:
-            raise ConfigError(f"{key} must be a number > 0 (dopri5's tolerance, e.g. 1e-5), got {cfg[key]!r}")
-    check_trace(cfg.trace, cfg.probe)
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
-    if not isinstance(cfg.dequantize, bool):
-        raise ConfigError(f"dequantize must be true or false, got {cfg.dequantize!r}")
-    _device(cfg.device)
+    # Types and ranges: the schema (diffctl/schema/keys.py), checked first in likelihood(); here the combinations.
     model = cfg.get("model")
     if model is not None and not is_mixture(model):
         raise ConfigError("likelihood takes a trained network from its checkpoint (ckpt=...); model= only selects the analytic model=gmm")
@@ -262,7 +243,9 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
 
     from diffctl.checkpoint import resolve_checkpoint
     from diffctl.sample import load_source, newest_checkpoint
+    from diffctl.schema import validate
 
+    validate(cfg, "likelihood")  # every key's type and range, before any work
     _check_options(cfg)
     out_path = Path(HydraConfig.get().runtime.output_dir) / "likelihood.json"
     if out_path.exists():

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from diffctl.data import SPLITS, _validate, build_dataset
 from diffctl.detectors import (
-    DETECTORS, Detector, MetricsUnavailable, cache_dir, load_detector, load_detector_named, one_line,
+    Detector, MetricsUnavailable, cache_dir, load_detector, load_detector_named, one_line,
 )
 from diffctl.checkpoint import atomic_write
 from diffctl.errors import ConfigError
@@ -97,31 +97,13 @@ def inception_score(logits: Tensor, splits: int, seed: int) -> tuple[float, floa
 # ---------------------------------------------------------------- config
 
 
-def _positive_int(cfg, key: str, low: int = 1) -> int:
-    value = cfg[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"metrics.{key} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def check_config(cfg: DictConfig) -> list[str]:
-    """Validate the metrics node without touching weights or data; returns the requested metric names."""
-    names = list(cfg.names or [])
-    bad = [n for n in names if n not in METRICS]
-    if bad or len(set(names)) != len(names):
-        raise ConfigError(f"metrics.names must list distinct names from {', '.join(METRICS)} (or be []), got {names}")
-    if cfg.detector not in DETECTORS:
-        raise ConfigError(f"metrics.detector must be one of {', '.join(DETECTORS)}, got {cfg.detector!r}")
-    for key, low in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", 2), ("is_splits", 1)):
-        _positive_int(cfg, key, low)
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise ConfigError(f"metrics.seed must be an integer, got {cfg.seed!r}")
-    limit = cfg.ref_limit
-    if limit is not None and limit != "auto" and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ConfigError(f"metrics.ref_limit must be auto, null (all reference images) or a positive integer, got {limit!r}")
-    _positive_int(cfg, "fid_min_samples", 0)
-    _positive_int(cfg, "quick_ref_limit")
-    return names
+    """Validate the metrics node without touching weights or data (the schema's metrics.* rules,
+    diffctl/schema/keys.py); returns the requested metric names."""
+    from diffctl.schema import validate_group
+
+    validate_group(cfg, "sample", "metrics")
+    return list(cfg.names or [])
 
 
 def ref_limit(cfg: DictConfig, num_samples: int | None) -> int | None:
@@ -302,6 +284,10 @@ def _check_stats(mu, sigma, name: str) -> None:
 
 def _from_npz(path: Path) -> Reference:
     z = _load_npz(path, name=f"metrics.ref={path}")
+    for key in ("mu", "sigma"):  # NaN/inf statistics would make every FID NaN
+        if not np.issubdtype(z[key].dtype, np.number) or not np.isfinite(z[key]).all():
+            bad = "is not numeric" if not np.issubdtype(z[key].dtype, np.number) else f"has {int((~np.isfinite(z[key])).sum())} non-finite values (nan/inf)"
+            raise ConfigError(f"{path}: the array {key} {bad}; a reference needs finite statistics (recompute them, e.g. with `diffctl fid-stats`)")
     mu, sigma = torch.from_numpy(z["mu"]).double(), torch.from_numpy(z["sigma"]).double()
     _check_stats(mu, sigma, f"metrics.ref={path}")
     return Reference(str(path), mu, sigma, None, None, path)

@@ -89,20 +89,15 @@ def newest_checkpoint(root: Path = Path("outputs")) -> Path:
 
 
 def _check_options(cfg: DictConfig) -> None:
-    """Checks that need no checkpoint: done before loading anything."""
-    for key in ("steps", "num_samples", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    """Checks that need no checkpoint: done before loading anything. Types and ranges are the schema's
+    (diffctl/schema/keys.py), checked again here on the config a resume= run continues with."""
+    from diffctl.schema import validate
+
+    validate(cfg, "sample", where=f"in {cfg.resume}/.hydra/config.yaml" if cfg.get("resume") else None)
     devices = cfg.trainer.devices
-    if not isinstance(devices, int) or devices < 1:
-        raise ConfigError(f"trainer.devices must be a positive integer (processes to sample with), got {devices!r}")
     if devices > cfg.num_samples:
         raise ConfigError(f"trainer.devices={devices} is more than num_samples={cfg.num_samples}; use fewer devices")
-    if not float(cfg.guidance) >= 0:
-        raise ConfigError(f"guidance must be >= 0 (1 = no guidance), got {cfg.guidance}")
-    check_sampler(cfg.sampler)
-    sampling_autocast(cfg.get("precision", "32-true"), torch.device("cpu"))  # checks the names
-    use_channels_last(cfg.get("channels_last", False), "cpu")
+    check_sampler(cfg.sampler)  # the combinations of options the schema cannot express
     model = cfg.get("model")
     if model is not None and not is_mixture(model):
         raise ConfigError(
@@ -115,10 +110,6 @@ def _check_options(cfg: DictConfig) -> None:
         raise ConfigError("model=gmm is the analytic model and needs no checkpoint; drop ckpt= (or model=gmm)")
     if model is not None and cfg.clip_denoised:
         raise ConfigError("clip_denoised clips to the image range [-1, 1]; model=gmm data is unbounded, use clip_denoised=null or false")
-    if cfg.get("metrics") is not None:
-        from diffctl.metrics import check_config
-
-        check_config(cfg.metrics)
 
 
 def _check_fits(cfg: DictConfig, source: Source) -> None:
@@ -241,6 +232,9 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
 
 @claims_run_dir("sample")  # refuses a used run directory, locks it while writing
 def sample(cfg: DictConfig) -> dict[str, Any]:
+    from diffctl.schema import validate
+
+    validate(cfg, "sample")  # every key's type and range (diffctl/schema/keys.py), before any work
     from diffctl.console import route_library_logs
 
     route_library_logs()  # Lightning's (Fabric's) log lines once, through Hydra's handlers

@@ -31,6 +31,7 @@ from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_check
 from diffctl.errors import ConfigError
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_sampler, sampler_spec
+from diffctl.schema import validate
 from diffctl.module import DiffusionModule
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
 from diffctl.rundir import claims_run_dir
@@ -51,6 +52,7 @@ def _apply_resume(cfg: DictConfig) -> Path | None:
         for key in MODEL_KEYS:
             if key in stored:
                 cfg[key] = stored[key]
+    validate(cfg, "train", where=f"in the config of {path}, which resume= takes {'/'.join(MODEL_KEYS[:4])} from")
     print(f"Resuming from {path} (model/sde/objective/data taken from the checkpoint)")
     return path
 
@@ -126,6 +128,7 @@ def build_datamodule(cfg: DictConfig):
 @claims_run_dir("train")  # refuses a used run directory, locks it while writing
 def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train as `diffctl train` does; `callbacks` are extra Lightning callbacks (benchmarks, notebooks)."""
+    validate(cfg, "train")
     _quiet_expected_warnings()
     route_library_logs()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -133,7 +136,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         raise ConfigError("model=gmm is the analytic Gaussian mixture: it has nothing to train; sample from it with `diffctl sample model=gmm`")
     ckpt_path = _apply_resume(cfg)
     grid_sampler = sampler_spec(cfg.sample_grid.sampler)
-    check_sampler(grid_sampler)
+    check_sampler(grid_sampler, key="sample_grid.sampler")  # the combinations of options the schema cannot express
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build_datamodule(cfg)

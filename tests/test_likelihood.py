@@ -198,7 +198,7 @@ def test_cli_gmm_reports_the_exact_density_next_to_the_estimate(tmp_path):
     [
         (["probe=sphere"], "probe must be one of"),
         (["num_batches=0"], "num_batches must be an integer >= 1"),
-        (["rtol=0"], "rtol must be a number > 0"),
+        (["rtol=0"], "rtol must be > 0"),
         (["split=valid"], "split must be one of"),
         (["model=unet"], "model= only selects the analytic model=gmm"),
         (["sde=ve"], "sde= applies to model=gmm only"),

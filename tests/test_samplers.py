@@ -234,7 +234,7 @@ def test_network_evaluations_per_sampler(spec, nfe):
      ({"name": "pc", "variance": "large"}, "variance=large is the ancestral predictor's; add sampler.predictor=ancestral"),
      ({"name": "ddim", "variance": "large"}, "sampler=ddim has no option variance"),
      ({"name": "ode", "lower_order_final": "yes"}, "lower_order_final must be true or false"),
-     ({"name": "ode", "sigma_min": 0}, "sigma_min must be a number > 0"), ({"name": "ode", "sigma_max": "80"}, "sigma_max must be a number"),
+     ({"name": "ode", "sigma_min": 0}, "sigma_min must be > 0"), ({"name": "ode", "sigma_max": "80"}, "sigma_max must be a number"),
      ({"name": "ode", "sigma_min": 90.0, "sigma_max": 80.0}, "sigma_min must be below sampler.sigma_max")],
 )
 def test_bad_sampler_options_are_config_errors(spec, message):

@@ -245,10 +245,14 @@ def _read_mixture_file(path) -> dict:
     unknown = sorted(set(data) - set(CONFIG_KEYS) - {"file"})
     if unknown:
         raise ConfigError(f"model.file {p} has unknown keys {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS[:-1])}")
+    from diffctl.schema import check_node
+    from diffctl.schema.keys import GMM
+
     for key, value in data.items():
-        problem = _structure_problem(key, value)
+        problem = _structure_problem(key, value)  # nested lists that make an array, before the value rules
         if problem is not None:
             raise ConfigError(f"model.file {p}: {key} must be {problem}, got {str(value)[:60]!r}")
+        check_node(value, GMM[key], f"{key} in model.file {p}", "sample")  # the command line's rules: no NaN/inf
     return data
 
 

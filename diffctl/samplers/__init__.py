@@ -14,10 +14,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from diffctl.errors import ConfigError
+from diffctl.errors import ConfigError, DiffctlError
+from diffctl.schema import Bool, Choice, Float, Int, SamplerNode, check_sampler_node
 from diffctl.samplers.common import SPACINGS, Level, denoise, noise_levels, randn, randn_like, sample_generators, start
 from diffctl.samplers.ode import SOLVERS, ode
 from diffctl.samplers.stochastic import CORRECTORS, PREDICTORS, VARIANCES, ddim, ddpm, pc
+
+
+class NonFiniteSamples(DiffctlError):
+    """A sampler returned NaN or infinite values (a diverging sampler, extreme guidance, NaN weights)."""
 
 
 @torch.inference_mode()
@@ -43,13 +48,24 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "consistency": consistency,
 }
 
-# Allowed values of the options that are not free numbers.
-_CHOICES = {
-    "spacing": SPACINGS,
-    "solver": SOLVERS,
-    "predictor": tuple(PREDICTORS),
-    "corrector": tuple(CORRECTORS),
-    "variance": VARIANCES,
+# Every sampler option's type and range, declared once: check_sampler and the config schema
+# (diffctl/schema/keys.py: sampler.*, sample_grid.sampler.*) both read them. (sampler, option) entries
+# override the option's rule for one sampler.
+OPTION_RULES: dict = {
+    "spacing": Choice(*SPACINGS),
+    "solver": Choice(*SOLVERS),
+    "predictor": Choice(*PREDICTORS),
+    "corrector": Choice(*CORRECTORS),
+    "variance": Choice(*VARIANCES),
+    "eta": Float(ge=0, le=1, hint="0 = deterministic DDIM, 1 = DDPM"),
+    "snr": Float(gt=0),
+    "rtol": Float(gt=0),
+    "atol": Float(gt=0),
+    "lower_order_final": Bool(),
+    "sigma_min": Float(gt=0, null=True, hint="s = sigma/alpha; null = the SDE's own end"),
+    "sigma_max": Float(gt=0, null=True, hint="s = sigma/alpha; null = the SDE's own end"),
+    "corrector_steps": Int(lo=0),
+    ("ode", "spacing"): Choice(*SPACINGS, "auto"),
 }
 
 
@@ -59,37 +75,27 @@ def sampler_options(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in list(params.items())[5:]}  # after (denoiser, x, steps, labels, generators)
 
 
-def check_sampler(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Validate a sampler config {name, **options}; returns (name, options). ConfigError on bad input."""
+def option_rules(name: str) -> dict[str, Any]:
+    """The rule of each option sampler `name` accepts (KeyError: an option without a declared rule)."""
+    return {key: OPTION_RULES.get((name, key)) or OPTION_RULES[key] for key in sampler_options(name)}
+
+
+SAMPLER_NODE = SamplerNode(tuple(SAMPLERS), option_rules)
+
+
+def check_sampler(spec: Mapping[str, Any], key: str = "sampler") -> tuple[str, dict[str, Any]]:
+    """Validate a sampler config {name, **options}; returns (name, options). ConfigError on bad input:
+    the option rules above, then the combinations they cannot express."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    allowed = sampler_options(name)
-    unknown = sorted(set(spec) - set(allowed))
-    if unknown:
-        raise ConfigError(f"sampler={name} has no option {', '.join(unknown)}; its options are: {', '.join(allowed) or 'none'}")
-    for key, value in spec.items():
-        choices = (*_CHOICES[key], "auto") if (name, key) == ("ode", "spacing") else _CHOICES.get(key)
-        if choices and value not in choices:
-            raise ConfigError(f"sampler.{key} must be one of {', '.join(choices)}, got {value!r}")
+    check_sampler_node({"name": name, **spec}, SAMPLER_NODE, key, "sample")
     if name == "pc" and spec.get("variance", "small") != "small" and spec.get("predictor", "reverse_diffusion") != "ancestral":
-        raise ConfigError(f"sampler.variance={spec['variance']} is the ancestral predictor's; add sampler.predictor=ancestral")
-    if not 0.0 <= float(spec.get("eta", 0.0)) <= 1.0:
-        raise ConfigError(f"sampler.eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM), got {spec['eta']}")
-    for key in ("snr", "rtol", "atol"):
-        if key in spec and not float(spec[key]) > 0:
-            raise ConfigError(f"sampler.{key} must be > 0, got {spec[key]}")
-    if "lower_order_final" in spec and not isinstance(spec["lower_order_final"], bool):
-        raise ConfigError(f"sampler.lower_order_final must be true or false, got {spec['lower_order_final']!r}")
-    for key in ("sigma_min", "sigma_max"):
-        if spec.get(key) is not None and not (isinstance(spec[key], (int, float)) and not isinstance(spec[key], bool) and spec[key] > 0):
-            raise ConfigError(f"sampler.{key} must be a number > 0 (s = sigma/alpha) or null (the SDE's own end), got {spec[key]!r}")
-    s_min, s_max = spec.get("sigma_min"), spec.get("sigma_max", allowed.get("sigma_max"))
+        raise ConfigError(f"{key}.variance={spec['variance']} is the ancestral predictor's; add {key}.predictor=ancestral")
+    s_min, s_max = spec.get("sigma_min"), spec.get("sigma_max", sampler_options(name).get("sigma_max"))
     if s_min is not None and s_max is not None and not s_min < s_max:
-        raise ConfigError(f"sampler.sigma_min must be below sampler.sigma_max, got {s_min} and {s_max}")
-    if "corrector_steps" in spec and (not isinstance(spec["corrector_steps"], int) or spec["corrector_steps"] < 0):
-        raise ConfigError(f"sampler.corrector_steps must be an integer >= 0, got {spec['corrector_steps']!r}")
+        raise ConfigError(f"{key}.sigma_min must be below {key}.sigma_max, got {s_min} and {s_max}")
     return name, spec
 
 
@@ -120,7 +126,15 @@ def generate(
         raise ConfigError(f"steps must be >= 1, got {steps}")
     generators = sample_generators(seed, range(first_index, first_index + num))
     x = denoiser.sde.prior_std() * randn(generators, shape, device=device)
-    return SAMPLERS[name](denoiser, x, steps, labels=labels, generators=generators, **options)
+    x0 = SAMPLERS[name](denoiser, x, steps, labels=labels, generators=generators, **options)
+    bad = ~torch.isfinite(x0.reshape(num, -1)).all(1)
+    if bad.any():  # uint8 images cannot hold NaN: written, they would look like real samples
+        raise NonFiniteSamples(
+            f"sampler={name} produced non-finite values (nan/inf) in {int(bad.sum())} of {num} samples "
+            f"(the first is sample {first_index + int(bad.nonzero()[0])}); nothing of them was written. Lower guidance, "
+            "set clip_denoised=true, use more steps or another sampler, or check the weights"
+        )
+    return x0
 
 
-__all__ = ["SAMPLERS", "check_sampler", "generate", "sampler_spec", "noise_levels", "sample_generators", "sampler_options"]
+__all__ = ["NonFiniteSamples", "OPTION_RULES", "SAMPLER_NODE", "SAMPLERS", "option_rules", "check_sampler", "generate", "sampler_spec", "noise_levels", "sample_generators", "sampler_options"]

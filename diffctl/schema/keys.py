@@ -1,0 +1,263 @@
+"""The config schema of every command: each key's type, range and choices, in one place (the rules
+are in diffctl/schema/rules.py; sampler options are declared by the samplers, diffctl/samplers/__init__.py).
+`validate(cfg, command)` is the first thing each command does; a key added to conf/ without an entry
+here is refused (tests/test_bad_inputs_schema.py composes every config and checks this).
+
+Unknown keys (`+key=value`) are refused with the close matches: a key nothing reads would otherwise be
+ignored silently. The exceptions pass the key on to a class that checks it: extra trainer.* keys go to
+Lightning's Trainer (`+trainer.profiler=simple`, named when Lightning refuses them, diffctl/build.py),
+extra logger.* keys to the logger class, and a group whose `_target_` is the user's own class.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diffctl.errors import ConfigError
+from diffctl.schema.nodes import ByTarget, Passthrough, check_node
+from diffctl.schema.rules import (
+    AnyOf,
+    Bool,
+    Choice,
+    Float,
+    Int,
+    Numbers,
+    Pattern,
+    Seq,
+    Text,
+)
+
+SEED = Int(lo=0, hi=2**32 - 1)  # numpy's and Lightning's seed range (Lightning replaces others by a random seed)
+PATH = Text()
+PATH_OR_NULL = Text(null=True)
+DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", what="auto, cpu, cuda, cuda:N or mps")
+COMMANDS = {"train": "train", "sample": "sample", "likelihood": "likelihood", "fid_stats": "fid-stats", "export": "export"}
+
+# ---------------------------------------------------------------- groups
+
+UNET = {
+    "base_channels": Int(lo=1), "channel_mult": Seq(Int(lo=1), what="a non-empty list of positive integers", min_len=1),
+    "num_res_blocks": Int(lo=1), "attn_resolutions": Seq(Int(lo=1), what="a list of positive integers (feature-map sizes)"),
+    "dropout": Float(ge=0, lt=1), "num_heads": Int(lo=1), "out_channels": Int(lo=1, null=True),
+    "resample_with_conv": Bool(), "gradient_checkpointing": Bool(),
+}  # fmt: skip
+DIT = {
+    "patch_size": Int(lo=1), "hidden_size": Int(lo=1), "depth": Int(lo=1), "num_heads": Int(lo=1),
+    "mlp_ratio": Float(gt=0), "out_channels": Int(lo=1, null=True), "size": Choice("S", "B", "L", "XL", null=True),
+    "gradient_checkpointing": Bool(),
+}  # fmt: skip
+ARRAY = "nested lists of finite numbers"
+GMM = {
+    "shape": Seq(Int(lo=1), what="a list of positive integers ([D] or [C, H, W])", min_len=1, null=True),
+    "num_components": Int(lo=1), "means": Numbers(what=f"a K x D list ({ARRAY})", null=True),
+    "mean_scale": Float(ge=0), "scales": Numbers(what=f"a number > 0, K numbers or a K x D list ({ARRAY} > 0)", gt=0, scalar=True),
+    "covariances": Numbers(what=f"a K x D x D list ({ARRAY})", null=True),
+    "weights": Numbers(what=f"K numbers >= 0 ({ARRAY})", ge=0, null=True),
+    "seed": SEED, "conditional": Bool(), "file": PATH_OR_NULL,
+}  # fmt: skip
+MODEL = {"diffctl.networks.UNet": UNET, "diffctl.networks.unet.UNet": UNET, "diffctl.networks.DiT": DIT,
+         "diffctl.networks.dit.DiT": DIT, "diffctl.networks.gmm.GaussianMixture": GMM}  # fmt: skip
+
+_TIMES = {"eps": Float(gt=0, lt=1), "sample_eps": Float(gt=0, lt=1, null=True)}
+VP = {"beta_min": Float(ge=0), "beta_max": Float(gt=0), **_TIMES}
+VE = {"sigma_min": Float(gt=0), "sigma_max": Float(gt=0), **_TIMES}
+SDE = {"diffctl.sde.VPSDE": VP, "diffctl.sde.SubVPSDE": VP, "diffctl.sde.VESDE": VE}
+
+OBJECTIVE = {
+    "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood"), "prediction": Choice("eps", "x0", "v")},
+    "diffctl.objectives.NCSNObjective": {},
+    "diffctl.objectives.ConsistencyObjective": {
+        "num_scales_start": Int(lo=2), "num_scales_end": Int(lo=2), "target_decay_start": Float(ge=0, lt=1),
+        "target_decay_rule": Choice("paper", "code"), "rho": Float(gt=0), "metric": Choice("l2", "l1", "pseudo_huber"),
+        "total_steps": Int(lo=1), "teacher": PATH_OR_NULL, "init_from_teacher": Bool(),
+    },
+}  # fmt: skip
+
+
+@functools.cache  # built once per process
+def _data():
+    from diffctl.data import DATASETS
+
+    return {
+        "_target_": Text(what="a class path"), "name": Choice(*DATASETS), "root": PATH_OR_NULL, "resolution": Int(lo=1),
+        "channels": Choice(1, 3, hint="1 = grayscale, 3 = RGB"), "random_flip": Bool(), "download": Bool(),
+        "batch_size": Int(lo=1), "num_workers": Int(lo=0), "limit": Int(lo=1, null=True), "ve_sigma_max": Float(gt=0),
+    }  # fmt: skip
+
+
+@functools.cache
+def _metrics():
+    from diffctl.detectors import DETECTORS
+    from diffctl.metrics import METRICS
+
+    return {
+        "names": Seq(Choice(*METRICS), what=f"a list of distinct names from {', '.join(METRICS)} (or [])", unique=True),
+        "detector": Choice(*DETECTORS), "inception_weights": PATH_OR_NULL, "detector_path": PATH_OR_NULL,
+        "download": Bool(), "cache_dir": PATH, "ref": Text(what="<dataset>:<split> or a .npz file", null=True),
+        "ref_root": PATH_OR_NULL,
+        "ref_limit": AnyOf(Choice("auto"), Int(lo=1), what="auto, null (all reference images) or a positive integer", null=True),
+        "quick_ref_limit": Int(lo=1), "fid_min_samples": Int(lo=0), "batch_size": Int(lo=1), "kid_subsets": Int(lo=1),
+        "kid_subset_size": Int(lo=2), "is_splits": Int(lo=1), "seed": SEED, "progress_bar": Bool(),
+    }  # fmt: skip
+
+
+@functools.cache
+def _trainer():
+    import lightning.pytorch as pl
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    precisions = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64",
+                  "transformer-engine", "transformer-engine-float16")  # fmt: skip
+    devices = AnyOf(Int(lo=1), Choice(-1, "auto"), Seq(Int(lo=0), what="", min_len=1), Pattern(r"-1|\d+(,\d+)*,?", what=""),
+                    what="a positive integer, -1 (all), auto, a list of device indices or a string like 0,1")  # fmt: skip
+    keys = {
+        "_target_": Text(what="a class path"),
+        "accelerator": Choice("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
+        "devices": devices, "num_nodes": Int(lo=1),
+        "strategy": Choice("auto", *StrategyRegistry.available_strategies()),
+        "precision": Choice(*precisions, as_text=True), "max_steps": Int(lo=1), "max_epochs": Int(lo=-1, null=True),
+        "accumulate_grad_batches": Int(lo=1), "gradient_clip_val": Float(ge=0, null=True), "log_every_n_steps": Int(lo=1),
+        "limit_val_batches": AnyOf(Int(lo=0), Float(ge=0, le=1), what="an integer >= 0 (batches) or a fraction in [0, 1]"),
+        "num_sanity_val_steps": Int(lo=-1), "deterministic": AnyOf(Bool(), Choice("warn"), what="true, false or warn", null=True),
+        "benchmark": Bool(null=True), "enable_model_summary": Bool(), "use_distributed_sampler": Bool(),
+    }  # fmt: skip
+    return Passthrough(keys, lambda: pl.Trainer)
+
+
+@functools.cache
+def _logger():
+    def logger(cls_name, keys):
+        def cls():
+            import lightning.pytorch.loggers as loggers
+
+            return getattr(loggers, cls_name)
+
+        return Passthrough({"_target_": Text(what="a class path"), **keys}, cls)
+
+    files = {"save_dir": PATH, "name": Text(what="a name"), "version": AnyOf(Text(what="", empty=True), Int(lo=0), what="a name or a number")}
+    wandb = {"project": Text(what="a name"), "name": Text(what="a name", null=True), "save_dir": PATH, "offline": Bool(),
+             "log_model": AnyOf(Bool(), Choice("all"), what="true, false or all")}  # fmt: skip
+    return ByTarget({f"lightning.pytorch.loggers.{n}": logger(n, k) for n, k in
+                     (("CSVLogger", files), ("TensorBoardLogger", files), ("WandbLogger", wandb))}, null=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------- commands
+
+COMMON = {"ckpt": Text(what="a checkpoint file or run directory", null=True), "use_ema": Bool(), "progress_bar": Bool()}
+
+
+@functools.cache
+def train_schema() -> dict:
+    from diffctl.module import NAN_POLICIES
+    from diffctl.samplers import SAMPLER_NODE
+
+    return {
+        "seed": SEED, "conditional": Bool(), "label_dropout": Float(ge=0, lt=1, hint="1 would drop every label"),
+        "resume": Text(what="a run directory or .ckpt file", null=True), "progress_bar": Bool(),
+        "nan_policy": Choice(*NAN_POLICIES, sep=" | "), "compile": Bool(),
+        "channels_last": Choice(True, False, "auto", what="true, false or auto"),
+        "optimized_metric": Choice("train/loss", null=True),
+        "denoiser": {"sigma_data": Float(gt=0), "scale_input": Bool()},
+        "optim": {"name": Choice("adam", "adamw"), "lr": Float(gt=0),
+                  "betas": Seq(Float(ge=0, lt=1), what="a list of two numbers in [0, 1)", length=2),
+                  "eps": Float(gt=0), "weight_decay": Float(ge=0), "warmup_steps": Int(lo=0),
+                  "foreach": Bool(null=True), "fused": Bool(null=True)},
+        "ema": {"decay": Float(ge=0, lt=1, hint="1 would never update the average"), "warmup": Bool()},
+        "checkpoint": {"every_n_steps": Int(lo=1)},
+        "sample_grid": {"every_n_steps": Int(lo=0), "num": Int(lo=1), "sampler": SAMPLER_NODE, "steps": Int(lo=1),
+                        "consistency_steps": Int(lo=1), "seed": SEED},
+        "model": ByTarget(MODEL), "sde": ByTarget(SDE), "objective": ByTarget(OBJECTIVE), "data": _data(),
+        "trainer": _trainer(), "logger": _logger(),
+        # written by train itself (the data's shape, stored in checkpoints); a second train() of one config sees it
+        "data_shape": {"channels": Choice(1, 3), "resolution": Int(lo=1), "num_classes": Int(lo=0)},
+    }  # fmt: skip
+
+
+@functools.cache
+def sample_schema() -> dict:
+    from diffctl.performance import SAMPLE_PRECISIONS
+    from diffctl.samplers import SAMPLER_NODE
+
+    return {
+        **COMMON, "steps": Int(lo=1), "num_samples": Int(lo=1), "batch_size": Int(lo=1), "seed": SEED,
+        "class_label": Int(lo=0, null=True), "guidance": Float(ge=0, hint="1 = no guidance"), "clip_denoised": Bool(null=True),
+        "precision": Choice(*SAMPLE_PRECISIONS, sep=" | ", as_text=True), "compile": Bool(),
+        "channels_last": Choice(True, False, "auto", what="true, false or auto"),
+        "resume": Text(what="a `diffctl sample` run directory", null=True),
+        "trainer": {"accelerator": Choice("auto", "cpu", "gpu", "cuda", "mps"), "devices": Int(lo=1, hint="processes to sample with")},
+        "sampler": SAMPLER_NODE, "metrics": _metrics(), "model": ByTarget(MODEL, null=True), "sde": ByTarget(SDE, null=True),
+    }  # fmt: skip
+
+
+@functools.cache
+def likelihood_schema() -> dict:
+    from diffctl.data import SPLITS
+    from diffctl.likelihood import PROBES, TRACES
+
+    tolerance = "dopri5's tolerance, e.g. 1e-5"
+    return {
+        **COMMON, "split": Choice(*SPLITS), "data_root": PATH_OR_NULL,
+        "num_batches": Int(lo=1, null=True, what="an integer >= 1 or null (the whole split)"),
+        "batch_size": Int(lo=1, what="an integer >= 1"), "trace": Choice(*TRACES), "probe": Choice(*PROBES),
+        "rtol": Float(gt=0, hint=tolerance), "atol": Float(gt=0, hint=tolerance), "seed": SEED, "dequantize": Bool(),
+        "device": DEVICE, "model": ByTarget(MODEL, null=True), "sde": ByTarget(SDE, null=True),
+    }  # fmt: skip
+
+
+@functools.cache
+def fid_stats_schema() -> dict:
+    from diffctl.data import SPLITS
+
+    return {"split": Choice(*SPLITS), "device": DEVICE, "data": _data(), "metrics": _metrics()}
+
+
+@functools.cache
+def export_schema() -> dict:
+    from diffctl.export import FORMATS
+
+    return {"ckpt": COMMON["ckpt"], "use_ema": Bool(), "format": Choice(*FORMATS), "out": PATH_OR_NULL}
+
+
+SCHEMAS = {"train": train_schema, "sample": sample_schema, "likelihood": likelihood_schema,
+           "fid_stats": fid_stats_schema, "export": export_schema}  # fmt: skip
+
+
+def plain(cfg) -> dict:
+    """The config as plain data with interpolations resolved; `???` stays as the mark of a missing value."""
+    if not OmegaConf.is_config(cfg):
+        return cfg
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+
+
+def combinations(data: dict, command: str) -> None:
+    """Rules between keys that PyTorch would otherwise raise about once training started."""
+    optim = data.get("optim") or {}
+    if command == "train" and optim.get("fused") is True and optim.get("foreach") is True:
+        raise ConfigError("optim.fused and optim.foreach must not both be true (PyTorch's Adam runs one kernel or the other), got true and true")
+
+
+def validate(cfg: DictConfig | dict, command: str, where: str | None = None) -> None:
+    """Check a command's config (`command` as in conf/: train, sample, likelihood, fid_stats, export)
+    against its schema; ConfigError naming the first bad key. `where`: appended to the message (a
+    config that came from a file, e.g. the checkpoint a resumed run takes its model from)."""
+    data = plain(cfg)
+    try:
+        check_node(data, SCHEMAS[command](), "", COMMANDS[command])
+        combinations(data, command)
+    except ConfigError as err:
+        if where is None:
+            raise
+        raise ConfigError(f"{err} ({where})") from None
+
+
+def validate_group(cfg, command: str, group: str) -> None:
+    """Check one top-level node (e.g. metrics) of a command's config, named as `group.<key>`."""
+    check_node(plain(cfg), SCHEMAS[command]()[group], group, COMMANDS[command])
