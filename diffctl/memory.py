@@ -20,8 +20,7 @@ import weakref
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode  # its documented home (torch.utils._python_dispatch)
 
 from diffctl.errors import ConfigError
 
@@ -69,7 +68,7 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
+        for t in out if isinstance(out, (tuple, list)) else (out,):  # aten ops return a tensor or a flat tuple/list
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage._cdata
