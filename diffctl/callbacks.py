@@ -22,6 +22,7 @@ from diffctl.images import save_grid, to_uint8
 from diffctl.module import NonFiniteLoss
 from diffctl.rng import GlobalBatchSampler, batches_consumed
 from diffctl.samplers import NonFiniteSamples, generate
+from diffctl.signals import install, restore, signal_name
 
 
 class TrainingInterrupted(DiffctlError):
@@ -76,9 +77,6 @@ class DataPosition(L.Callback):
             sampler = getattr(loader, "batch_sampler", None)
             if isinstance(sampler, GlobalBatchSampler):
                 sampler.seek(batches_consumed(trainer))
-
-
-_SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -144,14 +142,10 @@ class StepCheckpoint(ModelCheckpoint):
         self._forward = getattr(launcher, "kill", None) if trainer.is_global_zero else None
         self._stop_signal = None
         signums = [signal.SIGINT] if self._slurm_requeue else [signal.SIGINT, signal.SIGTERM]
-        for signum in signums:
-            self._previous_handlers[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._on_signal)
+        self._previous_handlers = install(signums, self._on_signal)
 
     def _restore_signal_handlers(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+        restore(self._previous_handlers)
         self._previous_handlers = {}
 
     def _on_signal(self, signum, frame) -> None:
@@ -213,7 +207,7 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_now(trainer)
         run_dir = Path(self.dirpath).parent if self.dirpath else Path(".")
         _stop_all_ranks(trainer, TrainingInterrupted(
-            f"stopped by {_SIGNAL_NAMES.get(signum, signum)} after step {trainer.global_step}; "
+            f"stopped by {signal_name(signum)} after step {trainer.global_step}; "
             f"saved {self._last_checkpoint_saved or self.last_model_path}. "
             f"Continue with: diffctl train resume={run_dir}"
         ))

@@ -152,7 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"diffctl {command}", *rest]
     condense_hydra_errors(multirun=any(arg in ("-m", "--multirun") for arg in rest))
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(user_errors(task))
-    app()
+    if command == "train":  # train handles signals itself once training starts (diffctl.callbacks)
+        app()
+        return 0
+    from diffctl.signals import CommandInterrupted, stop_on_signals
+
+    # Until the command's own handler takes over (diffctl.signals): Hydra's setup, the imports.
+    try:
+        with stop_on_signals(lambda: "it had not started its work and wrote nothing; run the command again"):
+            app()
+    except CommandInterrupted as err:
+        print_error(err)
+        return 1
     return 0
 
 

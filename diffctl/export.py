@@ -15,8 +15,9 @@ from omegaconf import DictConfig
 
 from diffctl.build import EXPORT_FORMAT, EXPORT_VERSION, _build_stored, is_export
 from diffctl.checkpoint import checkpoint_config, denoiser_state, file_sha256, load_checkpoint, resolve_checkpoint
-from diffctl.errors import CheckpointError, ConfigError
+from diffctl.errors import ConfigError
 from diffctl.rundir import claims_run_dir
+from diffctl.signals import interruptible
 
 FORMATS = ("safetensors",)
 
@@ -52,6 +53,11 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _kept(cfg: DictConfig) -> str:
+    return "nothing was exported (an interrupted export leaves no file); run the command again"
+
+
+@interruptible(_kept)  # SIGTERM/SIGINT: one line, exit 1
 @claims_run_dir("export")  # refuses a used run directory, locks it while writing
 def export(cfg: DictConfig) -> dict[str, Any]:
     from safetensors.torch import save_file
@@ -86,7 +92,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     text = json.dumps(meta, indent=2) + "\n"
     # config first: an export whose .safetensors exists is complete
     _write_atomic(config_path, lambda p: p.write_text(text))
-    _write_atomic(weights_path, lambda p: save_file(state, str(p), metadata={"format": EXPORT_FORMAT, "weights": kind}))
+    try:
+        _write_atomic(weights_path, lambda p: save_file(state, str(p), metadata={"format": EXPORT_FORMAT, "weights": kind}))
+    except BaseException:  # failed or interrupted: no config without its weights (it would block the next try)
+        config_path.unlink(missing_ok=True)
+        raise
     digest = file_sha256(weights_path)
     result = {
         "weights_file": str(weights_path),

@@ -9,12 +9,21 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from diffctl.checkpoint import atomic_write
 from diffctl.errors import ConfigError
+from diffctl.memory import check_fid_stats
 from diffctl.metrics import load_detector, ref_source, reference
 from diffctl.rundir import claims_run_dir
 from diffctl.schema import validate
+from diffctl.signals import interruptible
 
 
+def _kept(cfg: DictConfig) -> str:
+    return ("ref_stats.npz was not written, and the reference features are cached (metrics.cache_dir) only once all are "
+            "computed; run the command again to compute them")
+
+
+@interruptible(_kept)  # SIGTERM/SIGINT: one line, exit 1
 @claims_run_dir("fid_stats")  # refuses a used run directory, locks it while writing
 def fid_stats(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
@@ -24,12 +33,14 @@ def fid_stats(cfg: DictConfig) -> dict[str, Any]:
     if cfg.metrics.ref is not None:
         raise ConfigError("fid-stats computes the statistics of data=<dataset> split=<split>; leave metrics.ref unset")
     src = ref_source(cfg.metrics, cfg.data, split=cfg.split)  # config errors before any weights are loaded
+    check_fid_stats(cfg, src)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     detector = load_detector(cfg.metrics, device)
     ref = reference(cfg.metrics, src, detector, device, cfg.metrics.progress_bar)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "ref_stats.npz"
-    np.savez(out, mu=ref.mu.numpy(), sigma=ref.sigma.numpy())  # EDM's reference format: metrics.ref=<this file>
+    # EDM's reference format (metrics.ref=<this file>); complete or absent, also when interrupted
+    atomic_write(out, lambda f: np.savez(f, mu=ref.mu.numpy(), sigma=ref.sigma.numpy()))
     result = {
         "reference": ref.description,
         "images": ref.num_images,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,10 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from diffctl.errors import ConfigError
+from diffctl.memory import check_likelihood
 from diffctl.rundir import claims_run_dir
 from diffctl.samplers.common import Level, denoise, sample_generators
+from diffctl.signals import interruptible
 
 TRACES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -235,6 +238,11 @@ def _stats(values: Tensor) -> tuple[float, float | None]:
     return float(v.mean()), se
 
 
+def _kept(cfg: DictConfig) -> str:
+    return "nothing was written (likelihood.json appears only once every batch is done); run the command again to compute it"
+
+
+@interruptible(_kept)  # SIGTERM/SIGINT: one line, exit 1
 @claims_run_dir("likelihood")  # refuses a used run directory, locks it while writing
 def likelihood(cfg: DictConfig) -> dict[str, Any]:
     """`diffctl likelihood`: NLL of a checkpoint's data split (bits/dim) or of exact mixture samples
@@ -263,6 +271,7 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("a consistency model defines no probability-flow ODE; use a diffusion (ddpm/ncsn) checkpoint")
     check_trace(cfg.trace, cfg.probe, dim)
     device = _device(cfg.device)
+    check_likelihood(cfg, source, device)
     denoiser = source.denoiser.to(device)
 
     if mixture is None:
@@ -338,11 +347,26 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
         result["conventions"] = CONVENTIONS["gmm"]
     if note:
         result["note"] = note
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "x") as f:  # "x": never replace a file
-        f.write(json.dumps(result, indent=2) + "\n")
+    _write_new(out_path, json.dumps(result, indent=2) + "\n")
     _print_table(result, out_path)
     return result
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Write `path`, which must not exist, all at once: a complete temporary file gets the name by a
+    hard link, which fails if the name is taken (never replaces a file) and never shows a partial one."""
+    from diffctl.checkpoint import atomic_write, temporary_path
+
+    tmp = temporary_path(path)
+    atomic_write(tmp, lambda f: f.write(text.encode()))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; choose another hydra.run.dir (nothing is overwritten)") from None
+    except OSError:  # a filesystem without hard links: the existence check above the work stands in
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _dataset(cfg: DictConfig, data_cfg: DictConfig):

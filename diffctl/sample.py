@@ -31,12 +31,14 @@ from diffctl.checkpoint import atomic_write, file_sha256
 from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, save_scatter, to_uint8
+from diffctl.memory import check_sample
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser, is_mixture
 from diffctl.performance import sampling_autocast, speed_up, use_channels_last
 from diffctl.resume_check import check_shards, read_manifest, read_run_config
 from diffctl.rundir import claims_run_dir
 from diffctl.samplers import check_sampler, generate
 from diffctl.sde import VPSDE
+from diffctl.signals import interruptible
 
 TABLE_COLUMNS = ("sampler", "steps", "nfe_per_sample", "num_samples", "time_s", "images_per_s", "weights")
 METRIC_COLUMNS = ("fid", "kid_mean", "is_mean", "sw2", "sw2_floor", "mean_error", "cov_error", "weights_tv")
@@ -230,6 +232,18 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
         os.replace(tmp, path)
 
 
+def _kept(run: Path | DictConfig) -> str:
+    """What an interrupted run (its directory, or the command's config) left, for the line that ends it."""
+    if isinstance(run, DictConfig):
+        run = Path(str(run.resume)).expanduser().resolve() if run.get("resume") else Path(HydraConfig.get().runtime.output_dir)
+    partial = run / PARTIAL
+    if (run / "metrics.json").is_file() and not partial.is_dir():
+        return f"the run had already finished: its outputs are in {run}"
+    done = len({i for f in partial.glob("shard-*.npz") for i in range(*_shard_range(f))}) if partial.is_dir() else 0
+    return f"{done} finished samples are kept in {partial}; continue with: diffctl sample resume={run}"
+
+
+@interruptible(_kept)  # SIGTERM/SIGINT: stops its worker processes too, one line saying how to resume
 @claims_run_dir("sample")  # refuses a used run directory, locks it while writing
 def sample(cfg: DictConfig) -> dict[str, Any]:
     from diffctl.schema import validate
@@ -257,6 +271,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             print(f"Using the newest checkpoint: {ckpt}")
     source = load_source(cfg, ckpt)
     _check_fits(cfg, source)  # before any process is started
+    check_sample(cfg, source, _device(None, cfg.trainer.accelerator))  # memory, before any process is started
     if resuming:  # every finished shard fits this run, before any new sample is made
         done = _check_resume_shards(cfg, source, partial)
     _manifest(out_dir, ckpt, resuming)
@@ -286,19 +301,41 @@ def _spawn(devices: int, cfg: dict, ckpt: str | None, out_dir: str) -> dict[str,
     """Start one worker per device that runs only the sampling (not the Hydra command line again).
     Our own entry point rather than Fabric's ddp_spawn, so each worker imports diffctl (and its
     torchvision shim) before Lightning."""
+    import logging
     import socket
 
     import torch.multiprocessing as mp
+
+    from diffctl.signals import deferred, stop_processes
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(devices, port, cfg, ckpt, out_dir, queue), nprocs=devices, start_method="spawn")
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # "Terminating process ...": reported below
+    context = None
+    try:
+        with deferred():  # a signal while starting is acted on once every started process can be stopped
+            context = mp.start_processes(
+                _worker, args=(devices, port, cfg, ckpt, out_dir, queue), nprocs=devices, start_method="spawn", join=False
+            )
+        while not context.join():  # torch stops the other workers when one fails
+            pass
+    except mp.ProcessExitedException as err:  # ended by a signal or an exit code, not by a Python error
+        how = f"was stopped by {err.signal_name}" if err.signal_name else f"exited with code {err.exit_code}"
+        raise DiffctlError(
+            f"sampling process {err.error_index} (pid {err.error_pid}) {how}; the other processes were stopped; {_kept(Path(out_dir))}"
+        ) from None
+    finally:  # interrupted (SIGTERM/SIGINT of this process) or failed: no worker outlives the command
+        if context is not None:
+            stop_processes(context.processes)
     return queue.get()
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, ckpt: str | None, out_dir: str, queue) -> None:
+    from diffctl.signals import die_on_signals
+
+    die_on_signals()  # SIGTERM/SIGINT end a worker at once (its writes are atomic); the parent reports it
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "NODE_RANK": "0"}
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     result = _run_in_process_group(cfg, ckpt, out_dir)
@@ -423,7 +460,8 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
         except DiffctlError as err:
             metrics_error = err
     if rank == 0:
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(out_dir / "metrics.json", lambda f: f.write(text.encode()))
         _print_table(result, out_dir)
         if metrics_error is None:  # everything is written: the finished batches are no longer needed
             shutil.rmtree(partial, ignore_errors=True)
@@ -535,7 +573,7 @@ def _write_samples(out_dir: Path, images: torch.Tensor, labels: torch.Tensor | N
     arrays = {"samples": samples}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
-    np.savez(out_dir / "samples.npz", **arrays)
+    atomic_write(out_dir / "samples.npz", lambda f: np.savez(f, **arrays))  # complete or absent, also when interrupted
     if mixture is None:
         save_grid(torch.from_numpy(samples[:64]), out_dir / "samples.png")
     elif len(mixture.shape) == 3 and mixture.shape[0] in (1, 3):

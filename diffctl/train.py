@@ -29,6 +29,7 @@ from diffctl.callbacks import DataPosition, SampleGrid, StepCheckpoint, TrainSum
 from diffctl.console import ParamSummary, StepProgressBar, route_library_logs
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
+from diffctl.memory import check_train
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_sampler, sampler_spec
 from diffctl.schema import validate
@@ -152,6 +153,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     }
     with open_dict(cfg):
         cfg.data_shape = shape
+    check_train(cfg, datamodule, shape)  # before the dataset and the network are allocated
 
     sde = build_sde(cfg)
     objective = build_objective(cfg, sde)

@@ -3,7 +3,6 @@ SIGTERM/SIGINT, and NaN/Inf losses (stop and skip)."""
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_ckpt, run_train, subtree, tiny_overrides
+from helpers import load_ckpt, run_train, tiny_overrides
 
 from diffctl.checkpoint import atomic_save, load_checkpoint
 

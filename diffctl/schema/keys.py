@@ -158,7 +158,7 @@ def train_schema() -> dict:
     return {
         "seed": SEED, "conditional": Bool(), "label_dropout": Float(ge=0, lt=1, hint="1 would drop every label"),
         "resume": Text(what="a run directory or .ckpt file", null=True), "progress_bar": Bool(),
-        "nan_policy": Choice(*NAN_POLICIES, sep=" | "), "compile": Bool(),
+        "nan_policy": Choice(*NAN_POLICIES, sep=" | "), "compile": Bool(), "memory_check": Bool(),
         "channels_last": Choice(True, False, "auto", what="true, false or auto"),
         "optimized_metric": Choice("train/loss", null=True),
         "denoiser": {"sigma_data": Float(gt=0), "scale_input": Bool()},
@@ -185,7 +185,7 @@ def sample_schema() -> dict:
     return {
         **COMMON, "steps": Int(lo=1), "num_samples": Int(lo=1), "batch_size": Int(lo=1), "seed": SEED,
         "class_label": Int(lo=0, null=True), "guidance": Float(ge=0, hint="1 = no guidance"), "clip_denoised": Bool(null=True),
-        "precision": Choice(*SAMPLE_PRECISIONS, sep=" | ", as_text=True), "compile": Bool(),
+        "precision": Choice(*SAMPLE_PRECISIONS, sep=" | ", as_text=True), "compile": Bool(), "memory_check": Bool(),
         "channels_last": Choice(True, False, "auto", what="true, false or auto"),
         "resume": Text(what="a `diffctl sample` run directory", null=True),
         "trainer": {"accelerator": Choice("auto", "cpu", "gpu", "cuda", "mps"), "devices": Int(lo=1, hint="processes to sample with")},
@@ -204,7 +204,7 @@ def likelihood_schema() -> dict:
         "num_batches": Int(lo=1, null=True, what="an integer >= 1 or null (the whole split)"),
         "batch_size": Int(lo=1, what="an integer >= 1"), "trace": Choice(*TRACES), "probe": Choice(*PROBES),
         "rtol": Float(gt=0, hint=tolerance), "atol": Float(gt=0, hint=tolerance), "seed": SEED, "dequantize": Bool(),
-        "device": DEVICE, "model": ByTarget(MODEL, null=True), "sde": ByTarget(SDE, null=True),
+        "device": DEVICE, "model": ByTarget(MODEL, null=True), "sde": ByTarget(SDE, null=True), "memory_check": Bool(),
     }  # fmt: skip
 
 
@@ -212,7 +212,7 @@ def likelihood_schema() -> dict:
 def fid_stats_schema() -> dict:
     from diffctl.data import SPLITS
 
-    return {"split": Choice(*SPLITS), "device": DEVICE, "data": _data(), "metrics": _metrics()}
+    return {"split": Choice(*SPLITS), "device": DEVICE, "data": _data(), "metrics": _metrics(), "memory_check": Bool()}
 
 
 @functools.cache

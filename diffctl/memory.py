@@ -1,0 +1,291 @@
+"""Memory estimates made before anything large is allocated, so that a config that cannot fit is
+refused with one line saying what would fit, instead of growing until the kernel kills the process.
+
+Network activations: the network runs once on the meta device (shapes only, no data, no
+arithmetic) under a dispatch mode that adds up the bytes of every op output while it is alive
+(keyed by storage, so views cost nothing; freed when the storage is) and keeps the peak. With a
+backward pass this is what autograd keeps for backward plus the gradients, as an allocator would
+see it, without fragmentation or library workspaces: real use is higher, never much lower
+(tests/test_bad_inputs_signals.py measures it against a real process). Data: the batches a
+DataLoader holds (float32, a list and the stacked batch) and the decoded images of the items in flight.
+
+Refused only when the estimate exceeds `REFUSE_ABOVE` times what is available (MemAvailable on
+CPU, torch.cuda.mem_get_info on GPU), so no config that fits is refused; `memory_check=false` skips it.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # its documented home (torch.utils._python_dispatch)
+
+from diffctl.errors import ConfigError
+
+REFUSE_ABOVE = 1.5  # refuse only what clearly does not fit: real/estimate measured 0.82-1.38 (U-Net, DiT; train, inference)
+ADAM_COPIES = 4  # per parameter in training: the parameter, its gradient's optimizer pair (exp_avg, exp_avg_sq), the EMA
+
+
+class MemoryRefused(ConfigError):
+    """The config needs more memory than the machine has."""
+
+
+def gib(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n / 2**20:.2g} MiB"
+
+
+def available(device: torch.device) -> tuple[int, str] | None:
+    """(free bytes, where the number comes from) for `device`; None when it cannot be read."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0], f"free on {device} (torch.cuda.mem_get_info)"
+        except Exception:  # no driver / not initialised: nothing to compare with
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM (MemAvailable in /proc/meminfo)"
+    except OSError:
+        pass
+    return None
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of op outputs alive at the same time."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):  # aten ops return a tensor or a flat tuple/list
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self._sizes:
+                    self._sizes[key] = storage.nbytes()
+                    self.live += self._sizes[key]
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+
+def _on_meta(net: torch.nn.Module) -> Callable:
+    """net's forward with meta stand-ins for its parameters and buffers (nothing is copied)."""
+    from torch.func import functional_call
+
+    state = {k: torch.empty_like(v, device="meta").requires_grad_(v.requires_grad) for k, v in net.named_parameters()}
+    state.update({k: torch.empty_like(v, device="meta") for k, v in net.named_buffers()})
+    return lambda *args: functional_call(net, state, args, strict=False)
+
+
+def network_bytes(net: torch.nn.Module | Callable, batch: int, shape, num_classes: int, grad: str | None) -> int | None:
+    """Peak activation bytes of one forward of `net` (a module, or a forward already on meta) at
+    `batch` samples of `shape` [C, H, W]; grad: None (inference), "params" (training: backward into
+    the parameters) or "input" (a vector-Jacobian product with respect to the input, as likelihood
+    does). None when the network cannot run on the meta device (then nothing is refused)."""
+    forward = _on_meta(net) if isinstance(net, torch.nn.Module) else net
+    try:
+        x = torch.empty((batch, *shape), device="meta", requires_grad=grad == "input")
+        t = torch.empty((batch,), device="meta")
+        labels = torch.zeros((batch,), dtype=torch.long, device="meta") if num_classes else None
+        mode = _LiveBytes()
+        with mode, torch.set_grad_enabled(grad is not None):
+            out = forward(x, t, labels)
+            if grad == "params":
+                out.float().square().mean().backward()
+            elif grad == "input":
+                torch.autograd.grad(out.sum(), x)
+        return mode.peak
+    except Exception:  # an op without a meta kernel, data-dependent control flow: no estimate
+        return None
+
+
+def batch_bytes(batch: int, shape, workers: int = 0) -> int:
+    """Host memory of the data pipeline: batches in flight (each worker prefetches 2, plus the one
+    in use; float32, as a list of items and as the stacked batch) and each item's decoded pixels
+    (uint8: the resized image and its array copy)."""
+    per_item = math.prod(shape) * (4 * 2 + 2)
+    return (2 * max(workers, 0) + 1) * batch * per_item
+
+
+def largest(value: int, scale: float, power: float, multiple: int = 1) -> int:
+    """The largest value (a multiple of `multiple`) whose cost, growing as value**power, shrinks by `scale`."""
+    return max(int(value * scale ** (1 / power)) // multiple * multiple, 0)
+
+
+def refuse_if_over(parts: dict[str, int], device: torch.device, what: str, fits: Callable[[int], str]) -> None:
+    """Raise MemoryRefused if sum(parts) clearly exceeds what `device` has free; fits(free bytes) says what would fit."""
+    have = available(device)
+    need = sum(parts.values())
+    if have is None or need <= REFUSE_ABOVE * have[0]:
+        return
+    detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
+    try:
+        advice = fits(have[0])
+    except Exception:  # the estimate at other sizes failed: say what is known
+        advice = "use a smaller batch or resolution"
+    raise MemoryRefused(
+        f"{what} needs about {gib(need)} ({detail}), more than the {gib(have[0])} {have[1]}; {advice} "
+        "(memory_check=false skips this check)"
+    )
+
+
+def _split(parts: dict[str, int], device: torch.device, host: dict[str, int], what: str, fits) -> None:
+    """Check `parts` on `device` and `host` in host RAM (all together when the device is the CPU)."""
+    if device.type == "cpu":
+        refuse_if_over({**parts, **host}, device, what, lambda free: fits(free, True))
+    else:
+        refuse_if_over(parts, device, what, lambda free: fits(free, True))
+        refuse_if_over(host, torch.device("cpu"), what, lambda free: fits(free, False))
+
+
+def _largest_batch(total: Callable[[int], int], batch: int, free: int) -> int:
+    """Largest batch whose cost, linear in the batch (fixed + b * per sample), fits in `free`."""
+    b2 = max(batch, 2)
+    t1, t2 = total(1), total(b2)
+    per = (t2 - t1) / (b2 - 1)
+    return int((free - (t1 - per)) // per) if per > 0 else batch
+
+
+def _skip(cfg) -> bool:
+    import os
+
+    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0)  # rank 0 checks, once
+    return cfg.get("memory_check", True) is False or rank > 0
+
+
+# Images the built-in datasets hold in memory (both splits; diffctl.data), and its limit for a resized copy.
+_HELD = {"digits": (1797, 64), "mnist": (70000, 784), "fashion_mnist": (70000, 784), "cifar10": (60000, 3072)}
+
+
+def check_train(cfg, datamodule, shape: dict) -> None:
+    """`diffctl train`: network activations, weights and Adam state at data.batch_size and data.resolution,
+    and the data pipeline; before the dataset or the network is built."""
+    if _skip(cfg):
+        return
+    from diffctl.build import instantiate_config
+    from diffctl.data import ArrayImageDataset
+    from diffctl.performance import accelerator_type
+
+    device = torch.device(accelerator_type(cfg.trainer.get("accelerator", "auto")))
+    devices = cfg.trainer.get("devices", 1)
+    procs = devices if device.type == "cpu" and isinstance(devices, int) and devices > 0 else 1
+    batch, res, c, k = datamodule.batch_size, datamodule.resolution, datamodule.channels, shape["num_classes"]
+    copies = ADAM_COPIES + (cfg.objective.get("name") == "consistency")  # + the target network
+    half = "16" in str(cfg.trainer.get("precision", "32"))
+
+    def device_parts(b: int, r: int) -> dict[str, int]:
+        with torch.device("meta"):
+            net = instantiate_config(cfg.model, "model", in_channels=c, resolution=r, num_classes=k)
+        act = (network_bytes(net, b, (c, r, r), k, "params") or 0) // (2 if half else 1)
+        weights = sum(p.numel() * p.element_size() for p in net.parameters()) * copies
+        return {"network activations": act * procs, "weights and optimizer state": weights * procs}
+
+    def host_parts(b: int, r: int) -> dict[str, int]:
+        n, native = _HELD.get(datamodule.name, (0, 0))
+        held = n * native + min(n * c * r * r, ArrayImageDataset.PRESIZE_LIMIT_BYTES)
+        return {"data": (batch_bytes(b, (c, r, r), datamodule.num_workers) + held) * procs}
+
+    def fits(free: int, on_device: bool) -> str:
+        part = device_parts if on_device else host_parts
+        def total(b, r=res):
+            return sum(part(b, r).values()) + (sum(host_parts(b, r).values()) if on_device and device.type == "cpu" else 0)
+        most = _largest_batch(total, batch, free)
+        text = f"at data.resolution={res} at most data.batch_size={most} fits" if most >= 1 else \
+            f"at data.resolution={res} not even data.batch_size=1 fits"
+        def need(r: int) -> float:
+            try:
+                return total(batch, r)
+            except Exception:  # e.g. a resolution the network does not take
+                return math.inf
+
+        # Activations and data grow at least as resolution**2 (attention faster): scale down until it
+        # fits, then bisect between that and the last size that did not (multiples of 8).
+        high, r = res, res
+        for _ in range(12):
+            n = need(r)
+            if n <= free or r < 8:
+                break
+            high, r = r, largest(r, free / n if n < math.inf else 0.25, 2, 8)
+        for _ in range(8):
+            mid = (r + high) // 16 * 8
+            if r < 8 or mid <= r:
+                break
+            r, high = (mid, high) if need(mid) <= free else (r, mid)
+        return text + (f"; about data.resolution={r} fits at data.batch_size={batch}" if r >= 8 else "")
+
+    _split(device_parts(batch, res), device, host_parts(batch, res), f"training at data.resolution={res} with data.batch_size={batch}", fits)
+
+
+def _batch_fits(total: Callable[[int], int], key: str, batch: int) -> Callable[[int, bool], str]:
+    def fits(free: int, on_device: bool) -> str:
+        most = _largest_batch(total, batch, free)
+        return f"at most {key}={most} fits" if most >= 1 else f"not even {key}=1 fits: free memory or use a machine with more"
+    return fits
+
+
+def _procs(cfg, device: torch.device) -> int:
+    devices = cfg.trainer.get("devices", 1) if cfg.get("trainer") is not None else 1
+    return devices if device.type == "cpu" and isinstance(devices, int) and devices > 0 else 1
+
+
+def check_sample(cfg, source, device: torch.device) -> None:
+    """`diffctl sample`: one batch through the network (twice with guidance), the sampler's state, and
+    every sample held on the host until samples.npz is written."""
+    if _skip(cfg) or source.mixture is not None:
+        return
+    shape, dim, k = tuple(source.shape), math.prod(source.shape), source.num_classes
+    guided = 2 if float(cfg.guidance) != 1.0 else 1
+    procs = _procs(cfg, device)
+    batch = min(cfg.batch_size, -(-cfg.num_samples // procs))  # no batch is larger than a process's share
+
+    def parts(b: int) -> dict[str, int]:
+        act = network_bytes(source.denoiser.net, b * guided, shape, k, None) or 0
+        return {"network activations": act * procs, "sampler state": 6 * b * dim * 4 * procs}  # x, eps, x0, history
+
+    host = {"samples": 3 * cfg.num_samples * dim}  # uint8: per batch, concatenated, gathered for the file
+    total = lambda b: sum(parts(b).values()) + (sum(host.values()) if device.type == "cpu" else 0)  # noqa: E731
+    _split(parts(batch), device, host, f"sampling with batch_size={batch}", _batch_fits(total, "batch_size", batch))
+
+
+def check_likelihood(cfg, source, device: torch.device) -> None:
+    """`diffctl likelihood`: a forward and a vector-Jacobian product per ODE evaluation, dopri5's stages."""
+    if _skip(cfg) or source.mixture is not None:
+        return
+    shape, dim, k = tuple(source.shape), math.prod(source.shape), source.num_classes
+
+    def parts(b: int) -> dict[str, int]:
+        act = network_bytes(source.denoiser.net, b, shape, k, "input") or 0
+        return {"network activations": act, "ODE state": 10 * b * dim * 4, "data": batch_bytes(b, shape)}
+
+    total = lambda b: sum(parts(b).values())  # noqa: E731
+    _split(parts(cfg.batch_size), device, {}, f"likelihood with batch_size={cfg.batch_size}",
+           _batch_fits(total, "batch_size", cfg.batch_size))
+
+
+def check_fid_stats(cfg, src: dict) -> None:
+    """`diffctl fid-stats`: the images of one detector batch decoded at data.resolution."""
+    if _skip(cfg) or not isinstance(src, dict):
+        return
+    batch, res, c = cfg.metrics.batch_size, src["resolution"], src["channels"]
+    parts = {"data": batch_bytes(batch, (c, res, res))}
+
+    def fits(free: int, on_device: bool) -> str:
+        r = largest(res, free / parts["data"], 2)
+        return f"about data.resolution={r} fits at metrics.batch_size={batch}" if r >= 1 else "free memory"
+
+    _split(parts, torch.device("cpu"), {}, f"reference features at data.resolution={res}", fits)
