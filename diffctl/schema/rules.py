@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from typing import Any
 
 MISSING = "???"  # OmegaConf's mark of a required value that was not given
@@ -32,17 +33,19 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-class Rule:
+class Rule(ABC):
     """A leaf: `problem(value)` is None when the value is allowed, else what it must be."""
 
     def __init__(self, null: bool = False, hint: str | None = None, what: str | None = None):
         self.null, self.hint, self.what_text = null, hint, what
 
-    def describe(self) -> str:  # the type (and range), e.g. "a number in [0, 1)"
-        raise NotImplementedError
+    @abstractmethod
+    def describe(self) -> str:
+        """The type (and range), e.g. "a number in [0, 1)"."""
 
-    def bad(self, value) -> str | None:  # value is not None here
-        raise NotImplementedError
+    @abstractmethod
+    def bad(self, value) -> str | None:
+        """None when the (non-null) value is allowed, else what it must be."""
 
     def _full(self, text: str) -> str:
         text = self.what_text or text
