@@ -191,6 +191,23 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     _fsync_dir(target.parent)  # make the rename itself durable
 
 
+def atomic_create(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """atomic_write of a file that must not exist: the complete temporary file gets its name by a
+    hard link, which fails (FileExistsError) if the name is taken meanwhile, so it never replaces a
+    file. On a filesystem without hard links it is renamed (the caller's check before any work stands)."""
+    target = Path(path)
+    tmp = temporary_path(target)
+    atomic_write(tmp, write)
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save(obj, path), atomically."""
     atomic_write(path, lambda f: torch.save(obj, f))

@@ -6,7 +6,6 @@ from it; loading reads tensors and JSON only (no pickle), see diffctl.build.load
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffctl.build import EXPORT_FORMAT, EXPORT_VERSION, _build_stored, is_export
-from diffctl.checkpoint import checkpoint_config, denoiser_state, file_sha256, load_checkpoint, resolve_checkpoint
+from diffctl.checkpoint import atomic_create, checkpoint_config, denoiser_state, file_sha256, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
 from diffctl.rundir import claims_run_dir
 from diffctl.signals import interruptible
@@ -37,20 +36,11 @@ def _targets(cfg: DictConfig) -> tuple[Path, Path]:
     return base.with_suffix(".safetensors"), base.with_suffix(".json")
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _write_new(path: Path, data: bytes) -> None:
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        try:  # a hard link, unlike os.replace, never replaces a file that appeared meanwhile (another export)
-            os.link(tmp, path)
-        except FileExistsError:
-            raise ConfigError(f"{path} appeared while exporting (another process wrote it); choose another out= (nothing is overwritten)") from None
-        except OSError:  # a filesystem without hard links: the check before any work stands
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_create(path, lambda f: f.write(data))
+    except FileExistsError:
+        raise ConfigError(f"{path} appeared while exporting (another process wrote it); choose another out= (nothing is overwritten)") from None
 
 
 def _kept(cfg: DictConfig) -> str:
@@ -60,7 +50,7 @@ def _kept(cfg: DictConfig) -> str:
 @interruptible(_kept)  # SIGTERM/SIGINT: one line, exit 1
 @claims_run_dir("export")  # refuses a used run directory, locks it while writing
 def export(cfg: DictConfig) -> dict[str, Any]:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from diffctl.schema import validate
 
@@ -91,9 +81,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta, indent=2) + "\n"
     # config first: an export whose .safetensors exists is complete
-    _write_atomic(config_path, lambda p: p.write_text(text))
+    _write_new(config_path, text.encode())
     try:
-        _write_atomic(weights_path, lambda p: save_file(state, str(p), metadata={"format": EXPORT_FORMAT, "weights": kind}))
+        _write_new(weights_path, save(state, metadata={"format": EXPORT_FORMAT, "weights": kind}))
     except BaseException:  # failed or interrupted: no config without its weights (it would block the next try)
         config_path.unlink(missing_ok=True)
         raise

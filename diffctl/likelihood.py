@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,20 +352,13 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _write_new(path: Path, text: str) -> None:
-    """Write `path`, which must not exist, all at once: a complete temporary file gets the name by a
-    hard link, which fails if the name is taken (never replaces a file) and never shows a partial one."""
-    from diffctl.checkpoint import atomic_write, temporary_path
+    """Write `path`, which must not exist, all at once (never a partial file, never over another)."""
+    from diffctl.checkpoint import atomic_create
 
-    tmp = temporary_path(path)
-    atomic_write(tmp, lambda f: f.write(text.encode()))
     try:
-        os.link(tmp, path)
+        atomic_create(path, lambda f: f.write(text.encode()))
     except FileExistsError:
         raise ConfigError(f"{path} already exists; choose another hydra.run.dir (nothing is overwritten)") from None
-    except OSError:  # a filesystem without hard links: the existence check above the work stands in
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _dataset(cfg: DictConfig, data_cfg: DictConfig):

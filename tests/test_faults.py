@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import load_ckpt, run_train, tiny_overrides
 
-from diffctl.checkpoint import atomic_save, load_checkpoint
+from diffctl.checkpoint import atomic_create, atomic_save, load_checkpoint
 
 CKPT_NAME = re.compile(r"^(step_\d{7}|last)\.ckpt$")
 TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")
@@ -362,3 +362,15 @@ def test_unknown_nan_policy_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("nan_policy must be one of stop | skip, got 'ignore'")):
         run_train(tmp_path, [*tiny_overrides("unet"), "nan_policy=ignore"])
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_atomic_create_never_replaces_a_file_and_leaves_no_temporary(tmp_path):
+    """likelihood.json and exports are made with atomic_create: a name taken meanwhile (another
+    process) is an error, the file there keeps its bytes, and no temporary is left behind."""
+    target = tmp_path / "result.json"
+    atomic_create(target, lambda f: f.write(b"first"))
+    assert target.read_bytes() == b"first"
+    with pytest.raises(FileExistsError):
+        atomic_create(target, lambda f: f.write(b"second"))
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
