@@ -36,6 +36,7 @@ from diffctl.schema import validate
 from diffctl.module import DiffusionModule
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
 from diffctl.rundir import claims_run_dir
+from diffctl.sharding import check_sharding, is_sharded, sharded_trainer_kwargs
 
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
 MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout")
@@ -136,6 +137,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     if is_mixture(cfg.get("model")):
         raise ConfigError("model=gmm is the analytic Gaussian mixture: it has nothing to train; sample from it with `diffctl sample model=gmm`")
     ckpt_path = _apply_resume(cfg)
+    check_sharding(cfg)
     grid_sampler = sampler_spec(cfg.sample_grid.sampler)
     check_sampler(grid_sampler, key="sample_grid.sampler")  # the combinations of options the schema cannot express
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -190,7 +192,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     # takes the online network's memory layout: in another layout the same RNG state gives other
     # dropout masks (measured on CPU, where channels_last is the default). A compiled online network
     # draws its masks with inductor's own generator, so compile=true does not share them.
-    channels_last = use_channels_last(cfg.get("channels_last", False), accelerator_type(cfg.trainer.get("accelerator", "auto")))
+    # FSDP flattens each unit's weights into one contiguous tensor: auto means NCHW there.
+    channels_last = not is_sharded(cfg.trainer) and use_channels_last(
+        cfg.get("channels_last", False), accelerator_type(cfg.trainer.get("accelerator", "auto")))
     speed_up(denoiser.net, channels_last, cfg.get("compile", False))
     if module.target is not None:
         speed_up(module.target.net, channels_last)
@@ -237,6 +241,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         enable_progress_bar=bool(cfg.progress_bar),
         enable_model_summary=False,  # ParamSummary above, when trainer.enable_model_summary
         plugins=[AtomicCheckpointIO()],  # every checkpoint file written to a temporary and renamed
+        **sharded_trainer_kwargs(cfg.trainer),  # trainer.strategy=fsdp: diffctl's FSDP wrapping (diffctl/sharding.py)
     )
     environ = dict(os.environ)
     try:
