@@ -5,7 +5,7 @@ DDP keeps a whole copy of the weights, gradients, Adam moments and EMA on every 
 
 How diffctl wraps the module (`ShardedStrategy`):
 - every `Denoiser` (the online network, its EMA copy, the consistency target) is an FSDP unit, and
-  so is every block class in `BLOCK_CLASSES` inside it, so only one block is unsharded at a time;
+  so is every DiT block inside it (`block_classes`), so only one block's weights are whole at a time;
 - `use_orig_params=False`: each unit's parameters are one flat tensor, sharded the same way in the
   online network and its EMA copy (same module tree, same parameter order and shapes), so the EMA
   update stays one elementwise lerp between matching local shards (module.ParameterAverage);
@@ -29,12 +29,13 @@ SHARDED = "fsdp"  # the trainer.strategy value diffctl shards with
 
 
 def block_classes() -> set[type]:
-    """The module classes wrapped as their own FSDP unit (plus the Denoiser around them)."""
+    """The module classes wrapped as their own FSDP unit. DiT blocks each are one; a U-Net is one unit
+    with its Denoiser (its forward tells its blocks apart by class, which a wrapper would hide; the
+    U-Nets here are small next to a DiT-XL)."""
     from diffctl.denoiser import Denoiser
     from diffctl.networks.dit import DiTBlock
-    from diffctl.networks.unet import AttnBlock, ResBlock
 
-    return {Denoiser, DiTBlock, ResBlock, AttnBlock}
+    return {Denoiser, DiTBlock}
 
 
 class ShardedStrategy(FSDPStrategy):
@@ -114,9 +115,6 @@ def check_sharding(cfg) -> None:
     if cfg.get("channels_last") is True:
         raise ConfigError(f"channels_last=true cannot be kept with {why}: FSDP stores each unit's weights as one flat "
                           "tensor, so they are always contiguous (NCHW); set channels_last=auto or false")
-    if cfg.model.get("gradient_checkpointing", False):
-        raise ConfigError(f"model.gradient_checkpointing=true is not supported with {why} (the recomputed blocks are "
-                          "FSDP units); set model.gradient_checkpointing=false or use trainer.strategy=ddp")
     if cfg.objective.get("teacher"):
         raise ConfigError(f"objective.teacher (consistency distillation) is not supported with {why}: the teacher "
                           "would be sharded but is called outside the module's forward; use trainer.strategy=ddp")

@@ -103,6 +103,9 @@ def _quiet_expected_warnings() -> None:
     # Lightning warns when an epoch has fewer batches than log_every_n_steps, as if logging restarted each
     # epoch; it counts optimizer steps over the whole run, so step-based runs log every n steps regardless.
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    # FSDP's optimizer-state gather on gloo (CPU processes) asks torch for a deprecated default device.
+    warnings.filterwarnings("ignore", message=r".*`_get_pg_default_device` will be deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*Multiple backends are registered with this ProcessGroup.*")
 
 
 def init_from_teacher(student, teacher) -> None:

@@ -4,16 +4,17 @@ batch, EMA, exact resume, sample grids, and the checkpoint read by `diffctl samp
 import socket
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from helpers import load_ckpt, run_cli, run_sample, run_train, subtree, tiny_overrides
+from helpers import compose_train, load_ckpt, run_cli, run_sample, run_train, subtree, tiny_overrides
 
 from diffctl.errors import ConfigError
 
 STEPS = 4
 COMMON = [*tiny_overrides("dit"), f"trainer.max_steps={STEPS}", "optim.warmup_steps=0", "optim.lr=1e-3",
           "checkpoint.every_n_steps=2", "trainer.gradient_clip_val=0.05"]  # clipping active: the FSDP norm is over all shards
-FSDP = ["trainer.accelerator=cpu", "trainer.strategy=fsdp", "trainer.devices=2", "data.batch_size=8"]
+FSDP = ["trainer=fsdp_cpu", "data.batch_size=8"]  # 2 gloo processes x 8 = the single process's batch of 16
 NO_METRICS = ["metrics.names=[]"]
 
 
@@ -59,6 +60,9 @@ def test_fsdp_two_processes_match_one_process_on_the_same_global_batch(runs):
     # Only rank 0 writes: one run directory with one set of checkpoints and grids.
     assert sorted(p.name for p in (sharded / "checkpoints").iterdir()) == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
     assert sorted(p.name for p in (sharded / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    # The grid is sampled from the sharded EMA weights: the single process's grid, to an 8-bit level.
+    grids = [np.asarray(Image.open(run / "samples" / "step_0000004.png")).astype(int) for run in (single, sharded)]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 1
 
 
 def test_fsdp_resume_equals_the_uninterrupted_run(runs):
@@ -84,8 +88,9 @@ def test_fsdp_checkpoint_samples_and_exports_like_any_other(runs, tmp_path):
     run_sample(tmp_path / "sharded", [f"ckpt={sharded}", *common])
     a, b = (np.load(tmp_path / d / "samples.npz")["samples"].astype(int) for d in ("single", "sharded"))
     assert a.shape == (4, 8, 8, 1) and np.abs(a - b).max() <= 1  # weights equal to 1e-5: at most one 8-bit level apart
-    out = run_cli(["export", f"ckpt={sharded}", f"out={tmp_path / 'export' / 'model.safetensors'}"], tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
+    from diffctl.export import export
+
+    export(compose_train(tmp_path / "export", [f"ckpt={sharded}", f"out={tmp_path / 'export' / 'model.safetensors'}"], "export"))
     denoiser, _, weights = load_export(tmp_path / "export" / "model.safetensors")
     assert weights == "ema"
     ema = subtree(_state(sharded), "ema.")
@@ -93,9 +98,61 @@ def test_fsdp_checkpoint_samples_and_exports_like_any_other(runs, tmp_path):
         assert torch.equal(v, ema[k]), k
 
 
-@pytest.mark.parametrize("override, key", [("compile=true", "compile"), ("channels_last=true", "channels_last"),
-                                           ("model.gradient_checkpointing=true", "model.gradient_checkpointing")])
-def test_fsdp_refuses_what_it_cannot_shard_in_one_line(tmp_path, override, key):
-    with pytest.raises(ConfigError, match=rf"^{key}=true .*trainer.strategy=fsdp") as err:
-        run_train(tmp_path / "run", [*COMMON, "trainer.strategy=fsdp", "trainer.accelerator=cpu", override])
+@pytest.mark.parametrize("overrides, key", [
+    (["compile=true"], "compile=true"),
+    (["channels_last=true"], "channels_last=true"),
+    (["objective=consistency", "objective.teacher=teacher.ckpt"], "objective.teacher"),  # refused before it is read
+])
+def test_fsdp_refuses_what_it_cannot_shard_in_one_line(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{key} .*trainer.strategy=fsdp") as err:
+        run_train(tmp_path / "run", [*COMMON, "trainer=fsdp_cpu", *overrides])
     assert "\n" not in str(err.value)
+
+
+def test_fsdp_cpu_offload_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trainer.strategy=fsdp_cpu_offload is not supported") as err:
+        run_train(tmp_path / "run", [*COMMON, "trainer.strategy=fsdp_cpu_offload"])
+    assert "\n" not in str(err.value)
+
+
+def test_bench_memory_counts_the_units_fsdp_makes(tmp_path):
+    """scripts/bench_memory.py's per-unit counts against the flat parameters FSDP itself builds with
+    diffctl's wrap rule (one process group of 1), and its DiT sizes against the DiT paper."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from diffctl.denoiser import Denoiser
+    from diffctl.networks import DiT
+    from diffctl.sde import VPSDE
+    from diffctl.sharding import block_classes
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    spec = importlib.util.spec_from_file_location("bench_memory", scripts / "bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    net = DiT(in_channels=1, resolution=8, patch_size=2, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+    counted = sorted(bench.fsdp_units(net))  # before FSDP replaces the parameters by flat ones
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        # As in training: the root (the LightningModule there) owns no parameters, the Denoiser is a unit.
+        root = torch.nn.ModuleDict({"denoiser": Denoiser(net, VPSDE())})
+        wrapped = FullyShardedDataParallel(root, auto_wrap_policy=ModuleWrapPolicy(block_classes()),
+                                           use_orig_params=False, device_id=torch.device("cpu"))
+        flat = sorted(p.numel() for p in wrapped.parameters())  # one flat parameter per unit, unpadded at N=1
+    finally:
+        dist.destroy_process_group()
+    assert counted == flat and len(flat) == 3 + 1  # a unit per block and the rest
+
+    report = bench.main(["--quick", "--out", str(tmp_path / "m.json")])
+    assert round(report["params"] / 1e6) == 33  # DiT-S/2: 33 M parameters (Peebles & Xie 2023, Table 4)
+    rows = {(r["strategy"], r["world_size"]): r for r in report["rows"]}
+    assert rows["fsdp", 1]["total_mib"] == rows["ddp", 1]["total_mib"] == rows["ddp", 8]["total_mib"]
+    assert rows["fsdp", 8]["model_state_mib"] == pytest.approx(rows["ddp", 1]["model_state_mib"] / 8, rel=1e-3)
+    assert rows["fsdp", 2]["activations_mib"] == rows["ddp", 2]["activations_mib"] > 0
