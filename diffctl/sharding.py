@@ -120,6 +120,23 @@ def check_sharding(cfg) -> None:
                           "would be sharded but is called outside the module's forward; use trainer.strategy=ddp")
 
 
+def check_resume(ckpt: dict[str, Any], trainer_cfg, path) -> None:
+    """A checkpoint's optimizer state is keyed by parameter name under FSDP and by index otherwise.
+    FSDP fails on index-keyed state with a traceback; the other way torch.optim would pair names with
+    parameters by position, unchecked. Both are refused in one line before anything is built."""
+    states = ckpt.get("optimizer_states") or [{}]
+    state = states[0].get("state") or {} if isinstance(states[0], dict) else {}
+    if not state:
+        return
+    by_name = isinstance(next(iter(state)), str)
+    if by_name and not is_sharded(trainer_cfg):
+        raise ConfigError(f"resume={path} was trained with trainer.strategy=fsdp, whose optimizer state only FSDP reads; "
+                          "resume with trainer=fsdp or trainer.strategy=fsdp (`diffctl sample`/`export` read it either way)")
+    if not by_name and is_sharded(trainer_cfg):
+        raise ConfigError(f"resume={path} was trained without FSDP, whose optimizer state trainer.strategy=fsdp cannot "
+                          "read; resume with the strategy it was trained with (`diffctl sample`/`export` read it either way)")
+
+
 def sharded_trainer_kwargs(trainer_cfg) -> dict[str, Any]:
     """Trainer arguments replacing the strategy string with diffctl's FSDP strategy."""
     return {"strategy": ShardedStrategy()} if is_sharded(trainer_cfg) else {}

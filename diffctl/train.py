@@ -36,7 +36,7 @@ from diffctl.schema import validate
 from diffctl.module import DiffusionModule
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
 from diffctl.rundir import claims_run_dir
-from diffctl.sharding import check_sharding, is_sharded, sharded_trainer_kwargs
+from diffctl.sharding import check_resume, check_sharding, is_sharded, sharded_trainer_kwargs
 
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
 MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout")
@@ -48,7 +48,9 @@ def _apply_resume(cfg: DictConfig) -> Path | None:
     if not cfg.get("resume"):
         return None
     path = resolve_checkpoint(cfg.resume, "resume")
-    stored = checkpoint_config(load_checkpoint(path, "resume"), path)
+    ckpt = load_checkpoint(path, "resume")
+    check_resume(ckpt, cfg.trainer, path)  # FSDP and the other strategies store Adam's state differently
+    stored = checkpoint_config(ckpt, path)
     check_stored_targets(stored, path)  # the stored config is instantiated below: only diffctl classes
     with open_dict(cfg):
         for key in MODEL_KEYS:

@@ -45,6 +45,7 @@ def _state(run, name="last.ckpt"):
     return load_ckpt(run / "checkpoints" / name)["state_dict"]  # torch.load(weights_only=True)
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one_process_on_the_same_global_batch(runs):
     single, sharded, _ = runs
     a, b = _state(single), _state(sharded)
@@ -52,11 +53,12 @@ def test_fsdp_two_processes_match_one_process_on_the_same_global_batch(runs):
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     moved = max(float((a[k] - a["ema." + k[len("denoiser."):]]).abs().max()) for k in a if k.startswith("denoiser."))
     assert moved > 0
-    # Gradients are reduce-scattered in another summation order: equal up to float rounding.
+    # Gradients are reduce-scattered in another summation order: equal up to float rounding (measured
+    # 1.5e-8 at most; the gradient clipped by one shard's norm instead of the global one is 1.9e-5 off).
     for prefix in ("denoiser.", "ema."):
         wa, wb = subtree(a, prefix), subtree(b, prefix)
         for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
     # Only rank 0 writes: one run directory with one set of checkpoints and grids.
     assert sorted(p.name for p in (sharded / "checkpoints").iterdir()) == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
     assert sorted(p.name for p in (sharded / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
@@ -65,6 +67,7 @@ def test_fsdp_two_processes_match_one_process_on_the_same_global_batch(runs):
     assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 1
 
 
+@pytest.mark.slow
 def test_fsdp_resume_equals_the_uninterrupted_run(runs):
     _, sharded, resumed = runs
     whole, cont = load_ckpt(sharded / "checkpoints" / "last.ckpt"), load_ckpt(resumed / "checkpoints" / "last.ckpt")
@@ -79,6 +82,7 @@ def test_fsdp_resume_equals_the_uninterrupted_run(runs):
             assert torch.equal(states[1][name][key], states[0][name][key]), (name, key)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_samples_and_exports_like_any_other(runs, tmp_path):
     from diffctl.build import load_export
 
@@ -156,3 +160,13 @@ def test_bench_memory_counts_the_units_fsdp_makes(tmp_path):
     assert rows["fsdp", 1]["total_mib"] == rows["ddp", 1]["total_mib"] == rows["ddp", 8]["total_mib"]
     assert rows["fsdp", 8]["model_state_mib"] == pytest.approx(rows["ddp", 1]["model_state_mib"] / 8, rel=1e-3)
     assert rows["fsdp", 2]["activations_mib"] == rows["ddp", 2]["activations_mib"] > 0
+
+
+@pytest.mark.slow
+def test_resume_across_fsdp_and_other_strategies_is_one_line(runs, tmp_path):
+    single, sharded, _ = runs
+    for source, trainer, said in ((sharded, "trainer=cpu", "was trained with trainer.strategy=fsdp"),
+                                  (single, "trainer=fsdp_cpu", "was trained without FSDP")):
+        with pytest.raises(ConfigError, match=rf"^resume=.* {said}, .*resume with") as err:
+            run_train(tmp_path / source.name, [*COMMON, trainer, f"resume={source}", "trainer.max_steps=6"])
+        assert "\n" not in str(err.value)
