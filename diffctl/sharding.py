@@ -122,8 +122,9 @@ def check_sharding(cfg) -> None:
 
 def check_resume(ckpt: dict[str, Any], trainer_cfg, path) -> None:
     """A checkpoint's optimizer state is keyed by parameter name under FSDP and by index otherwise.
-    FSDP fails on index-keyed state with a traceback; the other way torch.optim would pair names with
-    parameters by position, unchecked. Both are refused in one line before anything is built."""
+    Either way the load fails with a traceback (FSDP cannot re-key index-keyed state of flat
+    parameters; torch.optim pairs the names with parameters by position and meets a shape mismatch),
+    so both are refused in one line before anything is built."""
     states = ckpt.get("optimizer_states") or [{}]
     state = states[0].get("state") or {} if isinstance(states[0], dict) else {}
     if not state:
