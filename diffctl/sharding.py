@@ -56,7 +56,11 @@ class ShardedStrategy(FSDPStrategy):
         """Lightning's full-state-dict context, except that on CPU processes nothing is "offloaded to
         the CPU": FSDP's offload of a tensor already there frees the storage it still views
         (torch 2.13: "setStorage ... out of bounds for storage of size 0")."""
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import (
+            FullOptimStateDictConfig,
+            FullStateDictConfig,
+            StateDictType,
+        )
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         offload = self.root_device.type != "cpu"

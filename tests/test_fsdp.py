@@ -4,10 +4,18 @@ batch, EMA, exact resume, sample grids, and the checkpoint read by `diffctl samp
 import socket
 
 import numpy as np
-from PIL import Image
 import pytest
 import torch
-from helpers import compose_train, load_ckpt, run_cli, run_sample, run_train, subtree, tiny_overrides
+from helpers import (
+    compose_train,
+    load_ckpt,
+    run_cli,
+    run_sample,
+    run_train,
+    subtree,
+    tiny_overrides,
+)
+from PIL import Image
 
 from diffctl.errors import ConfigError
 
@@ -35,7 +43,7 @@ def runs(tmp_path_factory):
     """(single-process run, 2-process FSDP run, FSDP run resumed from the other's step-2 checkpoint)."""
     root = tmp_path_factory.mktemp("fsdp")
     single, sharded, resumed = root / "single", root / "sharded", root / "resumed"
-    run_train(single, [*COMMON, "data.batch_size=16", "channels_last=false"])  # FSDP weights are NCHW
+    run_train(single, [*COMMON, "data.batch_size=16", "channels_last=false"])  # the layout FSDP keeps (NCHW)
     _fsdp([f"hydra.run.dir={sharded}", "sample_grid.every_n_steps=2"], root)
     _fsdp([f"hydra.run.dir={resumed}", f"resume={sharded / 'checkpoints' / 'step_0000002.ckpt'}"], root)
     return single, sharded, resumed
