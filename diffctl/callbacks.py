@@ -22,6 +22,7 @@ from diffctl.images import save_grid, to_uint8
 from diffctl.module import NonFiniteLoss
 from diffctl.rng import GlobalBatchSampler, batches_consumed
 from diffctl.samplers import NonFiniteSamples, generate
+from diffctl.sharding import strategy_is_sharded
 from diffctl.signals import install, restore, signal_name
 
 
@@ -241,9 +242,13 @@ class SampleGrid(L.Callback):
         if trainer.global_step != self._last_step:
             self._write(trainer, pl_module)
 
-    @rank_zero_only
     def _write(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
+        # Rank 0 samples and writes. Under FSDP every rank samples the same grid (each EMA forward
+        # gathers the weight shards from all ranks, so all must call it); rank 0 alone writes it.
+        everyone = strategy_is_sharded(trainer) and trainer.world_size > 1
+        if not (trainer.is_global_zero or everyone):
+            return
         dm = trainer.datamodule
         labels = None
         if pl_module.conditional:
@@ -260,7 +265,10 @@ class SampleGrid(L.Callback):
                 device=pl_module.device,
             )
         except NonFiniteSamples as err:  # a preview: training goes on, the run says why there is no grid
-            print(f"warning: no sample grid at step {trainer.global_step}: {err}")
+            if trainer.is_global_zero:
+                print(f"warning: no sample grid at step {trainer.global_step}: {err}")
+            return
+        if not trainer.is_global_zero:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{trainer.global_step:07d}.png"

@@ -194,8 +194,15 @@ class ParamSummary(ModelSummary):
     """Lightning's model summary as a rich table, without its FLOPs column when FLOPs were not measured
     (Lightning counts them only for modules with an example_input_array; otherwise every entry is 0)."""
 
-    @staticmethod
-    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+    _shards_of = 0  # under trainer.strategy=fsdp: the number of processes the counts are 1/N shards of
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        self._shards_of = trainer.world_size if isinstance(trainer.strategy, FSDPStrategy) else 0
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
                   total_flops=0, **kwargs) -> None:  # fmt: skip
         from lightning.pytorch.utilities.model_summary import get_human_readable_count
         from rich.table import Table
@@ -211,4 +218,6 @@ class ParamSummary(ModelSummary):
                 f"{get_human_readable_count(frozen)} non-trainable (EMA/target copies), {model_size:.2f} MB in all")  # fmt: skip
         if total_flops:
             line += f", {get_human_readable_count(total_flops)} FLOPs"
+        if self._shards_of:
+            line += f" on this device (FSDP: each of the {self._shards_of} processes holds a 1/{self._shards_of} shard)"
         console.print(line, highlight=False)

@@ -187,12 +187,16 @@ def check_train(cfg, datamodule, shape: dict) -> None:
     batch, res, c, k = datamodule.batch_size, datamodule.resolution, datamodule.channels, shape["num_classes"]
     copies = ADAM_COPIES + (cfg.objective.get("name") == "consistency")  # + the target network
     half = "16" in str(cfg.trainer.get("precision", "32"))
+    # trainer.strategy=fsdp: each device holds 1/N of the weights and optimizer state (N processes in
+    # all); the unit gathered while it runs is left out (one DiT block: under 4% of DiT-XL/2).
+    world = devices * cfg.trainer.get("num_nodes", 1) if isinstance(devices, int) and devices > 0 else 1
+    shards = world if cfg.trainer.get("strategy") == "fsdp" else 1
 
     def device_parts(b: int, r: int) -> dict[str, int]:
         with torch.device("meta"):
             net = instantiate_config(cfg.model, "model", in_channels=c, resolution=r, num_classes=k)
         act = (network_bytes(net, b, (c, r, r), k, "params") or 0) // (2 if half else 1)
-        weights = sum(p.numel() * p.element_size() for p in net.parameters()) * copies
+        weights = sum(p.numel() * p.element_size() for p in net.parameters()) * copies // shards
         return {"network activations": act * procs, "weights and optimizer state": weights * procs}
 
     def host_parts(b: int, r: int) -> dict[str, int]:

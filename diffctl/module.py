@@ -15,6 +15,7 @@ from diffctl.denoiser import Denoiser
 from diffctl.errors import ConfigError, DiffctlError
 from diffctl.objectives import Objective
 from diffctl.rng import BatchRandom, mix_seed, seed_step
+from diffctl.sharding import clip_sharded_grad_norm, strategy_is_sharded
 
 NAN_POLICIES = ("stop", "skip")
 FLIP_STREAM = 0xF11B  # flips draw from their own keyed stream, so turning them on leaves the noise as it was
@@ -39,6 +40,11 @@ class ParameterAverage:
     def __init__(self, average: nn.Module, source: nn.Module):
         self.average, self.source = list(average.parameters()), list(source.parameters())
         self.average_buffers, self.source_buffers = list(average.buffers()), list(source.buffers())
+        # Under FSDP these are the local shards of flat parameters, which match only if both copies
+        # were wrapped alike (diffctl.sharding): a mismatch would average unrelated numbers.
+        shapes = [tuple(p.shape) for p in self.average], [tuple(p.shape) for p in self.source]
+        if shapes[0] != shapes[1]:
+            raise RuntimeError(f"the averaged copy's parameters {shapes[0][:3]}... do not match the network's {shapes[1][:3]}...")
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
@@ -166,6 +172,8 @@ class DiffusionModule(L.LightningModule):
         grads = [p.grad for p in self.denoiser.parameters() if p.grad is not None]
         if grads and self.trainer.precision not in ("16-mixed", "16", "16-true"):
             ok = ok & torch.stack(torch._foreach_norm(grads)).isfinite().all()
+        if self.trainer.world_size > 1:  # FSDP: each rank checked only its shard of the gradients
+            ok = self.trainer.strategy.reduce_boolean_decision(bool(ok), all=True)
         self._skip_this_step = not bool(ok)
         if self._skip_this_step:
             for p in self.denoiser.parameters():  # an optimizer skips parameters without gradients
@@ -177,6 +185,12 @@ class DiffusionModule(L.LightningModule):
                     f"(nan_policy=skip; {self.skipped_steps} skipped so far)",
                     flush=True,
                 )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and strategy_is_sharded(self.trainer):
+            clip_sharded_grad_norm(self.trainer, float(gradient_clip_val))  # the norm over all shards
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs):
         self._skip_this_step = False

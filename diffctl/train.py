@@ -36,6 +36,7 @@ from diffctl.schema import validate
 from diffctl.module import DiffusionModule
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
 from diffctl.rundir import claims_run_dir
+from diffctl.sharding import check_resume, check_sharding, is_sharded, sharded_trainer_kwargs
 
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
 MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout")
@@ -47,7 +48,9 @@ def _apply_resume(cfg: DictConfig) -> Path | None:
     if not cfg.get("resume"):
         return None
     path = resolve_checkpoint(cfg.resume, "resume")
-    stored = checkpoint_config(load_checkpoint(path, "resume"), path)
+    ckpt = load_checkpoint(path, "resume")
+    check_resume(ckpt, cfg.trainer, path)  # FSDP and the other strategies store Adam's state differently
+    stored = checkpoint_config(ckpt, path)
     check_stored_targets(stored, path)  # the stored config is instantiated below: only diffctl classes
     with open_dict(cfg):
         for key in MODEL_KEYS:
@@ -102,6 +105,9 @@ def _quiet_expected_warnings() -> None:
     # Lightning warns when an epoch has fewer batches than log_every_n_steps, as if logging restarted each
     # epoch; it counts optimizer steps over the whole run, so step-based runs log every n steps regardless.
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    # FSDP's optimizer-state gather on gloo (CPU processes) asks torch for a deprecated default device.
+    warnings.filterwarnings("ignore", message=r".*`_get_pg_default_device` will be deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*Multiple backends are registered with this ProcessGroup.*")
 
 
 def init_from_teacher(student, teacher) -> None:
@@ -136,6 +142,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     if is_mixture(cfg.get("model")):
         raise ConfigError("model=gmm is the analytic Gaussian mixture: it has nothing to train; sample from it with `diffctl sample model=gmm`")
     ckpt_path = _apply_resume(cfg)
+    check_sharding(cfg)
     grid_sampler = sampler_spec(cfg.sample_grid.sampler)
     check_sampler(grid_sampler, key="sample_grid.sampler")  # the combinations of options the schema cannot express
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -190,7 +197,9 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     # takes the online network's memory layout: in another layout the same RNG state gives other
     # dropout masks (measured on CPU, where channels_last is the default). A compiled online network
     # draws its masks with inductor's own generator, so compile=true does not share them.
-    channels_last = use_channels_last(cfg.get("channels_last", False), accelerator_type(cfg.trainer.get("accelerator", "auto")))
+    # FSDP flattens each unit's weights into one contiguous tensor: auto means NCHW there.
+    channels_last = not is_sharded(cfg.trainer) and use_channels_last(
+        cfg.get("channels_last", False), accelerator_type(cfg.trainer.get("accelerator", "auto")))
     speed_up(denoiser.net, channels_last, cfg.get("compile", False))
     if module.target is not None:
         speed_up(module.target.net, channels_last)
@@ -237,6 +246,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         enable_progress_bar=bool(cfg.progress_bar),
         enable_model_summary=False,  # ParamSummary above, when trainer.enable_model_summary
         plugins=[AtomicCheckpointIO()],  # every checkpoint file written to a temporary and renamed
+        **sharded_trainer_kwargs(cfg.trainer),  # trainer.strategy=fsdp: diffctl's FSDP wrapping (diffctl/sharding.py)
     )
     environ = dict(os.environ)
     try:
