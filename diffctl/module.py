@@ -15,8 +15,8 @@ from diffctl.denoiser import Denoiser
 from diffctl.errors import ConfigError, DiffctlError
 from diffctl.objectives import Objective
 from diffctl.rng import BatchRandom, mix_seed, seed_step
+from diffctl.schema.choices import NAN_POLICIES
 
-NAN_POLICIES = ("stop", "skip")
 FLIP_STREAM = 0xF11B  # flips draw from their own keyed stream, so turning them on leaves the noise as it was
 
 
