@@ -83,9 +83,3 @@ def install_torchvision_shim() -> None:
     if "torchvision" in sys.modules or any(isinstance(f, _TorchvisionFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _TorchvisionFinder())
-
-
-def ensure_torchvision() -> None:
-    """Import torchvision now (through the shim where it is needed)."""
-    install_torchvision_shim()
-    import torchvision  # noqa: F401
