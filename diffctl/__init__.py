@@ -1,7 +1,8 @@
 """diffctl: config-driven diffusion-model training and sampling."""
 
-from diffctl._compat import ensure_torchvision
+from diffctl._compat import install_torchvision_shim
 
-ensure_torchvision()
+# Cheap: torch and torchvision are imported by whatever needs them, through the shim (diffctl._compat).
+install_torchvision_shim()
 
 __version__ = "0.1.0"

@@ -7,11 +7,22 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-import diffctl  # noqa: F401  (torchvision shim before lightning/torchmetrics import it)
+import diffctl
 from diffctl.reporting import condense_hydra_errors, print_error, user_errors
+
+# Startup: this module imports neither torch, Lightning nor Hydra (`diffctl --help` answers without
+# them), and a command's module (which imports torch and Lightning) only after Hydra composed its
+# config and the schema accepted it (_validated), so a config error is reported without them.
+# tests/test_cli_startup.py holds this; scripts/bench_cli.py times it.
 
 
 def config_dir() -> Path:
+    """The directory to compose configs from, its resolver (diffctl_run_dir) registered."""
+    _register_resolvers()
+    return _conf_root()
+
+
+def _conf_root() -> Path:
     """conf/ ships inside the wheel as the `diffctl.conf` package; in a source checkout that was
     not installed it is the top-level conf/ directory next to the package."""
     try:
@@ -55,11 +66,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("diffctl_run_dir", run_dir_name, use_cache=True)
 
 
-_register_resolvers()
-
-
 def config_groups() -> dict[str, list[str]]:
-    root = config_dir()
+    root = _conf_root()
     groups = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
         choices = sorted(f.stem for f in d.glob("*.yaml"))
@@ -68,7 +76,16 @@ def config_groups() -> dict[str, list[str]]:
     return groups
 
 
+def _validated(cfg, command: str) -> None:
+    """The schema check each command starts with (diffctl/schema), here before the command's module
+    and with it torch and Lightning are imported: a config error then costs a fraction of a second."""
+    from diffctl.schema import validate
+
+    validate(cfg, command)
+
+
 def _train_task(cfg):
+    _validated(cfg, "train")
     from diffctl.train import train
 
     result = train(cfg)
@@ -77,24 +94,28 @@ def _train_task(cfg):
 
 
 def _sample_task(cfg):
+    _validated(cfg, "sample")
     from diffctl.sample import sample
 
     return sample(cfg)
 
 
 def _fid_stats_task(cfg):
+    _validated(cfg, "fid_stats")
     from diffctl.fid_stats import fid_stats
 
     return fid_stats(cfg)
 
 
 def _export_task(cfg):
+    _validated(cfg, "export")
     from diffctl.export import export
 
     return export(cfg)
 
 
 def _likelihood_task(cfg):
+    _validated(cfg, "likelihood")
     from diffctl.likelihood import likelihood
 
     return likelihood(cfg)

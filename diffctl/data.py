@@ -26,6 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 from diffctl.filekinds import describe
 from diffctl.image_files import open_image
 from diffctl.rng import GlobalBatchSampler, batches_consumed
+from diffctl.schema.choices import DATASETS, SPLITS
 
 try:  # share the project-wide config error type when there is one
     from diffctl.errors import ConfigError as _ErrorBase
@@ -37,8 +38,6 @@ class DataError(_ErrorBase):
     """The data config is invalid or the dataset files are missing."""
 
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")
-SPLITS = ("train", "test")
 _NATIVE = {"digits": (8, 1), "mnist": (28, 1), "fashion_mnist": (28, 1), "cifar10": (32, 3)}  # (resolution, channels)
 _DIGITS_TEST = 297  # last 297 of sklearn's 1797 digits form the test split, leaving 1500 to train
 _TV_FOLDER = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's <root>/<folder>/raw layout

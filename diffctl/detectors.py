@@ -24,7 +24,6 @@ from diffctl.checkpoint import atomic_write, file_sha256
 from diffctl.errors import DiffctlError
 from diffctl.filekinds import TORCH_KINDS, describe, identify
 
-DETECTORS = ("auto", "inception", "edm", "torchscript")
 # torch-fidelity's Inception (the one torchmetrics uses too), in torch hub's cache where they look for it.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"

@@ -18,7 +18,6 @@ from diffctl.errors import ConfigError
 from diffctl.rundir import claims_run_dir
 from diffctl.signals import interruptible
 
-FORMATS = ("safetensors",)
 
 
 def _targets(cfg: DictConfig) -> tuple[Path, Path]:

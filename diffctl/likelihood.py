@@ -47,10 +47,9 @@ from diffctl.errors import ConfigError
 from diffctl.memory import check_likelihood
 from diffctl.rundir import claims_run_dir
 from diffctl.samplers.common import Level, denoise, sample_generators
+from diffctl.schema.choices import PROBES, TRACES
 from diffctl.signals import interruptible
 
-TRACES = ("exact", "hutchinson")
-PROBES = ("rademacher", "gaussian")
 EXACT_MAX_DIM = 1024  # trace=exact costs D backward passes per ODE evaluation
 DEQUANT_OFFSET_BITS = math.log2(128)  # = 7: bins of width 2/256 = 1/128 in [-1, 1]
 

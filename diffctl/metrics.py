@@ -32,7 +32,6 @@ from diffctl.filekinds import identify
 from diffctl.images import to_uint8
 
 __all__ = ["MetricsUnavailable", "evaluate", "check_config", "reference", "ref_source", "load_detector"]
-METRICS = ("fid", "kid", "is")
 _CACHE_VERSION = "v2"  # bump when the cached features would change (detector preprocessing, conversion);
 # v2: image folders read 16-bit files at their bit depth and composite transparency over black
 

@@ -16,8 +16,8 @@ from diffctl.errors import ConfigError, DiffctlError
 from diffctl.objectives import Objective
 from diffctl.rng import BatchRandom, mix_seed, seed_step
 from diffctl.sharding import clip_sharded_grad_norm, strategy_is_sharded
+from diffctl.schema.choices import NAN_POLICIES
 
-NAN_POLICIES = ("stop", "skip")
 FLIP_STREAM = 0xF11B  # flips draw from their own keyed stream, so turning them on leaves the noise as it was
 
 

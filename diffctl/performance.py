@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from diffctl.errors import ConfigError
+from diffctl.schema.choices import SAMPLE_PRECISIONS
 
-# Sampling precision, named as Lightning names training precision (trainer.precision).
-SAMPLE_PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # the other SAMPLE_PRECISIONS sample in float32
 
 
 def _to_channels_last(module: nn.Module, args):
@@ -64,7 +64,7 @@ def sampling_autocast(precision: str, device: torch.device):
     precision = str(precision)
     if precision not in SAMPLE_PRECISIONS:
         raise ConfigError(f"precision must be one of {' | '.join(SAMPLE_PRECISIONS)}, got {precision!r}")
-    dtype = SAMPLE_PRECISIONS[precision]
+    dtype = _AUTOCAST.get(precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

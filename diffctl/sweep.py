@@ -8,10 +8,13 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from diffctl.sample import METRIC_COLUMNS
 
-# Always shown: what the jobs are compared on.
-_RESULTS = ("nfe_per_sample", "time_s", "images_per_s", *METRIC_COLUMNS)
+def _results() -> tuple[str, ...]:
+    """Always shown: what the jobs are compared on. (diffctl.sample imports torch: Hydra builds this
+    callback before every `diffctl sample`, so it is imported only once a sweep has ended.)"""
+    from diffctl.sample import METRIC_COLUMNS
+
+    return ("nfe_per_sample", "time_s", "images_per_s", *METRIC_COLUMNS)
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -31,9 +34,10 @@ class SweepSummary(Callback):
         from rich.table import Table
 
         # the settings that differ between jobs, then the results
-        settings = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in _RESULTS]
+        results = _results()
+        settings = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in results]
         varying = [k for k in settings if len({json.dumps(row.get(k)) for row in rows}) > 1]
-        keys = varying + [k for k in _RESULTS if any(row.get(k) is not None for row in rows)]
+        keys = varying + [k for k in results if any(row.get(k) is not None for row in rows)]
         table = Table(title=f"diffctl sample sweep ({len(rows)} jobs)")
         for key in keys:
             table.add_column(key)

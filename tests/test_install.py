@@ -66,3 +66,11 @@ def test_wheel_package_data_covers_every_config_file():
     assert any(f.count("/") == 2 for f in files)  # conf/hydra/launcher/
     uncovered = [f for f in files if not any(fnmatch.fnmatch(f, p) and f.count("/") == p.count("/") for p in patterns)]
     assert not uncovered, uncovered
+
+
+def test_wheel_lists_every_package_of_the_source_tree():
+    """[tool.setuptools] packages is an explicit list: a subpackage missing from it is missing from the
+    wheel, which an editable install of the checkout hides (its import hook finds the source tree)."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "diffctl").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

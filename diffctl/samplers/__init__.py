@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from diffctl.errors import ConfigError, DiffctlError
-from diffctl.schema import Bool, Choice, Float, Int, SamplerNode, check_sampler_node
+from diffctl.schema import check_sampler_node, choices
+from diffctl.schema.choices import OPTION_RULES, SAMPLER_NODE, option_rules
 from diffctl.samplers.common import SPACINGS, Level, denoise, noise_levels, randn, randn_like, sample_generators, start
 from diffctl.samplers.ode import SOLVERS, ode
 from diffctl.samplers.stochastic import CORRECTORS, PREDICTORS, VARIANCES, ddim, ddpm, pc
@@ -48,26 +49,6 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "consistency": consistency,
 }
 
-# Every sampler option's type and range, declared once: check_sampler and the config schema
-# (diffctl/schema/keys.py: sampler.*, sample_grid.sampler.*) both read them. (sampler, option) entries
-# override the option's rule for one sampler.
-OPTION_RULES: dict = {
-    "spacing": Choice(*SPACINGS),
-    "solver": Choice(*SOLVERS),
-    "predictor": Choice(*PREDICTORS),
-    "corrector": Choice(*CORRECTORS),
-    "variance": Choice(*VARIANCES),
-    "eta": Float(ge=0, le=1, hint="0 = deterministic DDIM, 1 = DDPM"),
-    "snr": Float(gt=0),
-    "rtol": Float(gt=0),
-    "atol": Float(gt=0),
-    "lower_order_final": Bool(),
-    "sigma_min": Float(gt=0, null=True, hint="s = sigma/alpha; null = the SDE's own end"),
-    "sigma_max": Float(gt=0, null=True, hint="s = sigma/alpha; null = the SDE's own end"),
-    "corrector_steps": Int(lo=0),
-    ("ode", "spacing"): Choice(*SPACINGS, "auto"),
-}
-
 
 def sampler_options(name: str) -> dict[str, Any]:
     """The options `name` accepts, with their defaults."""
@@ -75,17 +56,21 @@ def sampler_options(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in list(params.items())[5:]}  # after (denoiser, x, steps, labels, generators)
 
 
-def option_rules(name: str) -> dict[str, Any]:
-    """The rule of each option sampler `name` accepts (KeyError: an option without a declared rule)."""
-    return {key: OPTION_RULES.get((name, key)) or OPTION_RULES[key] for key in sampler_options(name)}
-
-
-SAMPLER_NODE = SamplerNode(tuple(SAMPLERS), option_rules)
+def undeclared() -> list[str]:
+    """Where the names the schema checks configs with (diffctl/schema/choices.py, declared there so a
+    config is checked before torch is imported) differ from the samplers' own ([]: nowhere)."""
+    ours = {"samplers": tuple(SAMPLERS), "spacings": SPACINGS, "solvers": SOLVERS, "predictors": tuple(PREDICTORS),
+            "correctors": tuple(CORRECTORS), "variances": VARIANCES,
+            **{f"{name} options": tuple(sampler_options(name)) for name in SAMPLERS}}  # fmt: skip
+    declared = {"samplers": tuple(choices.SAMPLER_OPTIONS), "spacings": choices.SPACINGS, "solvers": choices.SOLVERS,
+                "predictors": choices.PREDICTORS, "correctors": choices.CORRECTORS, "variances": choices.VARIANCES,
+                **{f"{name} options": choices.SAMPLER_OPTIONS.get(name) for name in SAMPLERS}}  # fmt: skip
+    return [f"{key}: {ours[key]} here, {declared[key]} there" for key in ours if ours[key] != declared[key]]
 
 
 def check_sampler(spec: Mapping[str, Any], key: str = "sampler") -> tuple[str, dict[str, Any]]:
     """Validate a sampler config {name, **options}; returns (name, options). ConfigError on bad input:
-    the option rules above, then the combinations they cannot express."""
+    the option rules (diffctl/schema/choices.py), then the combinations they cannot express."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in SAMPLERS:
@@ -137,4 +122,4 @@ def generate(
     return x0
 
 
-__all__ = ["NonFiniteSamples", "OPTION_RULES", "SAMPLER_NODE", "SAMPLERS", "option_rules", "check_sampler", "generate", "sampler_spec", "noise_levels", "sample_generators", "sampler_options"]
+__all__ = ["NonFiniteSamples", "OPTION_RULES", "SAMPLER_NODE", "SAMPLERS", "option_rules", "check_sampler", "generate", "sampler_spec", "noise_levels", "sample_generators", "sampler_options", "undeclared"]

@@ -1,7 +1,9 @@
 """The config schema of every command: each key's type, range and choices, in one place (the rules
-are in diffctl/schema/rules.py; sampler options are declared by the samplers, diffctl/samplers/__init__.py).
+are in diffctl/schema/rules.py; the names keys choose from and the sampler options in choices.py).
 `validate(cfg, command)` is the first thing each command does; a key added to conf/ without an entry
-here is refused (tests/test_bad_inputs_schema.py composes every config and checks this).
+here is refused (tests/test_bad_inputs_schema.py composes every config and checks this). It imports
+neither torch nor Lightning for the usual configs (only Lightning's registries and Trainer, for a
+trainer.* value or key outside those listed here), so the CLI runs it before importing them.
 
 Unknown keys (`+key=value`) are refused with the close matches: a key nothing reads would otherwise be
 ignored silently. The exceptions pass the key on to a class that checks it: extra trainer.* keys go to
@@ -17,6 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffctl.errors import ConfigError
+from diffctl.schema.choices import (
+    DATASETS,
+    DETECTORS,
+    FORMATS,
+    METRICS,
+    NAN_POLICIES,
+    PROBES,
+    SAMPLE_PRECISIONS,
+    SAMPLER_NODE,
+    SPLITS,
+    TRACES,
+    Registered,
+)
 from diffctl.schema.nodes import ByTarget, Passthrough, check_node
 from diffctl.schema.rules import (
     AnyOf,
@@ -79,8 +94,6 @@ OBJECTIVE = {
 
 @functools.cache  # built once per process
 def _data():
-    from diffctl.data import DATASETS
-
     return {
         "_target_": Text(what="a class path"), "name": Choice(*DATASETS), "root": PATH_OR_NULL, "resolution": Int(lo=1),
         "channels": Choice(1, 3, hint="1 = grayscale, 3 = RGB"), "random_flip": Bool(), "download": Bool(),
@@ -90,9 +103,6 @@ def _data():
 
 @functools.cache
 def _metrics():
-    from diffctl.detectors import DETECTORS
-    from diffctl.metrics import METRICS
-
     return {
         "names": Seq(Choice(*METRICS), what=f"a list of distinct names from {', '.join(METRICS)} (or [])", unique=True),
         "detector": Choice(*DETECTORS), "inception_weights": PATH_OR_NULL, "detector_path": PATH_OR_NULL,
@@ -104,28 +114,43 @@ def _metrics():
     }  # fmt: skip
 
 
-@functools.cache
-def _trainer():
-    import lightning.pytorch as pl
+def _accelerators() -> tuple:
     from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    return ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+
+
+def _strategies() -> tuple:
     from lightning.pytorch.strategies import StrategyRegistry
 
+    return ("auto", *StrategyRegistry.available_strategies())
+
+
+def _lightning_trainer():
+    import lightning.pytorch as pl
+
+    return pl.Trainer
+
+
+@functools.cache
+def _trainer():
     precisions = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64",
                   "transformer-engine", "transformer-engine-float16")  # fmt: skip
     devices = AnyOf(Int(lo=1), Choice(-1, "auto"), Seq(Int(lo=0), what="", min_len=1), Pattern(r"-1|\d+(,\d+)*,?", what=""),
                     what="a positive integer, -1 (all), auto, a list of device indices or a string like 0,1")  # fmt: skip
     keys = {
         "_target_": Text(what="a class path"),
-        "accelerator": Choice("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
+        # the values conf/trainer/ uses are known without importing Lightning; others are looked up in its registry
+        "accelerator": Registered(("auto", "gpu", "cpu", "cuda", "mps"), _accelerators),
         "devices": devices, "num_nodes": Int(lo=1),
-        "strategy": Choice("auto", *StrategyRegistry.available_strategies()),
+        "strategy": Registered(("auto", "ddp", "ddp_spawn", "fsdp"), _strategies),
         "precision": Choice(*precisions, as_text=True), "max_steps": Int(lo=1), "max_epochs": Int(lo=-1, null=True),
         "accumulate_grad_batches": Int(lo=1), "gradient_clip_val": Float(ge=0, null=True), "log_every_n_steps": Int(lo=1),
         "limit_val_batches": AnyOf(Int(lo=0), Float(ge=0, le=1), what="an integer >= 0 (batches) or a fraction in [0, 1]"),
         "num_sanity_val_steps": Int(lo=-1), "deterministic": AnyOf(Bool(), Choice("warn"), what="true, false or warn", null=True),
         "benchmark": Bool(null=True), "enable_model_summary": Bool(), "use_distributed_sampler": Bool(),
     }  # fmt: skip
-    return Passthrough(keys, lambda: pl.Trainer)
+    return Passthrough(keys, _lightning_trainer)
 
 
 @functools.cache
@@ -152,9 +177,6 @@ COMMON = {"ckpt": Text(what="a checkpoint file or run directory", null=True), "u
 
 @functools.cache
 def train_schema() -> dict:
-    from diffctl.module import NAN_POLICIES
-    from diffctl.samplers import SAMPLER_NODE
-
     return {
         "seed": SEED, "conditional": Bool(), "label_dropout": Float(ge=0, lt=1, hint="1 would drop every label"),
         "resume": Text(what="a run directory or .ckpt file", null=True), "progress_bar": Bool(),
@@ -179,9 +201,6 @@ def train_schema() -> dict:
 
 @functools.cache
 def sample_schema() -> dict:
-    from diffctl.performance import SAMPLE_PRECISIONS
-    from diffctl.samplers import SAMPLER_NODE
-
     return {
         **COMMON, "steps": Int(lo=1), "num_samples": Int(lo=1), "batch_size": Int(lo=1), "seed": SEED,
         "class_label": Int(lo=0, null=True), "guidance": Float(ge=0, hint="1 = no guidance"), "clip_denoised": Bool(null=True),
@@ -195,9 +214,6 @@ def sample_schema() -> dict:
 
 @functools.cache
 def likelihood_schema() -> dict:
-    from diffctl.data import SPLITS
-    from diffctl.likelihood import PROBES, TRACES
-
     tolerance = "dopri5's tolerance, e.g. 1e-5"
     return {
         **COMMON, "split": Choice(*SPLITS), "data_root": PATH_OR_NULL,
@@ -210,15 +226,11 @@ def likelihood_schema() -> dict:
 
 @functools.cache
 def fid_stats_schema() -> dict:
-    from diffctl.data import SPLITS
-
     return {"split": Choice(*SPLITS), "device": DEVICE, "data": _data(), "metrics": _metrics(), "memory_check": Bool()}
 
 
 @functools.cache
 def export_schema() -> dict:
-    from diffctl.export import FORMATS
-
     return {"ckpt": COMMON["ckpt"], "use_ema": Bool(), "format": Choice(*FORMATS), "out": PATH_OR_NULL}
 
 

@@ -80,16 +80,18 @@ def check_node(data, schema, prefix: str, command: str) -> None:
         if keys is None:
             return  # the user's own class
         return check_node(data, keys, prefix, command)
-    extra: set[str] | None = set()
-    if isinstance(schema, Passthrough):
-        extra, schema = schema.extra_allowed(), schema.keys
+    passthrough = schema if isinstance(schema, Passthrough) else None
+    schema = schema.keys if passthrough is not None else schema
     if not isinstance(data, dict):
         raise _fail(prefix, "a mapping of keys", data)
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key in schema:
             check_node(value, schema[key], full, command)
-        elif extra is not None and key not in extra:
+            continue
+        # only for a key not declared: the class (Lightning's Trainer) is imported to read its arguments
+        extra = passthrough.extra_allowed() if passthrough is not None else set()
+        if extra is not None and key not in extra:
             raise unknown_key(full, [*schema, *sorted(extra)], command)
 
 
