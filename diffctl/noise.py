@@ -1,0 +1,173 @@
+"""Counter-based per-sample noise: the normal for (seed, sample index, draw number, element) computed by
+a stateless, vectorized integer function on the tensor's own device, so sample i's noise is the same
+whatever the batch it is drawn in, at the price of a few elementwise kernels.
+
+The integers are those of Java's `SplittableRandom` (Steele, Lea & Flood 2014, "Fast splittable
+pseudorandom number generators"; SplitMix64): a root generator seeded with `key`; sample i's
+generator is the root's split number i, draw d of sample i is that generator's split number d, and
+element word j is the (j+1)-th `nextLong()` of the draw's generator. A split is random-access
+(split k of a generator with seed s and odd increment g has seed mix64(s + (2k+1) g) and increment
+mix_gamma(s + (2k+2) g)), so rows are computed for any index directly. Why this construction:
+- quality: SplitMix64 passes BigCrush, and every split stream has its own odd increment (as in
+  SplittableRandom), so two rows are two Weyl sequences with different strides: they never share a
+  shifted run of values, whatever their seeds;
+- speed: one 64-bit word (two normals) costs 11 int64 operations (2 multiplies) per element, against
+  Philox-4x32-10's 20 multiplies per 4 words, which int64 emulation on CPUs without a 64-bit vector
+  multiply makes ~6x the cost of one torch.randn (measured); so no compile is needed anywhere.
+  tests/test_noise.py checks the integers against the JDK's own SplittableRandom.
+
+Normals: Box-Muller on each word, in float32: u = (top 24 bits + 0.5) / 2^24, angle = 2 pi (low 24
+bits) / 2^24; z = (r cos, r sin), r = sqrt(-2 log u). |z| <= 5.9 (as for torch.randn's float32
+uniforms). The values are float32 numbers for every dtype (float64 gets them exactly, half types
+rounded), so a sampler in float64 sees the same noise as one in float32.
+
+Guarantee: the integers are exact on every device. The normals are bitwise the same on one machine's
+CPU for any batch split, offset or batch size (tests/test_noise.py, many split points); on another
+device type the transcendental functions (log, cos, sin) may differ in the last bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NOISE_VERSION = 2  # recorded in a sample run's manifest; 1 = one CPU torch.Generator per sample (legacy)
+NOISE_VERSIONS = (1, 2)
+
+
+def _signed(c: int) -> int:
+    """A 64-bit constant as the int64 torch stores (written signed: inductor rejects ints >= 2^63)."""
+    c &= 0xFFFFFFFFFFFFFFFF
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+GOLDEN_GAMMA = _signed(0x9E3779B97F4A7C15)
+_M1, _M2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)  # mix64 (Stafford's variant 13)
+_G1, _G2 = _signed(0xFF51AFD7ED558CCD), _signed(0xC4CEB9FE1A85EC53)  # mix_gamma (MurmurHash3's fmix64)
+_ALT = _signed(0xAAAAAAAAAAAAAAAA)
+
+
+def _shr(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def mix64(z: Tensor) -> Tensor:
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def _popcount(z: Tensor) -> Tensor:
+    z = z - (_shr(z, 1) & 0x5555555555555555)
+    z = (z & 0x3333333333333333) + (_shr(z, 2) & 0x3333333333333333)
+    z = (z + _shr(z, 4)) & 0x0F0F0F0F0F0F0F0F
+    return _shr(z * 0x0101010101010101, 56)
+
+
+def mix_gamma(z: Tensor) -> Tensor:
+    """An odd increment with enough bit transitions (SplittableRandom.mixGamma)."""
+    z = (z ^ _shr(z, 33)) * _G1
+    z = (z ^ _shr(z, 33)) * _G2
+    z = (z ^ _shr(z, 33)) | 1
+    return torch.where(_popcount(z ^ _shr(z, 1)) < 24, z ^ _ALT, z)
+
+
+def split(seed: Tensor, gamma: Tensor, k: Tensor | int) -> tuple[Tensor, Tensor]:
+    """(seed, increment) of split number k of the generators (seed, gamma)."""
+    s = seed + (2 * k + 1) * gamma
+    return mix64(s), mix_gamma(s + gamma)
+
+
+def row_streams(key: int, indices: Tensor, draw: int) -> tuple[Tensor, Tensor]:
+    """(seed, increment) of draw `draw` of each sample in `indices` (int64) under root seed `key`."""
+    root = torch.full_like(indices, _signed(key))
+    seed, gamma = split(root, torch.full_like(indices, GOLDEN_GAMMA), indices)
+    return split(seed, gamma, draw)
+
+
+def words(key: int, indices: Tensor, draw: int, n: int) -> Tensor:
+    """(len(indices), n) int64: the first n nextLong() outputs of each row's draw-`draw` generator."""
+    seed, gamma = row_streams(key, indices, draw)
+    j = torch.arange(1, n + 1, dtype=torch.int64, device=indices.device)
+    return mix64(seed[:, None] + j * gamma[:, None])
+
+
+_U = 2.0**-24
+
+
+def normals_from_words(w: Tensor, n: int) -> Tensor:
+    """(B, W) int64 words -> (B, n) float32 standard normals, two per word (n <= 2W)."""
+    u = (_shr(w, 40).to(torch.float32) + 0.5) * _U  # top 24 bits: (0, 1)
+    angle = (w & 0xFFFFFF).to(torch.float32) * (2 * math.pi * _U)  # low 24 bits: [0, 2 pi)
+    r = torch.sqrt(torch.log(u) * -2.0)
+    return torch.stack((r * torch.cos(angle), r * torch.sin(angle)), -1).reshape(w.shape[0], -1)[:, :n]
+
+
+def normals(key: int, indices: Tensor, draw: int, shape) -> Tensor:
+    """Standard normals of per-row `shape` (float32) for each sample index, on indices' device."""
+    n = math.prod(shape)
+    return normals_from_words(words(key, indices, draw, (n + 1) // 2), n).reshape(len(indices), *shape)
+
+
+class SampleNoise:
+    """The noise of samples `indices` under `seed`: draw k of sample i depends only on (seed, i, k).
+
+    Every call of randn/randn_like is the next draw (0, 1, 2, ...); samplers call it in the same
+    order for every batch, so sample i's noise is the same for any batch it is drawn in."""
+
+    version = 2
+
+    def __init__(self, seed: int, indices, device=None):
+        self.seed = int(seed)
+        self.indices = torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices, dtype=torch.int64)
+        self.indices = self.indices.reshape(-1).to(device)
+        self.draws = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def randn(self, shape, dtype=torch.float32, device=None) -> Tensor:
+        idx = self.indices if device is None else self.indices.to(device)
+        out = normals(self.seed, idx, self.draws, tuple(shape))
+        self.draws += 1
+        return out.to(dtype)
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        if x.shape[0] != len(self):
+            raise ValueError(f"noise for {len(self)} samples, asked for a batch of {x.shape[0]}")
+        return self.randn(x.shape[1:], x.dtype, x.device)
+
+
+class GeneratorNoise:
+    """Noise version 1 (runs made before counter-based noise): one CPU torch.Generator per sample,
+    seeded by (seed, index), each draw a torch.randn per sample, stacked and copied to the device."""
+
+    version = 1
+
+    def __init__(self, seed: int, indices, device=None):
+        from diffctl.rng import mix_seed
+
+        self.generators = [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape, dtype=torch.float32, device=None) -> Tensor:
+        rows = [torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        return self.randn(x.shape[1:], x.dtype, x.device)
+
+
+def sample_noise(seed: int, indices, device=None, version: int = NOISE_VERSION):
+    """The noise source of `version` (NOISE_VERSIONS) for samples `indices`."""
+    if version == 2:
+        return SampleNoise(seed, indices, device)
+    if version == 1:
+        return GeneratorNoise(seed, indices, device)
+    raise ValueError(f"unknown noise version {version!r}; known: {', '.join(map(str, NOISE_VERSIONS))}")
