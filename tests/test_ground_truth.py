@@ -146,13 +146,20 @@ def test_dpmpp_2m_beats_ddim_on_the_same_levels(sde_name, mixture):
     at 10, 20 and 40 steps. Without lower_order_final it is not on uniform levels for VP and sub-VP,
     whose last step (to sample_eps) is 3-5x the one before: its 2M correction then extrapolates
     with weight 1/(2r) ~ 2.5 (measured, narrow VP: 0.49 vs DDIM's 0.085 at 10 steps, 0.059 vs
-    0.045 at 20)."""
+    0.045 at 20).
+
+    Not claimed: sub-VP, broad mixture, karras at 10 steps, where 2M is worse than DDIM on average
+    (512 samples, RMS error 2M / DDIM: 0.366 / 0.335 and 0.361 / 0.324 for seeds 100 and 101 with
+    the per-generator noise, 0.371 / 0.335 and 0.360 / 0.332 with counter noise); this test's 32
+    samples passed there with the per-generator noise of seed 0 only (seeds 2-4 failed too)."""
     sde = SDES[sde_name]
     x_T, reference = _reference(sde_name, mixture=mixture)
     den = MixtureDenoiser(MIXTURES[mixture], sde)
     worse = {}
     for spacing in ("uniform", "quadratic", "trailing", "karras", "logsnr"):
         for n in (10, 20, 40):
+            if (sde_name, mixture, spacing, n) == ("vpsub", "broad", "karras", 10):
+                continue
             e_2m = _rms(ode(den, x_T, n, solver="dpmpp_2m", spacing=spacing), reference)
             e_ddim = _rms(ddim(den, x_T, n, eta=0.0, spacing=spacing), reference)
             if not e_2m < e_ddim:
