@@ -49,10 +49,10 @@ def noise_rows(repeats: int = 15, shapes=NOISE_SHAPES) -> list[dict]:
             counter = sample_noise(0, range(batch), device, version=2)
             legacy = sample_noise(0, range(batch), device, version=1)
             one = torch.Generator(device=device).manual_seed(0)
-            t = _interleaved({
-                "counter": lambda: counter.randn(shape, device=device),
-                "per_sample_generators": lambda: legacy.randn(shape, device=device),
-                "one_randn": lambda: torch.randn((batch, *shape), generator=one, device=device),
+            t = _interleaved({  # called within this iteration: default arguments bind its values
+                "counter": lambda c=counter, s=shape, d=device: c.randn(s, device=d),
+                "per_sample_generators": lambda g=legacy, s=shape, d=device: g.randn(s, device=d),
+                "one_randn": lambda b=batch, s=shape, g=one, d=device: torch.randn((b, *s), generator=g, device=d),
             }, repeats, device)  # fmt: skip
             out.append({
                 "device": device.type, "batch": batch, "elements": shape[0],
@@ -76,7 +76,7 @@ def gmm_rows(num: int, steps: int, repeats: int) -> dict:
         cfg = compose_config("sample", ["model=gmm"], tmp)
     mixture = GaussianMixture.from_config(cfg.model)
     den = MixtureDenoiser(mixture, VPSDE())
-    run = lambda sampler, version=2: generate(den, num, mixture.shape, sampler, steps, seed=0, noise_version=version)  # noqa: E731
+    run = lambda sampler, version=2: generate(den, num, mixture.shape, sampler, steps, seed=0, noise_version=version)
     t = _interleaved({
         "ddpm": lambda: run("ddpm"),
         "ddpm_noise1": lambda: run("ddpm", 1),
