@@ -139,19 +139,36 @@ def normals_from_words(w: Tensor, n: int) -> Tensor:
 CHUNK = 1 << 15  # words per block on CPU: bounds the int64 temporaries (256 KiB each) so every elementwise pass stays in cache
 
 
-def normals(key: int, indices: Tensor, draw: int, shape, streams=None) -> Tensor:
-    """Standard normals of per-row `shape` (float32) for each sample index, on indices' device.
-    On CPU in blocks of rows (the values are elementwise, so blocks do not change them)."""
-    n = math.prod(shape)
+def rows_normals(seed: Tensor, gamma: Tensor, n: int) -> Tensor:
+    """(R, n) float32 normals of R generators (seed, increment): two per nextLong() output. On CPU
+    in blocks of rows (the values are elementwise, so blocks do not change them)."""
     w = (n + 1) // 2
-    seed, gamma = streams if streams is not None else sample_streams(key, indices)
-    rows = len(indices) if indices.device.type != "cpu" else max(1, CHUNK // max(w, 1))
-    if rows >= len(indices):
-        out = normals_from_words(words(key, indices, draw, w, (seed, gamma)), n)
-    else:
-        out = torch.cat([normals_from_words(words(key, indices[a : a + rows], draw, w, (seed[a : a + rows], gamma[a : a + rows])), n)
-                         for a in range(0, len(indices), rows)])  # fmt: skip
-    return out.reshape(len(indices), *shape)
+    rows = len(seed) if seed.device.type != "cpu" else max(1, CHUNK // max(w, 1))
+    j = torch.arange(1, w + 1, dtype=torch.int64, device=seed.device)
+    blocks = []
+    for a in range(0, len(seed), rows):
+        z = j * gamma[a : a + rows, None]
+        z += seed[a : a + rows, None]
+        blocks.append(normals_from_words(_mix64_(z), n))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+def normals(key: int, indices: Tensor, draw: int, shape, streams=None) -> Tensor:
+    """Standard normals of per-row `shape` (float32) for each sample index, on indices' device."""
+    seed, gamma = row_streams(key, indices, draw, streams)
+    return rows_normals(seed, gamma, math.prod(shape)).reshape(len(indices), *shape)
+
+
+def draws_normals(streams: tuple[Tensor, Tensor], first: int, count: int, shape) -> Tensor:
+    """(count, B, *shape): draws first .. first+count-1 of B samples (their sample_streams) at once;
+    draw k is exactly `normals(..., first + k, ...)`."""
+    seed, gamma = streams
+    draws = torch.arange(first, first + count, dtype=torch.int64, device=seed.device)
+    s, g = split(seed[None, :], gamma[None, :], draws[:, None])  # (count, B)
+    return rows_normals(s.reshape(-1), g.reshape(-1), math.prod(shape)).reshape(count, len(seed), *shape)
+
+
+PREFETCH = 64  # draws computed together for small batches (up to CHUNK values): ~80 small ops per call, not per draw
 
 
 class SampleNoise:
@@ -168,16 +185,22 @@ class SampleNoise:
         self.indices = self.indices.reshape(-1).to(device)
         self.streams = sample_streams(self.seed, self.indices)  # the draws' generators split from these
         self.draws = 0
+        self._block = None  # (shape and device, its first draw, the draws computed ahead)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def randn(self, shape, dtype=torch.float32, device=None) -> Tensor:
         device = self.indices.device if device is None else torch.device(device)
-        idx, streams = self.indices.to(device), tuple(s.to(device) for s in self.streams)
-        out = normals(self.seed, idx, self.draws, tuple(shape), streams)
+        shape = tuple(shape)
+        key, d = (shape, device), self.draws
+        if self._block is None or self._block[0] != key or not 0 <= d - self._block[1] < len(self._block[2]):
+            count = max(1, min(PREFETCH, CHUNK // max(1, len(self) * math.prod(shape))))
+            streams = tuple(s.to(device) for s in self.streams)
+            self._block = (key, d, draws_normals(streams, d, count, shape))
+        block, k = self._block[2], d - self._block[1]
         self.draws += 1
-        return out.to(dtype)
+        return block[k].to(dtype, copy=len(block) > 1)  # a copy: the caller owns it, the block stays intact
 
     def randn_like(self, x: Tensor) -> Tensor:
         if x.shape[0] != len(self):

@@ -135,6 +135,11 @@ def test_sample_noise_numbers_draws_in_call_order_and_keeps_dtypes_equal():
     assert torch.equal(half, first.to(torch.bfloat16))
     with pytest.raises(ValueError, match="4 samples"):
         noise.randn_like(torch.zeros(3, 2))
+    # draws computed ahead (small batches) or one at a time (large ones), shapes changing between calls
+    for n in (4, 20000):
+        noise, idx = SampleNoise(9, range(n)), torch.arange(n)
+        for d, shape in enumerate([(2,), (2,), (3, 1), (2,), (2,)]):
+            assert torch.equal(noise.randn(shape), normals(9, idx, d, shape)), (n, d)
 
 
 def test_generate_is_the_same_for_any_batching():
