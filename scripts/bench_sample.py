@@ -211,7 +211,8 @@ def run_benchmark(args) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "rows": out,
         "noise": noise_rows(repeats=3 if args.quick else 15, shapes=NOISE_SHAPES[1:2] if args.quick else NOISE_SHAPES),
-        "gmm_ddpm_vs_ddim": gmm_rows(500 if args.quick else args.gmm_num, 5 if args.quick else args.gmm_steps, 1 if args.quick else 5),
+        "gmm_ddpm_vs_ddim": gmm_rows(500 if args.quick else args.gmm_num, 5 if args.quick else args.gmm_steps, 1 if args.quick else 3,
+                                     args.gmm_batch),
     }
 
 
@@ -241,6 +242,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batches", type=int, default=7, help="timed batches per row (median)")
     p.add_argument("--gmm-num", type=int, default=8000, help="model=gmm samples of the ddpm vs ddim rows (one batch)")
     p.add_argument("--gmm-steps", type=int, default=100, help="steps of the ddpm vs ddim rows")
+    p.add_argument("--gmm-batch", type=int, default=64, help="batch_size of the ddpm vs ddim rows (diffctl sample's default)")
     p.add_argument("--json", default="bench_sample.json")
     args = p.parse_args(argv)
     if args.quick:
