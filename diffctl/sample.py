@@ -33,6 +33,7 @@ from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, save_scatter, to_uint8
 from diffctl.memory import check_sample
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser, is_mixture
+from diffctl.noise import NOISE_VERSION, NOISE_VERSIONS
 from diffctl.performance import sampling_autocast, speed_up, use_channels_last
 from diffctl.resume_check import check_shards, read_manifest, read_run_config
 from diffctl.rundir import claims_run_dir
@@ -156,7 +157,7 @@ def shard(num: int, rank: int, world: int) -> range:
 
 
 PARTIAL = "partial"  # finished batches of a run in progress (shard-<first>-<stop>.npz)
-MANIFEST = "manifest.json"  # in PARTIAL: the resolved checkpoint and its sha256
+MANIFEST = "manifest.json"  # in PARTIAL: the resolved checkpoint, its sha256 and the noise version
 # Keys that may differ when resuming: they do not change the samples.
 RESUME_FREE = ("resume", "progress_bar", "metrics")
 # These change which samples share a batch: free unless the sampler adapts to the whole batch.
@@ -210,8 +211,19 @@ def _resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     return merged, run
 
 
-def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
-    """On resume: the checkpoint of the interrupted run (checked unchanged). Else: record it."""
+def run_noise_version(recorded: dict | None) -> int:
+    """The noise version (diffctl.noise) a run's manifest records; none recorded: a run made before
+    counter-based noise, i.e. version 1 (one CPU generator per sample)."""
+    version = (recorded or {}).get("noise", 1)
+    if version not in NOISE_VERSIONS:
+        raise ConfigError(f"resume: the run's manifest records noise version {version!r}, which this diffctl does not know "
+                          f"(known: {', '.join(map(str, NOISE_VERSIONS))}); resume it with the diffctl that started it")  # fmt: skip
+    return version
+
+
+def _manifest(out_dir: Path, ckpt: str | None, resuming: bool, noise: int) -> None:
+    """On resume: the checkpoint of the interrupted run (checked unchanged). Else: record it and
+    the noise version."""
     path = out_dir / PARTIAL / MANIFEST
     if resuming and path.is_file():
         recorded = read_manifest(path)
@@ -226,7 +238,7 @@ def _manifest(out_dir: Path, ckpt: str | None, resuming: bool) -> None:
         return
     if int(os.environ.get("RANK", "0") or 0) == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"ckpt": ckpt, "sha256": file_sha256(ckpt) if ckpt else None}, indent=2) + "\n"
+        text = json.dumps({"ckpt": ckpt, "sha256": file_sha256(ckpt) if ckpt else None, "noise": noise}, indent=2) + "\n"
         tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -261,6 +273,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     if not resuming and any(partial.glob("shard-*.npz")):
         raise ConfigError(f"{out_dir} holds unfinished samples of an interrupted run; continue it with resume={out_dir}, or choose another hydra.run.dir")
     recorded = read_manifest(partial / MANIFEST) if resuming else None
+    if recorded is not None:  # the interrupted run's own noise (a run from before `noise` existed: version 1)
+        cfg.noise = run_noise_version(recorded)
     if cfg.get("model") is not None:
         ckpt = None
     elif recorded is not None and recorded.get("ckpt"):
@@ -274,7 +288,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     check_sample(cfg, source, _device(None, cfg.trainer.accelerator))  # memory, before any process is started
     if resuming:  # every finished shard fits this run, before any new sample is made
         done = _check_resume_shards(cfg, source, partial)
-    _manifest(out_dir, ckpt, resuming)
+    _manifest(out_dir, ckpt, resuming, int(cfg.get("noise", NOISE_VERSION)))
     if resuming:
         print(f"Resuming {out_dir}: {done} of {cfg.num_samples} samples already made")
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -406,7 +420,7 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
                 y = _labels(cfg, source.num_classes, first, n, device)
                 before = calls[0]
                 with sampling_autocast(cfg.get("precision", "32-true"), device):
-                    x = generate(model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first_index=first)
+                    x = generate(model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first, cfg.noise)
                 x = to_uint8(x) if source.mixture is None else x.float().cpu()  # model=gmm: raw floats
                 y = y.cpu() if y is not None else None
                 batch_calls = calls[0] - before
@@ -436,6 +450,7 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
         "num_samples": cfg.num_samples,
         "devices": world,
         "seed": cfg.seed,
+        "noise": cfg.noise,
         "time_s": round(elapsed, 3),
         "images_per_s": round(cfg.num_samples / elapsed, 2),
     }

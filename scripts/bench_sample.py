@@ -13,8 +13,11 @@ turns batch by batch so load drifts hit them alike):
 - `DPM-Solver++(2M)-50`: diffctl `ode` solver=dpmpp_2m vs diffusers `DDPMPipeline` with
   `DPMSolverMultistepScheduler` (2M, 50 evaluations each);
 - `DDPM-50`: the ancestral sampler (fresh noise each step) vs `DDPMPipeline` with DDPMScheduler.
-  diffctl draws each sample's noise from its own generator (same images for any batch size or device
-  count); diffusers is given one generator for the batch, its default.
+  diffctl draws each sample's noise as a function of (seed, sample, draw) (same images for any batch
+  size or device count); diffusers is given one generator for the batch, its default.
+- noise (scripts/noise_rows.py): one draw of per-sample noise (counter, noise=2; per-sample
+  generators, noise=1) against one torch.randn of the same shape and device, at 8000x8, 32x256 and
+  500x3072 (CPU, and CUDA when available); and `model=gmm` ddpm against ddim at equal steps;
 - switches on diffctl's DDIM-50, each flipped from `diffctl sample`'s default: channels_last (default
   auto: on for CPU), precision=bf16-mixed, compile, and the autograd setting (inference_mode, the
   default, vs no_grad vs autograd left on); and diffusers' DDIMPipeline with the network in NHWC too.
@@ -41,6 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import add_common_args, environment, write_json  # noqa: E402
+from noise_rows import NOISE_SHAPES, gmm_rows, noise_rows, print_noise  # noqa: E402
 
 import diffctl  # noqa: E402,F401  (torchvision shim first)
 from diffctl.config import compose_config  # noqa: E402
@@ -170,27 +174,6 @@ def _copy(denoiser):
     return copy.deepcopy(denoiser)
 
 
-def noise_cost(shape, batch: int, repeats: int = 50) -> dict:
-    """Seconds per sampler step to draw a batch of noise: per-sample generators (diffctl) vs one."""
-    from diffctl.samplers.common import randn, sample_generators
-
-    gens = sample_generators(0, range(batch))
-    one = torch.Generator().manual_seed(0)
-
-    def median_time(fn):
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return {
-        "per_sample_ms": 1e3 * median_time(lambda: randn(gens, shape)),
-        "one_generator_ms": 1e3 * median_time(lambda: torch.randn((batch, *shape), generator=one)),
-    }
-
-
 def run_benchmark(args) -> dict:
     torch.manual_seed(0)
     denoiser, shape = build_denoiser(args)
@@ -227,7 +210,9 @@ def run_benchmark(args) -> dict:
         "environment": environment(),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "rows": out,
-        "noise_draw": noise_cost(shape, args.batch),
+        "noise": noise_rows(repeats=3 if args.quick else 15, shapes=NOISE_SHAPES[1:2] if args.quick else NOISE_SHAPES),
+        "gmm_ddpm_vs_ddim": gmm_rows(500 if args.quick else args.gmm_num, 5 if args.quick else args.gmm_steps, 1 if args.quick else 3,
+                                     args.gmm_batch),
     }
 
 
@@ -246,9 +231,7 @@ def print_report(report: dict) -> None:
                       " ".join(f"{v:.1f}" for v in r["spread"]))
     console = Console(width=150)
     console.print(table)
-    n = report["noise_draw"]
-    console.print(f"noise for one step of a batch of {s['batch']}: {n['per_sample_ms']:.3f} ms with per-sample generators, "
-                  f"{n['one_generator_ms']:.3f} ms with one generator")
+    print_noise(console, report["noise"], report["gmm_ddpm_vs_ddim"])
 
 
 def main(argv=None) -> dict:
@@ -257,6 +240,9 @@ def main(argv=None) -> dict:
     add_common_args(p, quick="5 steps, 1 timed batch, no compile")
     p.add_argument("--steps", type=int, default=50, help="network evaluations per sample (NFE)")
     p.add_argument("--batches", type=int, default=7, help="timed batches per row (median)")
+    p.add_argument("--gmm-num", type=int, default=8000, help="model=gmm samples of the ddpm vs ddim rows (one batch)")
+    p.add_argument("--gmm-steps", type=int, default=100, help="steps of the ddpm vs ddim rows")
+    p.add_argument("--gmm-batch", type=int, default=64, help="batch_size of the ddpm vs ddim rows (diffctl sample's default)")
     p.add_argument("--json", default="bench_sample.json")
     args = p.parse_args(argv)
     if args.quick:

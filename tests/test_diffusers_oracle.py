@@ -30,7 +30,7 @@ from diffusers import (  # noqa: E402
 
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser  # noqa: E402
 from diffctl.samplers import ddim, ode  # noqa: E402
-from diffctl.samplers.common import randn, sample_generators  # noqa: E402
+from diffctl.noise import SampleNoise  # noqa: E402
 from diffctl.samplers.stochastic import _posterior  # noqa: E402
 from diffctl.sde import SDE  # noqa: E402
 
@@ -123,25 +123,25 @@ def test_ddim_sampler_equals_ddim_scheduler(eta, spacing):
     sched = DDIMScheduler(clip_sample=False, timestep_spacing=spacing)
     mixture, steps = _mixture(), 10
     sde = DiscreteVP(sched.alphas_cumprod)
-    z = randn(sample_generators(1, range(B)), (D,), torch.float64)
-    gens = sample_generators(1, range(B))
-    randn(gens, (D,), torch.float64)
-    ours = ddim(MixtureDenoiser(mixture, sde), z, steps, generators=gens, eta=eta, spacing=spacing)
+    z = SampleNoise(1, range(B)).randn((D,), torch.float64)
+    gens = SampleNoise(1, range(B))
+    gens.randn((D,), torch.float64)
+    ours = ddim(MixtureDenoiser(mixture, sde), z, steps, noise=gens, eta=eta, spacing=spacing)
 
-    replay = sample_generators(1, range(B))
-    randn(replay, (D,), torch.float64)
+    replay = SampleNoise(1, range(B))
+    replay.randn((D,), torch.float64)
     sched.set_timesteps(steps)
     model = bench.ExactModel(mixture)
     x = z.clone()
     for i, t in enumerate(sched.timesteps):
         _, eps = model(x, *bench.level_discrete(sched, i, t))
         last = i == len(sched.timesteps) - 1
-        noise = torch.zeros_like(x) if (last or eta == 0) else randn(replay, (D,), torch.float64)
+        noise = torch.zeros_like(x) if (last or eta == 0) else replay.randn((D,), torch.float64)
         x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
     assert model.calls == steps
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
     if eta > 0:  # the noise matters: a different stream must not agree
-        other = ddim(MixtureDenoiser(mixture, sde), z, steps, generators=sample_generators(9, range(B)), eta=eta, spacing=spacing)
+        other = ddim(MixtureDenoiser(mixture, sde), z, steps, noise=SampleNoise(9, range(B)), eta=eta, spacing=spacing)
         assert (other - x).abs().max() > 1e-2
 
 
@@ -164,7 +164,7 @@ def test_euler_heun_in_y_s_equal_karras_schedulers(solver, cls):
     sched = cls(timestep_spacing="trailing")
     mixture, steps = _mixture(), 8
     sde = DiscreteVP(sched.alphas_cumprod)
-    z = randn(sample_generators(2, range(B)), (D,), torch.float64)
+    z = SampleNoise(2, range(B)).randn((D,), torch.float64)
     sched.set_timesteps(steps)
     s_max = float(sched.init_noise_sigma)
     alpha_T = float(sde.alpha(torch.tensor(1.0)))
@@ -184,7 +184,7 @@ def test_dpmpp_2m_equals_dpm_solver_multistep():
     mixture = _mixture()
     for steps in (4, 10, 20):  # divisors of 1000 (exact trailing timesteps); also past lower_order_final's 15-step threshold
         sde = DiscreteVP(DPMSolverMultistepScheduler(**cfg).alphas_cumprod)
-        z = randn(sample_generators(4, range(B)), (D,), torch.float64)
+        z = SampleNoise(4, range(B)).randn((D,), torch.float64)
         ours = ode(MixtureDenoiser(mixture, sde), z, steps, solver="dpmpp_2m", spacing="trailing")
         theirs, calls = _drive(DPMSolverMultistepScheduler(**cfg), mixture, z, steps, bench.level_sigma)
         assert calls == steps
@@ -206,7 +206,7 @@ def test_dpmpp_2m_lower_order_final_equals_dpm_solver_multistep(steps, lower_ord
     cfg = dict(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min", timestep_spacing="linspace",
                lower_order_final=lower_order_final, euler_at_final=lower_order_final and steps >= 15)
     sde = DiscreteVP(DPMSolverMultistepScheduler(**cfg).alphas_cumprod)
-    z = randn(sample_generators(7, range(B)), (D,), torch.float64)
+    z = SampleNoise(7, range(B)).randn((D,), torch.float64)
     den = bench.Counted(MixtureDenoiser(mixture, sde))
     ours = ode(den, z, steps + 1, solver="dpmpp_2m", spacing="uniform", lower_order_final=lower_order_final)
     x_end, calls = _drive(DPMSolverMultistepScheduler(**cfg), mixture, z, steps, bench.level_sigma)
@@ -260,7 +260,7 @@ def test_benchmark_level_mapping(cls, cfg):
     our eps equals the exact model's x0 at every step (float32 schedule tolerance), and a mapping
     one timestep off is caught."""
     mixture = _mixture()
-    z = randn(sample_generators(5, range(B)), (D,), torch.float64)
+    z = SampleNoise(5, range(B)).randn((D,), torch.float64)
     level_of = bench.level_discrete if cls in (DDPMScheduler, DDIMScheduler) else bench.level_sigma
     for steps in (5, 20):
         assert _mapping_error(cls(**cfg), steps, level_of, mixture, z) < 1e-4
@@ -285,7 +285,7 @@ def test_score_sde_ve_sigmas_are_the_pipeline_sigmas():
         idx = [int((t * torch.ones(1) * (steps - 1)).long()) for t in sched.timesteps]
         torch.testing.assert_close(sched.discrete_sigmas[idx].double(), sched.sigmas.double(), rtol=1e-4, atol=0)
     mixture = _mixture()
-    x = randn(sample_generators(6, range(B)), (D,), torch.float64)
+    x = SampleNoise(6, range(B)).randn((D,), torch.float64)
     x0, eps = bench.ExactModel(mixture)(x, 1.0, float(sched.sigmas[-1]))
     mean = sched.step_pred(-eps / float(sched.sigmas[-1]), sched.timesteps[-1], x).prev_sample_mean
     torch.testing.assert_close(mean.double(), x0, rtol=1e-4, atol=1e-4)

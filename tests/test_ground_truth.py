@@ -21,8 +21,8 @@ from scipy.integrate import solve_ivp
 from scipy.stats import norm
 
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser
-from diffctl.samplers import generate, noise_levels, sample_generators
-from diffctl.samplers.common import randn
+from diffctl.noise import GeneratorNoise, SampleNoise
+from diffctl.samplers import generate, noise_levels
 from diffctl.samplers.ode import ode
 from diffctl.samplers.stochastic import ddim, ddpm, pc
 from diffctl.sde import SubVPSDE, VESDE, VPSDE, ddpm_alphas_cumprod, ddpm_betas
@@ -88,14 +88,15 @@ def _reference_x0(sde, x_T: torch.Tensor, mixture: GaussianMixture = MIXTURE) ->
 def _reference(sde_name: str, n: int = 32, seed: int = 0, mixture: str = "broad") -> tuple[torch.Tensor, torch.Tensor]:
     """(start noise x_T [n, D] from the prior, reference x0 of the PF-ODE from it)."""
     sde = SDES[sde_name]
-    x_T = sde.prior_std() * randn(sample_generators(seed, range(n)), (D,), dtype=torch.float64)
+    x_T = sde.prior_std() * SampleNoise(seed, range(n)).randn((D,), torch.float64)
     return x_T, _reference_x0(sde, x_T, MIXTURES[mixture])
 
 
-def _start(sde, n: int, seed: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """What generate() does, in float64: per-sample generators and the start noise drawn from them."""
-    gens = sample_generators(seed, range(n))
-    return sde.prior_std() * randn(gens, (D,), dtype=torch.float64), gens
+def _start(sde, n: int, seed: int, legacy: bool = False) -> tuple[torch.Tensor, SampleNoise | GeneratorNoise]:
+    """What generate() does, in float64: the per-sample noise and the start noise (its draw 0).
+    legacy: noise version 1 (one torch.Generator per sample), which diffusers can be handed too."""
+    gens = (GeneratorNoise if legacy else SampleNoise)(seed, range(n))
+    return sde.prior_std() * gens.randn((D,), torch.float64), gens
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,13 +146,20 @@ def test_dpmpp_2m_beats_ddim_on_the_same_levels(sde_name, mixture):
     at 10, 20 and 40 steps. Without lower_order_final it is not on uniform levels for VP and sub-VP,
     whose last step (to sample_eps) is 3-5x the one before: its 2M correction then extrapolates
     with weight 1/(2r) ~ 2.5 (measured, narrow VP: 0.49 vs DDIM's 0.085 at 10 steps, 0.059 vs
-    0.045 at 20)."""
+    0.045 at 20).
+
+    Not claimed: sub-VP, broad mixture, karras at 10 steps, where 2M is worse than DDIM on average
+    (512 samples, RMS error 2M / DDIM: 0.366 / 0.335 and 0.361 / 0.324 for seeds 100 and 101 with
+    the per-generator noise, 0.371 / 0.335 and 0.360 / 0.332 with counter noise); this test's 32
+    samples passed there with the per-generator noise of seed 0 only (seeds 2-4 failed too)."""
     sde = SDES[sde_name]
     x_T, reference = _reference(sde_name, mixture=mixture)
     den = MixtureDenoiser(MIXTURES[mixture], sde)
     worse = {}
     for spacing in ("uniform", "quadratic", "trailing", "karras", "logsnr"):
         for n in (10, 20, 40):
+            if (sde_name, mixture, spacing, n) == ("vpsub", "broad", "karras", 10):
+                continue
             e_2m = _rms(ode(den, x_T, n, solver="dpmpp_2m", spacing=spacing), reference)
             e_ddim = _rms(ddim(den, x_T, n, eta=0.0, spacing=spacing), reference)
             if not e_2m < e_ddim:
@@ -352,15 +360,15 @@ def _ancestral_chain(sde, n: int, times: torch.Tensor, seed: int) -> torch.Tenso
     posterior of the kernel x_t | x_s ~ N(a x_s, v), a = alpha_t/alpha_s, v = sigma_t^2 - a^2 sigma_s^2:
     mean = (a sigma_s^2 x_t + alpha_s v x0) / sigma_t^2, variance = v sigma_s^2 / sigma_t^2.
     Noise is drawn in the order generate() draws it (start, then one draw per step)."""
-    gens = sample_generators(seed, range(n))
-    x = sde.prior_std() * randn(gens, (D,), dtype=torch.float64)
+    gens = SampleNoise(seed, range(n))
+    x = sde.prior_std() * gens.randn((D,), torch.float64)
     alpha, sigma = (lambda t: float(sde.alpha(_t(t)))), (lambda t: float(sde.sigma(_t(t))))
     for t, s in zip(times.tolist(), times[1:].tolist()):
         a = alpha(t) / alpha(s)
         v = sigma(t) ** 2 - a * a * sigma(s) ** 2
         x0 = _tweedie_x0(sde, x, t)
         mean = (a * sigma(s) ** 2 * x + alpha(s) * v * x0) / sigma(t) ** 2
-        x = mean + math.sqrt(v) * sigma(s) / sigma(t) * randn(gens, (D,), dtype=torch.float64)
+        x = mean + math.sqrt(v) * sigma(s) / sigma(t) * gens.randn((D,), torch.float64)
     return _tweedie_x0(sde, x, float(times[-1]))
 
 
@@ -373,7 +381,7 @@ def test_ddim_eta1_ddpm_and_ancestral_pc_are_the_ddpm_posterior_chain(sde_name):
     den = MixtureDenoiser(MIXTURE, sde)
     for sampler, options in ((ddim, {"eta": 1.0}), (ddpm, {}), (pc, {"predictor": "ancestral", "corrector": "none"})):
         x, gens = _start(sde, n, seed=3)
-        out = sampler(den, x, steps, generators=gens, spacing="uniform", **options)
+        out = sampler(den, x, steps, noise=gens, spacing="uniform", **options)
         torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"{sampler.__name__} {options}: {m}")
 
 
@@ -386,8 +394,8 @@ def _discrete_ddpm(n: int, N: int, seed: int, eta: float) -> torch.Tensor:
     vp = SDES["vp"]
     betas = ddpm_betas(N, vp.beta_min / N, vp.beta_max / N).tolist()
     abar = ddpm_alphas_cumprod(torch.tensor(betas, dtype=torch.float64)).tolist()
-    gens = sample_generators(seed, range(n))
-    x = randn(gens, (D,), dtype=torch.float64)
+    gens = SampleNoise(seed, range(n))
+    x = gens.randn((D,), torch.float64)
 
     def predict(x, i):
         x0 = MIXTURE.denoise(x, math.sqrt(abar[i]), math.sqrt(1 - abar[i]))[0]
@@ -400,7 +408,7 @@ def _discrete_ddpm(n: int, N: int, seed: int, eta: float) -> torch.Tensor:
         else:
             b = betas[i]
             mean = (math.sqrt(abar[i - 1]) * b * x0 + math.sqrt(1 - b) * (1 - abar[i - 1]) * x) / (1 - abar[i])
-            x = mean + math.sqrt((1 - abar[i - 1]) / (1 - abar[i]) * b) * randn(gens, (D,), dtype=torch.float64)
+            x = mean + math.sqrt((1 - abar[i - 1]) / (1 - abar[i]) * b) * gens.randn((D,), torch.float64)
     return predict(x, 0)[0]
 
 
@@ -426,7 +434,7 @@ def test_discrete_ddpm_ancestral_converges_to_continuous_vp_ddpm():
     gaps = []
     for N in (100, 200, 400):
         x, gens = _start(SDES["vp"], n, seed=5)
-        ours = ddpm(den, x, N, generators=gens, spacing="trailing")
+        ours = ddpm(den, x, N, noise=gens, spacing="trailing")
         gaps.append(float((_discrete_ddpm(n, N, seed=5, eta=1) - ours).norm(dim=1).median()))
     orders = [math.log2(a / b) for a, b in zip(gaps, gaps[1:])]
     assert all(abs(p - 1) < 0.5 for p in orders), (gaps, orders)
@@ -434,7 +442,7 @@ def test_discrete_ddpm_ancestral_converges_to_continuous_vp_ddpm():
 
 # ------------------------------------------------------- 4. ancestral variance: small and large
 def _noise(gens) -> torch.Tensor:
-    return randn(gens, (D,), dtype=torch.float64)
+    return gens.randn((D,), torch.float64)
 
 
 def _ddpm_algorithm_2(sde, x_T, gens, times: torch.Tensor, variance: str) -> torch.Tensor:
@@ -496,10 +504,10 @@ def test_ddpm_variances_are_ddpm_algorithm_2(variance, spacing):
     den = MixtureDenoiser(MIXTURE, sde)
     for sampler, options in ((ddpm, {}), (pc, {"predictor": "ancestral", "corrector": "none"})):
         x, gens = _start(sde, n, seed=4)
-        out = sampler(den, x, steps, generators=gens, spacing=spacing, variance=variance, **options)
+        out = sampler(den, x, steps, noise=gens, spacing=spacing, variance=variance, **options)
         torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"{sampler.__name__}: {m}")
     x, gens = _start(sde, n, seed=4)
-    other = ddpm(den, x, steps, generators=gens, spacing=spacing, variance="large" if variance == "small" else "small")
+    other = ddpm(den, x, steps, noise=gens, spacing=spacing, variance="large" if variance == "small" else "small")
     assert _rms(other, expected) > 1e-3
 
 
@@ -512,7 +520,7 @@ def test_ve_ancestral_variances_are_score_sde_and_the_forward_step(variance):
     den = MixtureDenoiser(MIXTURE, sde)
     for sampler, options in ((ddpm, {}), (pc, {"predictor": "ancestral", "corrector": "none"})):
         x, gens = _start(sde, n, seed=6)
-        out = sampler(den, x, steps, generators=gens, spacing="uniform", variance=variance, **options)
+        out = sampler(den, x, steps, noise=gens, spacing="uniform", variance=variance, **options)
         torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"{sampler.__name__}: {m}")
 
 
@@ -523,7 +531,7 @@ def test_large_variance_is_the_forward_kernel_variance(sde_name):
     x_T, gens = _start(sde, n, seed=7)
     expected = _forward_kernel_ancestral(sde, x_T, gens, times)
     x, gens = _start(sde, n, seed=7)
-    out = ddpm(MixtureDenoiser(MIXTURE, sde), x, steps, generators=gens, spacing="uniform", variance="large")
+    out = ddpm(MixtureDenoiser(MIXTURE, sde), x, steps, noise=gens, spacing="uniform", variance="large")
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -531,20 +539,20 @@ def test_large_variance_is_the_forward_kernel_variance(sde_name):
 def test_ddpm_variances_equal_diffusers_ddpm_scheduler(variance):
     """Oracle: diffusers' DDPMScheduler with variance_type fixed_<variance>, every timestep of a chain
     whose alphas_cumprod are our VP's at the trailing levels (its betas are float32, hence the
-    tolerance), fed the mixture's eps (from the autograd score) and our per-sample generators, which
-    diffusers draws from one row each, in our order: the same noise as ours."""
+    tolerance), fed the mixture's eps (from the autograd score) and the per-sample generators of noise
+    version 1, which diffusers draws from one row each, in our order: the same noise as ours."""
     diffusers = pytest.importorskip("diffusers")
     sde, n, steps = SDES["vp"], 8, 20
     times = noise_levels(sde, steps, "trailing").flip(0)  # timestep j at times[j]
     abar = sde.alpha(times) ** 2
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     sched = diffusers.DDPMScheduler(num_train_timesteps=steps, trained_betas=betas.tolist(), variance_type=f"fixed_{variance}", clip_sample=False)
-    x, gens = _start(sde, n, seed=8)
+    x, gens = _start(sde, n, seed=8, legacy=True)
     for j in range(steps - 1, -1, -1):
         eps = -float(sde.sigma(times[j])) * _score(sde, x, float(times[j]))
-        x = sched.step(eps, j, x, generator=gens).prev_sample
-    x_T, gens = _start(sde, n, seed=8)
-    ours = ddpm(MixtureDenoiser(MIXTURE, sde), x_T, steps, generators=gens, spacing="trailing", variance=variance)
+        x = sched.step(eps, j, x, generator=gens.generators).prev_sample
+    x_T, gens = _start(sde, n, seed=8, legacy=True)
+    ours = ddpm(MixtureDenoiser(MIXTURE, sde), x_T, steps, noise=gens, spacing="trailing", variance=variance)
     torch.testing.assert_close(ours, x.double(), rtol=1e-4, atol=1e-4)
 
 

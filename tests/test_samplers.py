@@ -10,8 +10,9 @@ import torch
 
 from diffctl.denoiser import ClippedDenoiser, Denoiser, GuidedDenoiser, Prediction
 from diffctl.errors import ConfigError
-from diffctl.samplers import check_sampler, generate, noise_levels, sample_generators, sampler_options
-from diffctl.samplers.common import Level, randn, ratio_levels
+from diffctl.noise import SampleNoise
+from diffctl.samplers import check_sampler, generate, noise_levels, sampler_options
+from diffctl.samplers.common import Level, ratio_levels
 from diffctl.samplers.ode import ode
 from diffctl.samplers.stochastic import CORRECTORS
 from diffctl.sde import SubVPSDE, VESDE, VPSDE, _bcast
@@ -36,8 +37,8 @@ class ExactGaussian:
 
 
 def _start(sde, n, dim, seed=0, dtype=torch.float64):
-    generators = sample_generators(seed, range(n))
-    return sde.prior_std() * randn(generators, (dim,), dtype=dtype), generators
+    noise = SampleNoise(seed, range(n))
+    return sde.prior_std() * noise.randn((dim,), dtype), noise
 
 
 def _exact_ode_x0(sde, x_T):
@@ -184,10 +185,10 @@ def test_correctors_follow_the_unadjusted_langevin_moments(sde_name, corrector, 
     level = Level.from_ratio(sde, C)  # s = C: data and noise matter equally
     v, mu = level.alpha**2 * C**2 + level.sigma**2, level.alpha * M
     model, n, dim, steps = ExactGaussian(sde), 64, 1024, 30
-    generators = sample_generators(0, range(n))
-    y = math.sqrt(2 * v) / level.alpha * randn(generators, (dim,), dtype=torch.float64)  # x off: mean 0, variance 2v
+    noise = SampleNoise(0, range(n))
+    y = math.sqrt(2 * v) / level.alpha * noise.randn((dim,), torch.float64)  # x off: mean 0, variance 2v
     for _ in range(steps):
-        y = CORRECTORS[corrector](model, y, level, None, None, generators, snr)
+        y = CORRECTORS[corrector](model, y, level, None, None, noise, snr)
     x = level.alpha * y
     if corrector == "ald":
         step_size = lambda q: 2 * (snr * level.sigma) ** 2  # noqa: E731

@@ -1,8 +1,9 @@
-"""Samplers: pure functions of a denoiser (with its SDE), a start noise and per-sample generators.
+"""Samplers: pure functions of a denoiser (with its SDE), a start noise and a per-sample noise source.
 
-Each sampler is `fn(denoiser, x, steps, labels=None, generators=None, **options) -> x0` (float,
-unclipped). Sample i draws all its noise from its own CPU generator seeded by (seed, i), so it is
-the same image whatever the batch size, the number of devices or the device type.
+Each sampler is `fn(denoiser, x, steps, labels=None, noise=None, **options) -> x0` (float,
+unclipped). `noise` (diffctl.noise.SampleNoise) gives draw k of sample i as a function of
+(seed, i, k) alone, computed on the batch's device, so sample i is the same image whatever the batch
+size or the number of devices (and, up to the last bit of log/cos/sin, the device type).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import Tensor
 from diffctl.errors import ConfigError, DiffctlError
 from diffctl.schema import check_sampler_node, choices
 from diffctl.schema.choices import OPTION_RULES, SAMPLER_NODE, option_rules
-from diffctl.samplers.common import SPACINGS, Level, denoise, noise_levels, randn, randn_like, sample_generators, start
+from diffctl.noise import NOISE_VERSION, sample_noise
+from diffctl.samplers.common import SPACINGS, Level, denoise, noise_levels, sample_generators, start
 from diffctl.samplers.ode import SOLVERS, ode
 from diffctl.samplers.stochastic import CORRECTORS, PREDICTORS, VARIANCES, ddim, ddpm, pc
 
@@ -27,7 +29,7 @@ class NonFiniteSamples(DiffctlError):
 
 
 @torch.inference_mode()
-def consistency(denoiser, x: Tensor, steps: int, labels=None, generators=None, spacing: str = "karras") -> Tensor:
+def consistency(denoiser, x: Tensor, steps: int, labels=None, noise=None, spacing: str = "karras") -> Tensor:
     """Consistency sampling (Song et al. 2023): one evaluation at T, then steps-1 rounds that re-noise
     the x0 estimate to a lower level and map it back to x0. The levels are those of steps+1 levels
     without the last, which would re-noise by almost nothing."""
@@ -36,7 +38,7 @@ def consistency(denoiser, x: Tensor, steps: int, labels=None, generators=None, s
     s_min = Level(sde, sde.eps).s
     x0 = denoise(denoiser, start(x, sde, levels[0]), levels[0], labels).x0
     for level in levels[1:]:
-        y = x0 + (level.s**2 - s_min**2) ** 0.5 * randn_like(x0, generators)
+        y = x0 + (level.s**2 - s_min**2) ** 0.5 * noise.randn_like(x0)
         x0 = denoise(denoiser, y, level, labels).x0
     return x0
 
@@ -53,7 +55,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 def sampler_options(name: str) -> dict[str, Any]:
     """The options `name` accepts, with their defaults."""
     params = inspect.signature(SAMPLERS[name]).parameters
-    return {k: p.default for k, p in list(params.items())[5:]}  # after (denoiser, x, steps, labels, generators)
+    return {k: p.default for k, p in list(params.items())[5:]}  # after (denoiser, x, steps, labels, noise)
 
 
 def undeclared() -> list[str]:
@@ -103,15 +105,17 @@ def generate(
     labels: Tensor | None = None,
     device=None,
     first_index: int = 0,
+    noise_version: int = NOISE_VERSION,
 ) -> Tensor:
     """Samples first_index .. first_index+num-1 of `shape` for `seed`. `sampler` is a name or a
-    config {name, **options}."""
+    config {name, **options}. noise_version: diffctl.noise.NOISE_VERSIONS (1: a run made before
+    counter-based noise, resumed with its own)."""
     name, options = check_sampler(sampler_spec(sampler))
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
-    generators = sample_generators(seed, range(first_index, first_index + num))
-    x = denoiser.sde.prior_std() * randn(generators, shape, device=device)
-    x0 = SAMPLERS[name](denoiser, x, steps, labels=labels, generators=generators, **options)
+    noise = sample_noise(seed, range(first_index, first_index + num), device, noise_version)
+    x = denoiser.sde.prior_std() * noise.randn(shape, device=device)  # draw 0: the start noise
+    x0 = SAMPLERS[name](denoiser, x, steps, labels=labels, noise=noise, **options)
     bad = ~torch.isfinite(x0.reshape(num, -1)).all(1)
     if bad.any():  # uint8 images cannot hold NaN: written, they would look like real samples
         raise NonFiniteSamples(

@@ -1,4 +1,4 @@
-"""What every sampler shares: per-sample noise, the noise-level grid, and denoiser calls at a level.
+"""What every sampler shares: the noise-level grid, and denoiser calls at a level.
 
 All samplers work in the variables y = x / alpha(t), s = sigma(t) / alpha(t). In them every SDE
 (VP, sub-VP, VE) is the same VE process y_t = x0 + s(t) eps, so one formula serves all three; the
@@ -21,7 +21,8 @@ SPACINGS = ("uniform", "quadratic", "trailing", "leading", "karras", "logsnr")
 
 
 def sample_generators(seed: int, indices) -> list[torch.Generator]:
-    """One CPU generator per sample index, seeded by (seed, index)."""
+    """One CPU generator per sample index, seeded by (seed, index): likelihood.py's probes and
+    dequantization (one draw per sample); the samplers' noise is diffctl.noise."""
     return [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
 
 
@@ -29,10 +30,6 @@ def randn(generators: list[torch.Generator], shape, dtype=torch.float32, device=
     """A batch of standard normals of per-sample `shape`, row i drawn from generators[i], so a sample's
     noise does not depend on which other samples share its batch (or device)."""
     return torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in generators]).to(device)
-
-
-def randn_like(x: Tensor, generators: list[torch.Generator]) -> Tensor:
-    return randn(generators, x.shape[1:], x.dtype, x.device)
 
 
 # DDIM's two grids pick timesteps of DDPM's 1000-step training chain. Timestep i (0..999) is placed at

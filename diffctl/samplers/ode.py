@@ -90,7 +90,7 @@ def ode(
     x: Tensor,
     steps: int,
     labels=None,
-    generators=None,
+    noise=None,
     solver: str = "dpmpp_2m",
     spacing: str = "auto",
     rtol: float = 1e-5,

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, randn_like, start
+from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, start
 
 
 def _posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, float]:
@@ -28,7 +28,7 @@ def _posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, f
 VARIANCES = ("small", "large")
 
 
-def _ancestral_step(y: Tensor, x0: Tensor, now: Level, nxt: Level, variance: str, generators) -> Tensor:
+def _ancestral_step(y: Tensor, x0: Tensor, now: Level, nxt: Level, variance: str, noise) -> Tensor:
     """One ancestral step from `now` to `nxt`: the posterior mean of q(y_s | y_t, x0) plus noise of
     variance small = the posterior's (DDPM's beta-tilde, "fixed small") or large = the forward
     transition's: x_t | x_s has variance v = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2 (DDPM's beta_t,
@@ -36,11 +36,11 @@ def _ancestral_step(y: Tensor, x0: Tensor, now: Level, nxt: Level, variance: str
     mean, std = _posterior(y, x0, now, nxt)
     if variance == "large":
         std = now.alpha / nxt.alpha * math.sqrt(now.s**2 - nxt.s**2)
-    return mean + std * randn_like(y, generators)
+    return mean + std * noise.randn_like(y)
 
 
 @torch.inference_mode()
-def ddpm(denoiser, x: Tensor, steps: int, labels=None, generators=None, variance: str = "small", spacing: str = "trailing") -> Tensor:
+def ddpm(denoiser, x: Tensor, steps: int, labels=None, noise=None, variance: str = "small", spacing: str = "trailing") -> Tensor:
     """Ancestral sampling: draw x_s ~ q(x_s | x_t, x0 = predicted x0) level by level (Ho et al. 2020),
     with the posterior's variance (variance=small) or the forward step's (variance=large)."""
     if variance not in VARIANCES:
@@ -48,12 +48,12 @@ def ddpm(denoiser, x: Tensor, steps: int, labels=None, generators=None, variance
     levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
     y = start(x, denoiser.sde, levels[0])
     for now, nxt in zip(levels, levels[1:]):
-        y = _ancestral_step(y, denoise(denoiser, y, now, labels).x0, now, nxt, variance, generators)
+        y = _ancestral_step(y, denoise(denoiser, y, now, labels).x0, now, nxt, variance, noise)
     return denoise(denoiser, y, levels[-1], labels).x0
 
 
 @torch.inference_mode()
-def ddim(denoiser, x: Tensor, steps: int, labels=None, generators=None, eta: float = 0.0, spacing: str = "trailing") -> Tensor:
+def ddim(denoiser, x: Tensor, steps: int, labels=None, noise=None, eta: float = 0.0, spacing: str = "trailing") -> Tensor:
     """DDIM (Song et al. 2021): y_s = x0 + sqrt(s'^2 - c^2) eps + c z with c = eta * posterior std.
 
     eta = 0 is deterministic (an Euler step of the probability-flow ODE in y, s); eta = 1 is exactly
@@ -66,7 +66,7 @@ def ddim(denoiser, x: Tensor, steps: int, labels=None, generators=None, eta: flo
         c = eta * nxt.s * math.sqrt(1.0 - (nxt.s / now.s) ** 2)
         y = pred.x0 + math.sqrt(max(nxt.s**2 - c * c, 0.0)) * pred.eps
         if c > 0:
-            y = y + c * randn_like(y, generators)
+            y = y + c * noise.randn_like(y)
     return denoise(denoiser, y, levels[-1], labels).x0
 
 
@@ -75,7 +75,7 @@ def ddim(denoiser, x: Tensor, steps: int, labels=None, generators=None, eta: flo
 # Both return the new y; `score` of x at a level is -eps / sigma.
 
 
-def _euler_maruyama(denoiser, y, now: Level, nxt: Level, labels, generators):
+def _euler_maruyama(denoiser, y, now: Level, nxt: Level, labels, noise):
     """Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dw_bar, in x and t."""
     sde = denoiser.sde
     x = now.alpha * y
@@ -83,11 +83,11 @@ def _euler_maruyama(denoiser, y, now: Level, nxt: Level, labels, generators):
     dt = nxt.t - now.t  # negative
     g = float(sde.diffusion(torch.tensor(now.t, dtype=torch.float64)))
     score = denoise(denoiser, y, now, labels).score
-    x = x + (sde.drift(x, t) - g * g * score) * dt + g * math.sqrt(-dt) * randn_like(x, generators)
+    x = x + (sde.drift(x, t) - g * g * score) * dt + g * math.sqrt(-dt) * noise.randn_like(x)
     return x / nxt.alpha
 
 
-def _reverse_diffusion(denoiser, y, now: Level, nxt: Level, labels, generators):
+def _reverse_diffusion(denoiser, y, now: Level, nxt: Level, labels, noise):
     """Reverse of the discretized forward step x_t = a x_s + b z (a = alpha_t/alpha_s,
     b^2 = sigma_t^2 - a^2 sigma_s^2): x_s = (2 - a) x_t + b^2 score + b z (score SDE's
     ReverseDiffusionPredictor, written for any alpha, sigma)."""
@@ -95,17 +95,17 @@ def _reverse_diffusion(denoiser, y, now: Level, nxt: Level, labels, generators):
     b2 = max(now.sigma**2 - a * a * nxt.sigma**2, 0.0)
     x = now.alpha * y
     score = denoise(denoiser, y, now, labels).score
-    x = (2.0 - a) * x + b2 * score + math.sqrt(b2) * randn_like(x, generators)
+    x = (2.0 - a) * x + b2 * score + math.sqrt(b2) * noise.randn_like(x)
     return x / nxt.alpha
 
 
-def _ancestral(denoiser, y, now: Level, nxt: Level, labels, generators, variance: str = "small"):
+def _ancestral(denoiser, y, now: Level, nxt: Level, labels, noise, variance: str = "small"):
     """`ddpm`'s step. score_sde's AncestralSamplingPredictor is variance=large for VP (beta_i) and
     variance=small for VE (sigma_{i-1}^2 (sigma_i^2 - sigma_{i-1}^2) / sigma_i^2)."""
-    return _ancestral_step(y, denoise(denoiser, y, now, labels).x0, now, nxt, variance, generators)
+    return _ancestral_step(y, denoise(denoiser, y, now, labels).x0, now, nxt, variance, noise)
 
 
-def _no_predictor(denoiser, y, now, nxt, labels, generators):
+def _no_predictor(denoiser, y, now, nxt, labels, noise):
     return y
 
 
@@ -117,16 +117,16 @@ PREDICTORS = {
 }
 
 
-def _langevin_step(denoiser, y, now: Level, labels, generators, step_size):
+def _langevin_step(denoiser, y, now: Level, labels, noise, step_size):
     """One Langevin step x <- x + e * score + sqrt(2 e) z at a fixed level; e = step_size(score, z), a float."""
     x = now.alpha * y
     score = denoise(denoiser, y, now, labels).score
-    z = randn_like(x, generators)
+    z = noise.randn_like(x)
     e = step_size(score, z)
     return (x + e * score + math.sqrt(2.0 * e) * z) / now.alpha
 
 
-def _langevin(denoiser, y, now: Level, nxt: Level | None, labels, generators, snr: float):
+def _langevin(denoiser, y, now: Level, nxt: Level | None, labels, noise, snr: float):
     """score SDE's Langevin corrector: e = 2 a^2 (snr ||z|| / ||score||)^2 with the norms averaged
     over the batch, as score_sde and diffusers' ScoreSdeVeScheduler do. The batch mean is what
     makes it work in low dimension (a per-sample norm can be near 0 and blow the step up), but it
@@ -138,15 +138,15 @@ def _langevin(denoiser, y, now: Level, nxt: Level | None, labels, generators, sn
         ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
         return 2.0 * a2 * (snr * ratio) ** 2
 
-    return _langevin_step(denoiser, y, now, labels, generators, step_size)
+    return _langevin_step(denoiser, y, now, labels, noise, step_size)
 
 
-def _annealed_langevin(denoiser, y, now: Level, nxt: Level | None, labels, generators, snr: float):
+def _annealed_langevin(denoiser, y, now: Level, nxt: Level | None, labels, noise, snr: float):
     """NCSN's annealed Langevin dynamics: step e = 2 a^2 (snr * sigma_t)^2 at each level."""
     a2 = (now.alpha / nxt.alpha) ** 2 if nxt is not None else 1.0
     e = 2.0 * a2 * (snr * now.sigma) ** 2
 
-    return _langevin_step(denoiser, y, now, labels, generators, lambda score, z: e)
+    return _langevin_step(denoiser, y, now, labels, noise, lambda score, z: e)
 
 
 CORRECTORS = {"langevin": _langevin, "ald": _annealed_langevin, "none": None}
@@ -158,7 +158,7 @@ def pc(
     x: Tensor,
     steps: int,
     labels=None,
-    generators=None,
+    noise=None,
     predictor: str = "reverse_diffusion",
     corrector: str = "ald",
     snr: float = 0.16,
@@ -184,7 +184,7 @@ def pc(
     for i, now in enumerate(levels):
         nxt = levels[i + 1] if i + 1 < len(levels) else None
         for _ in range(corrector_steps if correct else 0):
-            y = correct(denoiser, y, now, nxt, labels, generators, snr)
+            y = correct(denoiser, y, now, nxt, labels, noise, snr)
         if nxt is not None:
-            y = predict(denoiser, y, now, nxt, labels, generators)
+            y = predict(denoiser, y, now, nxt, labels, noise)
     return denoise(denoiser, y, levels[-1], labels).x0

@@ -203,6 +203,7 @@ def train_schema() -> dict:
 def sample_schema() -> dict:
     return {
         **COMMON, "steps": Int(lo=1), "num_samples": Int(lo=1), "batch_size": Int(lo=1), "seed": SEED,
+        "noise": Choice(1, 2, what="1 (per-sample generators, before issue 15) or 2 (counter-based)"),
         "class_label": Int(lo=0, null=True), "guidance": Float(ge=0, hint="1 = no guidance"), "clip_denoised": Bool(null=True),
         "precision": Choice(*SAMPLE_PRECISIONS, sep=" | ", as_text=True), "compile": Bool(), "memory_check": Bool(),
         "channels_last": Choice(True, False, "auto", what="true, false or auto"),
