@@ -42,7 +42,7 @@ def tf1_resize(x: Tensor, size: int, channels_last: bool = False) -> Tensor:
 
     wh, ww = weights(x.shape[2]), weights(x.shape[3])
     if channels_last:
-        return torch.einsum("oh,bchw,pw->bopc", wh, x, ww).permute(0, 3, 1, 2)
+        return torch.einsum("oh,bchw,pw->bopc", wh, x, ww).contiguous().permute(0, 3, 1, 2)
     return torch.einsum("oh,bchw,pw->bcop", wh, x, ww)
 
 
