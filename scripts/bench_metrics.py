@@ -166,7 +166,7 @@ def fid_halves(path: Path) -> float:
     f = np.load(path).astype(np.float64)
     a, b = f[: len(f) // 2], f[len(f) // 2 :]
     mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = scipy.linalg.sqrtm(s1 @ s2, disp=False)[0].real
+    root = scipy.linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
 
 
