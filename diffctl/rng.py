@@ -7,7 +7,8 @@ batches. So N processes with batch B compute exactly what one process with batch
 a resumed run draws the same noise as an uninterrupted one.
 
 Exact resume rests on three things, none of which needs state beyond Lightning's own counters:
-- noise, timesteps, label dropout and flips come from generators keyed by (seed, step, micro-batch);
+- noise (counter-based, per global sample: diffctl.noise), timesteps, label dropout and flips are
+  keyed by (seed, step, micro-batch);
 - the global RNG (dropout inside the network) is reseeded from (seed, step, micro-batch, rank) at
   every training step (`seed_step`), so it never carries state from one step to the next;
 - the data position is the number of training batches Lightning has processed
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import Sampler
+
+from diffctl.noise import normals
 
 
 def mix_seed(*parts: int) -> int:
@@ -72,7 +75,9 @@ class BatchRandom:
     def __init__(self, seed: int, step: int, micro: int, rank: int, world_size: int, local_size: int, device):
         self.device = torch.device(device)
         self.gen = torch.Generator(device=self.device)
-        self.gen.manual_seed(mix_seed(seed, step, micro))
+        self.key = mix_seed(seed, step, micro)
+        self.gen.manual_seed(self.key)
+        self.draws = 0  # randn calls so far: each is its own counter-based draw
         self.rank, self.world, self.local = rank, world_size, local_size
         self._rows = slice(rank * local_size, (rank + 1) * local_size)
 
@@ -82,8 +87,15 @@ class BatchRandom:
         return (self.local * self.world, *shape[1:])
 
     def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
-        full = torch.randn(self._global_shape(shape), generator=self.gen, device=self.device, dtype=dtype)
-        return full[self._rows]
+        """Normals for this rank's rows only: row j of the global batch is counter-based noise
+        (diffctl.noise) keyed by (seed, step, micro-batch), sample j and the call number, so no rank
+        draws the others' rows. Drawing the global batch on every rank cost 115 ms a step at 8
+        ranks and 726 ms at 64 (128 x 3x32x32 per rank, CPU), against ~1 ms for the local rows."""
+        self._global_shape(shape)
+        rows = torch.arange(self._rows.start, self._rows.stop, dtype=torch.int64, device=self.device)
+        out = normals(self.key, rows, self.draws, tuple(shape[1:]))
+        self.draws += 1
+        return out.to(dtype)
 
     def rand(self, shape, dtype=torch.float32) -> torch.Tensor:
         full = torch.rand(self._global_shape(shape), generator=self.gen, device=self.device, dtype=dtype)

@@ -17,7 +17,8 @@ turns batch by batch so load drifts hit them alike):
   size or device count); diffusers is given one generator for the batch, its default.
 - noise (scripts/noise_rows.py): one draw of per-sample noise (counter, noise=2; per-sample
   generators, noise=1) against one torch.randn of the same shape and device, at 8000x8, 32x256 and
-  500x3072 (CPU, and CUDA when available); and `model=gmm` ddpm against ddim at equal steps;
+  500x3072 (CPU, and CUDA when available); `model=gmm` ddpm against ddim at equal steps; and
+  training noise on one rank of 1/8/64 (its own rows vs the global batch drawn on every rank);
 - switches on diffctl's DDIM-50, each flipped from `diffctl sample`'s default: channels_last (default
   auto: on for CPU), precision=bf16-mixed, compile, and the autograd setting (inference_mode, the
   default, vs no_grad vs autograd left on); and diffusers' DDIMPipeline with the network in NHWC too.
@@ -44,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import add_common_args, environment, write_json  # noqa: E402
-from noise_rows import NOISE_SHAPES, gmm_rows, noise_rows, print_noise  # noqa: E402
+from noise_rows import NOISE_SHAPES, gmm_rows, noise_rows, print_noise, training_rows  # noqa: E402
 
 import diffctl  # noqa: E402,F401  (torchvision shim first)
 from diffctl.config import compose_config  # noqa: E402
@@ -213,6 +214,7 @@ def run_benchmark(args) -> dict:
         "noise": noise_rows(repeats=3 if args.quick else 15, shapes=NOISE_SHAPES[1:2] if args.quick else NOISE_SHAPES),
         "gmm_ddpm_vs_ddim": gmm_rows(500 if args.quick else args.gmm_num, 5 if args.quick else args.gmm_steps, 1 if args.quick else 3,
                                      args.gmm_batch),
+        "training_noise": training_rows(repeats=1 if args.quick else 5, worlds=(1, 8) if args.quick else (1, 8, 64)),
     }
 
 
@@ -232,6 +234,9 @@ def print_report(report: dict) -> None:
     console = Console(width=150)
     console.print(table)
     print_noise(console, report["noise"], report["gmm_ddpm_vs_ddim"])
+    rows = report["training_noise"]
+    console.print("training noise on one rank (ms per step, 128 x 3x32x32 per rank): "
+                  + "; ".join(f"world {r['world']}: {r['local_rows_ms']:.1f} own rows vs {r['global_draw_ms']:.1f} global draw" for r in rows))
 
 
 def main(argv=None) -> dict:

@@ -63,6 +63,23 @@ def noise_rows(repeats: int = 15, shapes=NOISE_SHAPES) -> list[dict]:
     return out
 
 
+def training_rows(repeats: int = 5, local: int = 128, shape=(3, 32, 32), worlds=(1, 8, 64)) -> list[dict]:
+    """Training noise on one rank of `world`: diffctl's BatchRandom.randn (counter noise, this rank's
+    rows only) against drawing the whole global batch with one generator and keeping this rank's
+    slice (diffctl before), ms per step; rank 0's cost, on the CPU."""
+    from diffctl.rng import BatchRandom
+
+    out = []
+    for world in worlds:
+        gen = torch.Generator().manual_seed(0)
+        t = _interleaved({
+            "local_rows": lambda w=world: BatchRandom(0, 1, 0, 0, w, local, "cpu").randn((local, *shape)),
+            "global_draw": lambda w=world: torch.randn((local * w, *shape), generator=gen)[:local],
+        }, repeats, torch.device("cpu"))  # fmt: skip
+        out.append({"world": world, "local_batch": local, **{f"{k}_ms": round(1e3 * v, 3) for k, v in t.items()}})
+    return out
+
+
 def gmm_rows(num: int, steps: int, repeats: int, batch: int = 64) -> dict:
     """`diffctl sample model=gmm` (the analytic mixture of conf/model/gmm.yaml, VP, no clipping) with
     sampler=ddpm (noise 2 and noise 1) and sampler=ddim (eta 0, no noise after the start) at equal
