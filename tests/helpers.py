@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,33 @@ def load_ckpt(path: Path) -> dict:
 
 def subtree(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def made_once(tmp_path_factory, name, make):
+    """A directory that make(directory) fills once per test session, shared by all pytest-xdist workers
+    (their base temporary directories lie side by side under one root; a file lock makes the first
+    worker build it and the others wait for it). Callers copy it: each test module gets its own files."""
+    from filelock import FileLock  # a dependency of torch
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    target, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)  # an earlier attempt that failed half-way
+            make(target)
+            done.touch()
+    return target
+
+
+def _train_tiny_unet(run_dir):
+    run_train(run_dir, [*tiny_overrides("unet"), "trainer.max_steps=2"])
+
+
+def tiny_trained_run(tmp_path_factory, dest):
+    """A tiny U-Net trained for 2 steps (`diffctl train`, in-process), copied to `dest`. The training runs
+    once per session and every user gets its own copy (files, modification times and all), so what one
+    test module does to its run directory no other module sees, exactly as when each trained its own."""
+    shutil.copytree(made_once(tmp_path_factory, "tiny-unet-2-steps", _train_tiny_unet), dest)
+    return dest

@@ -1,6 +1,7 @@
 """The real `diffctl` command in subprocesses: help, errors, multirun, DDP, and an installed wheel."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,10 +96,14 @@ def test_multirun_with_ddp_has_no_duplicate_directories(tmp_path):
 
 @pytest.mark.slow
 def test_config_tree_found_from_installed_wheel(tmp_path):
-    """Build the wheel, install it into a separate directory and run from elsewhere."""
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    """Build the wheel, install it into a separate directory and run from elsewhere. Built from a copy of
+    the checkout's files: setuptools writes build/ and *.egg-info/ next to the sources, which in the
+    checkout would rewrite the editable install's metadata under the feet of parallel test workers."""
+    wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".*", "build", "dist", "outputs", "multirun", "wandb",
+                                                              "lightning_logs", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)],
         check=True, capture_output=True, timeout=300,
     )
     wheel = next(wheels.glob("diffctl-*.whl"))

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import compose_train, run_cli, run_sample, run_train, tiny_overrides
+from helpers import compose_train, run_cli, run_sample, tiny_trained_run
 
 from diffctl.errors import CheckpointError, ConfigError
 
@@ -15,9 +15,8 @@ SAMPLE = ["sampler=ddim", "steps=3", "num_samples=4", "batch_size=4", *NO_METRIC
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    run_train(run_dir, [*tiny_overrides("unet"), "trainer.max_steps=2"])
-    return run_dir
+    """The session's tiny 2-step U-Net run (helpers.tiny_trained_run), this module's own copy of it."""
+    return tiny_trained_run(tmp_path_factory, tmp_path_factory.mktemp("export") / "run")
 
 
 def export(out_dir, overrides):

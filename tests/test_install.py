@@ -33,7 +33,7 @@ def ci_commands() -> list[str]:
 def test_ci_runs_the_readmes_install_line_and_test_command_verbatim():
     install = readme_block("Install")[0]
     (test,) = [line for line in readme_block("Quickstart") if "pytest" in line]
-    assert install == 'pip install -c constraints-cpu.txt -e ".[test]"' and test == "python -m pytest -q"
+    assert install == 'pip install -c constraints-cpu.txt -e ".[test]"' and test == "python -m pytest -q -n auto --dist worksteal"
     ci = ci_commands()
     assert install in ci and ci[-1] == test, ".ci/run must run the README's install line, then end with its test command"
     assert ci.index(install) < ci.index(test)
