@@ -16,7 +16,7 @@ Errors, for every sampler and NFE:
   ODE from the same start noise at the sampler's own starting noise level down to sigma/alpha = 1e-5,
   then E[x0 | x] there. This isolates the solver's discretization error.
 
-Both sides use the same start noise z (per-sample generators seeded by (seed, i), as `diffctl
+Both sides use the same start noise z (per-sample counter noise keyed by (seed, i), as `diffctl
 sample` draws it), scaled to each sampler's initial state. The model is exact float64
 `GaussianMixture.denoise` at the (alpha, sigma) the sampler means at that call:
 - ours: alpha(t), sigma(t) of the continuous VP SDE (beta 0.1..20) or VE SDE at the level's time t;
@@ -58,7 +58,7 @@ from benchlib import environment  # noqa: E402
 from diffctl.distances import random_directions, sliced_wasserstein  # noqa: E402
 from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser  # noqa: E402
 from diffctl.samplers import ddim, ddpm, ode, pc  # noqa: E402
-from diffctl.samplers.common import randn, sample_generators  # noqa: E402
+from diffctl.noise import sample_noise  # noqa: E402
 from diffctl.sde import VESDE, VPSDE  # noqa: E402
 
 DEFAULT_NFE = (5, 10, 20, 50, 100, 1000)
@@ -184,10 +184,10 @@ def ours_runs(mixture, z: torch.Tensor, seed: int, sigma_max: float) -> list[Run
     def runner(sde, sampler, **options):
         def fn(steps):
             den = Counted(MixtureDenoiser(mixture, sde))
-            gens = sample_generators(seed, range(num))
-            randn(gens, z.shape[1:], torch.float64)  # advance the generators past the start noise, as `generate` does
+            noise = sample_noise(seed, range(num))
+            noise.randn(z.shape[1:], torch.float64)  # draw 0 is the start noise z, as in `generate`
             x = sde.prior_std() * z
-            out = sampler(den, x, steps, generators=gens, **options)
+            out = sampler(den, x, steps, noise=noise, **options)
             T = torch.tensor(sde.T, dtype=torch.float64)
             s0, alpha0 = float(sde.noise_ratio(T)), float(sde.alpha(T))
             return out, den.calls, s0, sde.prior_std() / alpha0
@@ -328,7 +328,7 @@ def run_benchmark(args) -> dict:
     # VE sigma_max: Song & Ermon's technique 1, the largest pairwise distance of the data.
     sigma_max = args.sigma_max or float(torch.cdist(exact[:2000], exact[:2000]).max())
 
-    z = randn(sample_generators(args.seed, range(args.num)), (args.dim,), torch.float64)
+    z = sample_noise(args.seed, range(args.num)).randn((args.dim,), torch.float64)  # `generate`'s start noise
     runs = ours_runs(mixture, z, args.seed, sigma_max) + diffusers_runs(mixture, z, args.seed, sigma_max)
     if args.only:
         runs = [r for r in runs if r.family in args.only]
