@@ -215,9 +215,9 @@ class GeneratorNoise:
     version = 1
 
     def __init__(self, seed: int, indices, device=None):
-        from diffctl.rng import mix_seed
+        from diffctl.samplers.common import sample_generators  # (here: diffctl.samplers imports this module)
 
-        self.generators = [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
+        self.generators = sample_generators(seed, indices)
         self.device = device
 
     def __len__(self) -> int:

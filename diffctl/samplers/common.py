@@ -26,12 +26,6 @@ def sample_generators(seed: int, indices) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
 
 
-def randn(generators: list[torch.Generator], shape, dtype=torch.float32, device=None) -> Tensor:
-    """A batch of standard normals of per-sample `shape`, row i drawn from generators[i], so a sample's
-    noise does not depend on which other samples share its batch (or device)."""
-    return torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in generators]).to(device)
-
-
 # DDIM's two grids pick timesteps of DDPM's 1000-step training chain. Timestep i (0..999) is placed at
 # t = t_end + (T - t_end) i / 999: evenly from t_end (timestep 0) to T (timestep 999), which for VP's
 # sample_eps = 1e-3 is DDPM's own t = (i + 1)/1000 (see sde.ddpm_betas).
