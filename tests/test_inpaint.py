@@ -139,6 +139,46 @@ def test_a_sample_does_not_depend_on_its_batch():
     assert not torch.allclose(whole, other)
 
 
+def _repaint_in_x(model, sde, known, keep, steps, jump, resample, spacing, seed):
+    """RePaint (Lugmayr et al. 2022, Alg. 1) written in x and t: before each model call the known part
+    is alpha_t x_known + sigma_t z; a step down draws DDPM's posterior q(x_s | x_t, x0) (mean
+    (a sigma_s^2 x_t + alpha_s v x0) / sigma_t^2, variance v sigma_s^2 / sigma_t^2, a = alpha_t/alpha_s,
+    v = sigma_t^2 - a^2 sigma_s^2); a jump up draws q(x_t | x_s) = N(a x_s, v). Noise in the order
+    inpaint draws it: the start, then per visited level the known part's draw and the step's."""
+    gens = SampleNoise(seed, range(known.shape[0]))
+    times = noise_levels(sde, steps, spacing)
+    al = lambda i: float(sde.alpha(times[i]))
+    sg = lambda i: float(sde.sigma(times[i]))
+    x = sde.prior_std() * gens.randn(known.shape[1:], torch.float64)
+    path = jump_schedule(steps, jump, resample)
+    for a, b in zip(path, path[1:] + [None]):
+        if b is not None and b < a:
+            r = al(b) / al(a)
+            x = r * x + math.sqrt(sg(b) ** 2 - r * r * sg(a) ** 2) * gens.randn(known.shape[1:], torch.float64)
+            continue
+        x = torch.where(keep, al(a) * known + sg(a) * gens.randn(known.shape[1:], torch.float64), x)
+        x0 = model(x, times[a].expand(x.shape[0]), None).x0
+        if b is None:
+            return torch.where(keep, known, x0)
+        r = al(a) / al(b)
+        v = sg(a) ** 2 - r * r * sg(b) ** 2
+        mean = (r * sg(b) ** 2 * x + al(b) * v * x0) / sg(a) ** 2
+        x = mean + math.sqrt(v) * sg(b) / sg(a) * gens.randn(known.shape[1:], torch.float64)
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+@pytest.mark.parametrize("resample,spacing", [(3, "trailing"), (1, "uniform"), (4, "logsnr")])
+def test_repaint_is_the_x_space_chain_given_the_same_noise(sde_name, resample, spacing):
+    """Path by path: inpaint (in y = x/alpha, s = sigma/alpha) equals RePaint written in x and t."""
+    sde = SDES[sde_name]
+    model = MixtureDenoiser(MIXTURE, sde)
+    known = torch.randn(8, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    masks = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64).repeat(4, 1)
+    got = inpaint(model, known, masks, 12, jump_length=3, resample=resample, spacing=spacing, seed=4).images
+    expected = _repaint_in_x(model, sde, known, masks == 1, 12, 3, resample, spacing, seed=4)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
 # ------------------------------------------------------------------ 3. the chain in closed form
 GAUSS_MU = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
 GAUSS_COV = torch.tensor(COV_A, dtype=torch.float64)
