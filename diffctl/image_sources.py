@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from diffctl.conditioning import CLASS_LABEL, IMAGE
 from diffctl.errors import ConfigError
 from diffctl.filekinds import identify
 from diffctl.image_files import open_image
@@ -61,7 +62,7 @@ def _check_range(x: Tensor, what: str) -> None:
 
 
 def _from_dataset(name: str, split: str, spec: str, root, resolution, channels, limit, download) -> ImageSet:
-    from diffctl.data import build_dataset
+    from diffctl.data import build_dataset, dataset_num_classes
 
     if split not in SPLITS:
         raise ConfigError(f"images={spec}: the split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -69,8 +70,10 @@ def _from_dataset(name: str, split: str, spec: str, root, resolution, channels, 
     if len(ds) == 0:
         raise ConfigError(f"images={spec} holds no images")
     items = ds.__getitems__(list(range(len(ds)))) if hasattr(ds, "__getitems__") else [ds[i] for i in range(len(ds))]
-    images = torch.stack([x for x, _ in items]).float()
-    labels = torch.tensor([int(y) for _, y in items], dtype=torch.int64)
+    images = torch.stack([item[IMAGE] for item in items]).float()
+    labels = torch.tensor([int(item[CLASS_LABEL]) for item in items], dtype=torch.int64)
+    if dataset_num_classes(name, root) == 0:  # a flat imagefolder labels everything 0: no labels
+        labels = None
     return ImageSet(images, labels, [f"{spec}[{i}]" for i in range(len(images))], spec)
 
 

@@ -90,7 +90,7 @@ def _keep_mask(mask: Tensor, x: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def repaint(denoiser, x: Tensor, steps: int, known: Tensor, mask: Tensor, cond=None, noise=None,
+def repaint(model, x: Tensor, steps: int, known: Tensor, mask: Tensor, cond=None, noise=None,
             jump_length: int = 10, resample: int = 10, spacing: str = "trailing") -> tuple[Tensor, int]:  # fmt: skip
     """RePaint from the prior draw x (as a sampler gets it). known: the images (only the masked-in
     part is used); mask: 1 = known, broadcastable to x. Returns (result, NFE per sample); the
@@ -100,17 +100,17 @@ def repaint(denoiser, x: Tensor, steps: int, known: Tensor, mask: Tensor, cond=N
     path = jump_schedule(steps, jump_length, resample)
     keep = _keep_mask(mask, x)
     known = known.to(device=x.device, dtype=x.dtype)
-    levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
+    levels = levels_of(model.sde, noise_levels(model.sde, steps, spacing))
     if len(levels) != steps:  # quadratic spacing drops repeated timesteps; the schedule counts levels
         raise ConfigError(f"spacing={spacing} gives {len(levels)} levels for steps={steps}; use another spacing")
-    y, nfe = start(x, denoiser.sde, levels[path[0]]), 0
+    y, nfe = start(x, model.sde, levels[path[0]]), 0
     for i, (a, b) in enumerate(zip(path, path[1:] + [None])):
         now = levels[a]
         if b is not None and b < a:  # a jump back up: forward noise, the known region is redrawn before the next call
             y = y + math.sqrt(levels[b].s ** 2 - now.s**2) * noise.randn_like(y)
             continue
         y = torch.where(keep, known + now.s * noise.randn_like(y), y)
-        x0 = denoise(denoiser, y, now, cond).x0
+        x0 = denoise(model, y, now, cond).x0
         nfe += 1
         if b is None:
             return torch.where(keep, known, x0), nfe
@@ -124,7 +124,7 @@ class InpaintResult:
     nfe: int  # network evaluations per sample
 
 
-def inpaint(denoiser, known: Tensor, mask: Tensor, steps: int, method: str = "repaint", seed: int = 0,
+def inpaint(model, known: Tensor, mask: Tensor, steps: int, method: str = "repaint", seed: int = 0,
             first_index: int = 0, cond=None, jump_length: int = 10, resample: int = 10,
             spacing: str = "trailing", device=None, noise_version: int = NOISE_VERSION) -> InpaintResult:  # fmt: skip
     """Inpaint samples first_index .. first_index + len(known) - 1 of `seed`: known [N, ...] images,
@@ -132,12 +132,15 @@ def inpaint(denoiser, known: Tensor, mask: Tensor, steps: int, method: str = "re
     whatever resample says). Draw 0 of each sample is its start noise, as in samplers.generate."""
     if method not in METHODS:
         raise ConfigError(f"unknown inpainting method {method!r}; choose one of {', '.join(METHODS)}")
+    caps = getattr(model, "capabilities", None)
+    if caps is not None and caps.one_step:  # its output at a level is not a posterior mean E[x0 | x_t]
+        raise ConfigError("inpainting needs a diffusion model; a consistency model (one step) cannot run RePaint's chain")
     if method == "replace":
         resample = 1
     _check_schedule(steps, jump_length, resample)
     num = known.shape[0]
     noise = sample_noise(seed, range(first_index, first_index + num), device, noise_version)
-    x = denoiser.sde.prior_std() * noise.randn(known.shape[1:], device=device)
+    x = model.sde.prior_std() * noise.randn(known.shape[1:], device=device)
     x = x.to(known.dtype) if known.dtype == torch.float64 else x
-    out, nfe = repaint(denoiser, x, steps, known.to(x.device), mask, cond, noise, jump_length, resample, spacing)
+    out, nfe = repaint(model, x, steps, known.to(x.device), mask, cond, noise, jump_length, resample, spacing)
     return InpaintResult(out, nfe)

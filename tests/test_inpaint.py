@@ -30,7 +30,7 @@ from diffctl.images import to_uint8
 from diffctl.inpaint import inpaint, jump_schedule, repaint, schedule_nfe
 from diffctl.masks import parse_masks, random_mask
 from diffctl.mixture_conditional import conditional
-from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser
+from diffctl.networks.gmm import GaussianMixture, MixtureModel
 from diffctl.noise import SampleNoise
 from diffctl.samplers.common import noise_levels
 from diffctl.sde import SubVPSDE, VESDE, VPSDE
@@ -120,7 +120,7 @@ def test_nfe_is_counted_and_known_pixels_equal_the_input_exactly():
     images = read_images("digits:test", limit=4).images
     masks = parse_masks("center", 8, 8, 4).get(range(4))
     mixture = GaussianMixture(means=images[:3].reshape(3, -1).double(), scales=0.3, shape=(1, 8, 8))
-    model = Counting(MixtureDenoiser(mixture, SDES["vp"]))
+    model = Counting(MixtureModel(mixture, SDES["vp"]))
     res = inpaint(model, images, masks, steps=12, jump_length=3, resample=3, seed=5)
     keep = masks.expand_as(images) == 1
     assert torch.equal(res.images[keep], images[keep])
@@ -129,7 +129,7 @@ def test_nfe_is_counted_and_known_pixels_equal_the_input_exactly():
 
 
 def test_a_sample_does_not_depend_on_its_batch():
-    model = MixtureDenoiser(MIXTURE, SDES["ve"])
+    model = MixtureModel(MIXTURE, SDES["ve"])
     known = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
     masks = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]).repeat(2, 1)
     run = lambda a, b: inpaint(model, known[a:b], masks[a:b], 15, jump_length=2, resample=3, seed=7, first_index=a).images
@@ -171,7 +171,7 @@ def _repaint_in_x(model, sde, known, keep, steps, jump, resample, spacing, seed)
 def test_repaint_is_the_x_space_chain_given_the_same_noise(sde_name, resample, spacing):
     """Path by path: inpaint (in y = x/alpha, s = sigma/alpha) equals RePaint written in x and t."""
     sde = SDES[sde_name]
-    model = MixtureDenoiser(MIXTURE, sde)
+    model = MixtureModel(MIXTURE, sde)
     known = torch.randn(8, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     masks = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64).repeat(4, 1)
     got = inpaint(model, known, masks, 12, jump_length=3, resample=resample, spacing=spacing, seed=4).images
@@ -232,7 +232,7 @@ def test_repaint_chain_matches_its_closed_form_for_a_gaussian(sde_name, case):
     steps, jump, resample, spacing = case
     sde, x_k = SDES[sde_name], 1.2
     mean, cov = _chain_moments(sde, steps, jump, resample, spacing, x_k)
-    model = MixtureDenoiser(GaussianMixture(GAUSS_MU[None], covariances=GAUSS_COV[None]), sde)
+    model = MixtureModel(GaussianMixture(GAUSS_MU[None], covariances=GAUSS_COV[None]), sde)
     known = torch.tensor([x_k, 0.0, 0.0], dtype=torch.float64).expand(N_CHAIN, 3)
     mask = KNOWN.double().expand(N_CHAIN, 3)
     out = inpaint(model, known, mask, steps, jump_length=jump, resample=resample, spacing=spacing, seed=2).images[:, 1:]
@@ -277,7 +277,7 @@ COND_Z = float(norm.isf(0.01 / (2 * len(GT_SDES) * len(STAT_NAMES))))
 
 def _z_against_the_conditional(sde_name: str, method: str) -> torch.Tensor:
     cond, exact, std = _target()
-    model = MixtureDenoiser(MIXTURE, SDES[sde_name])
+    model = MixtureModel(MIXTURE, SDES[sde_name])
     known = X_KNOWN.expand(N_COND, 3)
     out = inpaint(model, known, KNOWN.double().expand(N_COND, 3), method=method, seed=1, **REPAINT)
     assert torch.equal(out.images[:, 0], known[:, 0])
@@ -301,7 +301,7 @@ def test_plain_replacement_is_biased_where_repaint_is_not():
 
 # ------------------------------------------------------------------ 5. bad inputs to the algorithm
 def test_inpaint_refuses_bad_options():
-    model = MixtureDenoiser(MIXTURE, SDES["vp"])
+    model = MixtureModel(MIXTURE, SDES["vp"])
     known, mask = X_KNOWN.expand(2, 3), KNOWN.double().expand(2, 3)
     with pytest.raises(ConfigError, match="unknown inpainting method 'paint'"):
         inpaint(model, known, mask, 10, method="paint")
@@ -398,8 +398,8 @@ def test_dataset_images_and_labels():
     from diffctl.data import build_dataset
 
     ds = build_dataset("digits", split="test", limit=5)
-    assert torch.equal(s.images, torch.stack([ds[i][0] for i in range(5)]))
-    assert s.labels.tolist() == [ds[i][1] for i in range(5)]
+    assert torch.equal(s.images, torch.stack([ds[i]["image"] for i in range(5)]))
+    assert s.labels.tolist() == [ds[i]["class_label"] for i in range(5)]
     assert float(s.images.min()) >= -1 and float(s.images.max()) <= 1
 
 
