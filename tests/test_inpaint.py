@@ -14,6 +14,7 @@ Ground truth shares nothing with the code under test:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -139,7 +140,7 @@ def test_a_sample_does_not_depend_on_its_batch():
     assert not torch.allclose(whole, other)
 
 
-def _repaint_in_x(model, sde, known, keep, steps, jump, resample, spacing, seed):
+def _repaint_in_x(model, sde, known, keep, steps, jump, resample, spacing, seed, cond=None):
     """RePaint (Lugmayr et al. 2022, Alg. 1) written in x and t: before each model call the known part
     is alpha_t x_known + sigma_t z; a step down draws DDPM's posterior q(x_s | x_t, x0) (mean
     (a sigma_s^2 x_t + alpha_s v x0) / sigma_t^2, variance v sigma_s^2 / sigma_t^2, a = alpha_t/alpha_s,
@@ -157,7 +158,7 @@ def _repaint_in_x(model, sde, known, keep, steps, jump, resample, spacing, seed)
             x = r * x + math.sqrt(sg(b) ** 2 - r * r * sg(a) ** 2) * gens.randn(known.shape[1:], torch.float64)
             continue
         x = torch.where(keep, al(a) * known + sg(a) * gens.randn(known.shape[1:], torch.float64), x)
-        x0 = model(x, times[a].expand(x.shape[0]), None).x0
+        x0 = model(x, times[a].expand(x.shape[0]), cond).x0
         if b is None:
             return torch.where(keep, known, x0)
         r = al(a) / al(b)
@@ -177,6 +178,30 @@ def test_repaint_is_the_x_space_chain_given_the_same_noise(sde_name, resample, s
     got = inpaint(model, known, masks, 12, jump_length=3, resample=resample, spacing=spacing, seed=4).images
     expected = _repaint_in_x(model, sde, known, masks == 1, 12, 3, resample, spacing, seed=4)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_cond_reaches_the_model_untouched():
+    """A class-conditional mixture (labels = components): inpaint with cond {"class_label": ...} is the
+    x-space chain with the same cond, and differs from the unconditional result."""
+    sde = SDES["vp"]
+    model = MixtureModel(MIXTURE, sde, conditional=True)
+    known = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    masks = KNOWN.double().expand(4, 3)
+    cond = {"class_label": torch.tensor([0, 1, 0, 1])}
+    got = inpaint(model, known, masks, 12, jump_length=3, resample=2, seed=4, cond=cond).images
+    torch.testing.assert_close(got, _repaint_in_x(model, sde, known, masks == 1, 12, 3, 2, "trailing", 4, cond), rtol=1e-9, atol=1e-9)
+    unconditional = inpaint(MixtureModel(MIXTURE, sde), known, masks, 12, jump_length=3, resample=2, seed=4).images
+    assert not torch.allclose(got, unconditional)
+
+
+def test_a_consistency_model_is_refused():
+    class OneStep(MixtureModel):
+        @property
+        def capabilities(self):
+            return dataclasses.replace(super().capabilities, one_step=True)
+
+    with pytest.raises(ConfigError, match="a consistency model .one step. cannot run RePaint"):
+        inpaint(OneStep(MIXTURE, SDES["vp"]), X_KNOWN.expand(2, 3), KNOWN.double().expand(2, 3), 20)
 
 
 # ------------------------------------------------------------------ 3. the chain in closed form
@@ -284,6 +309,7 @@ def _z_against_the_conditional(sde_name: str, method: str) -> torch.Tensor:
     return (_stats(cond, out.images[:, 1:]).mean(0) - exact) / (std / math.sqrt(N_COND))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sde_name", GT_SDES)
 def test_repaint_matches_the_exact_conditional_of_a_mixture(sde_name):
     z = _z_against_the_conditional(sde_name, "repaint")
