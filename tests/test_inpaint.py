@@ -29,6 +29,7 @@ from diffctl.errors import ConfigError
 from diffctl.image_sources import read_images
 from diffctl.images import to_uint8
 from diffctl.inpaint import inpaint, jump_schedule, repaint, schedule_nfe
+from diffctl.inpaint_report import inpaint_grid, masked_psnr, masked_ssim, region_metrics, ssim_map
 from diffctl.masks import parse_masks, random_mask
 from diffctl.mixture_conditional import conditional
 from diffctl.networks.gmm import GaussianMixture, MixtureModel
@@ -479,3 +480,40 @@ def test_bad_image_sources_are_one_line_errors(spec, message):
     with pytest.raises(ConfigError, match=message) as err:
         read_images(spec)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------ 8. what the command reports
+def _pair(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    return a, (a + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 8, 8), (2, 3, 16, 12)])
+def test_masked_psnr_and_ssim_against_torchmetrics(shape):
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    result, original = _pair(shape, 0)
+    mask = parse_masks("random", shape[2], shape[3], shape[0]).get(range(shape[0]), seed=1).double()
+    psnr = masked_psnr(result, original, mask)
+    for i in range(shape[0]):
+        hole = (mask[i].expand(shape[1:]) == 0)
+        expected = peak_signal_noise_ratio(result[i][hole], original[i][hole], data_range=2.0)
+        assert float(psnr[i]) == pytest.approx(float(expected), rel=1e-6)  # torchmetrics rounds through float32
+    _, full = structural_similarity_index_measure(result, original, data_range=2.0, return_full_image=True, reduction="none")
+    torch.testing.assert_close(ssim_map(result, original), full, rtol=1e-9, atol=1e-12)
+    hole = (mask == 0).expand(shape).double()
+    torch.testing.assert_close(masked_ssim(result, original, mask), (full * hole).flatten(1).sum(1) / hole.flatten(1).sum(1))
+    same = region_metrics(original, original, mask)
+    assert same == {"psnr_masked": math.inf, "ssim_masked": pytest.approx(1.0)}
+
+
+def test_the_grid_shows_input_mask_and_result_per_row():
+    inputs, result = _pair((2, 3, 8, 8), 2)
+    mask = parse_masks("center", 8, 8, 2).get([0, 1])
+    grid = inpaint_grid(inputs, mask, result)
+    tile = 32 + 2  # 8 px tiles upscaled 4x to 32 (images.make_grid's min_tile), 2 px padding
+    assert grid.shape == (2 + 2 * tile, 2 + 3 * tile, 3) and grid.dtype == torch.uint8
+    cell = lambda r, c: grid[2 + r * tile : r * tile + tile, 2 + c * tile : c * tile + tile][::4, ::4]
+    assert torch.equal(cell(1, 0), to_uint8(inputs)[1]) and torch.equal(cell(1, 2), to_uint8(result)[1])
+    assert torch.equal(cell(0, 1)[..., 0], (mask[0, 0] * 255).to(torch.uint8))
