@@ -138,7 +138,7 @@ def inpaint(model, known: Tensor, mask: Tensor, steps: int, method: str = "repai
     if method == "replace":
         resample = 1
     _check_schedule(steps, jump_length, resample)
-    num = known.shape[0]
+    num, device = known.shape[0], known.device if device is None else device
     noise = sample_noise(seed, range(first_index, first_index + num), device, noise_version)
     x = model.sde.prior_std() * noise.randn(known.shape[1:], device=device)
     x = x.to(known.dtype) if known.dtype == torch.float64 else x

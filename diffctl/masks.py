@@ -10,6 +10,7 @@ Values:
   strokes, the hybrid masks of Palette (Saharia et al. 2022); reproducible from (seed, sample index) alone.
 - a PNG file: one binary mask (only 0 and 255) for every image.
 - a folder of PNG files: one mask per image, in sorted file-name order; their count must be the images'.
+- known:i,j,... (flat samples only, `parse_flat_mask`): the known coordinates of D-dimensional samples.
 
 Every bad value is a one-line ConfigError before any work: unknown kind, box out of the image,
 wrong size, non-binary file, a mask with nothing to inpaint or nothing known.
@@ -39,9 +40,9 @@ _RANDOM_SALT = 0x3A5C  # keeps the masks' generators apart from other per-sample
 def _check_content(known: np.ndarray, what: str) -> None:
     """A mask must leave something to inpaint and something to condition on."""
     if known.all():
-        raise ConfigError(f"{what} marks no pixel to inpaint (all known/white); 0 (black) marks the region to fill")
+        raise ConfigError(f"{what} marks nothing to inpaint (all known, white); 0 (black) marks the region to fill")
     if not known.any():
-        raise ConfigError(f"{what} keeps no known pixel (all black): nothing to condition on; that is `diffctl sample`")
+        raise ConfigError(f"{what} keeps nothing known (all black): nothing to condition on; that is `diffctl sample`")
 
 
 def _box_mask(height: int, width: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
@@ -164,6 +165,24 @@ class Masks:
             rows = [self._fixed] * len(indices)
         stacked = np.stack(rows) if rows else np.zeros((0, self.height, self.width), dtype=bool)
         return torch.from_numpy(stacked.astype(np.float32))[:, None]
+
+
+_COORDS = re.compile(r"known:\s*(\d+(?:\s*,\s*\d+)*)\s*")
+
+
+def parse_flat_mask(spec, dim: int) -> Tensor:
+    """For flat (non-image) samples of D coordinates, e.g. model=gmm with shape [D]: `known:i,j,...`
+    lists the known coordinates (0-based). float32 [1, D], 1 = known, broadcast over samples."""
+    m = _COORDS.fullmatch(str(spec).strip())
+    if m is None:
+        raise ConfigError(f"mask={spec!r}: for flat samples of {dim} coordinates give the known ones as known:i,j,... (e.g. known:0)")
+    idx = sorted({int(v) for v in m[1].split(",")})
+    if idx[-1] >= dim:
+        raise ConfigError(f"mask={spec}: coordinate {idx[-1]} is outside the samples' {dim} coordinates (0..{dim - 1})")
+    known = np.zeros(dim, dtype=bool)
+    known[idx] = True
+    _check_content(known, f"mask={spec}")
+    return torch.from_numpy(known.astype(np.float32))[None]
 
 
 def parse_masks(spec, height: int, width: int, num_images: int) -> Masks:

@@ -30,7 +30,7 @@ from diffctl.image_sources import read_images
 from diffctl.images import to_uint8
 from diffctl.inpaint import inpaint, jump_schedule, repaint, schedule_nfe
 from diffctl.inpaint_report import inpaint_grid, masked_psnr, masked_ssim, region_metrics, ssim_map
-from diffctl.masks import parse_masks, random_mask
+from diffctl.masks import parse_flat_mask, parse_masks, random_mask
 from diffctl.mixture_conditional import conditional
 from diffctl.networks.gmm import GaussianMixture, MixtureModel
 from diffctl.noise import SampleNoise
@@ -364,7 +364,7 @@ def test_center_and_box_masks():
 @pytest.mark.parametrize(
     "spec,message",
     [("box:0,0,9,4", "not a box inside the 8x8 images"), ("box:3,3,3,5", "not a box inside"), ("box:-1,0,2,2", "not a box inside"),
-     ("box:1,2,3", "a box is box:x0,y0,x1,y1"), ("box:0,0,8,8", "keeps no known pixel"), ("circle", "unknown mask='circle'"),
+     ("box:1,2,3", "a box is box:x0,y0,x1,y1"), ("box:0,0,8,8", "keeps nothing known"), ("circle", "unknown mask='circle'"),
      ("nowhere/mask.png", "does not exist")],
 )
 def test_bad_mask_values_are_one_line_errors(spec, message):
@@ -381,8 +381,8 @@ def test_mask_files_and_folders(tmp_path):
     cases = {
         "wrong size": (np.full((8, 6), 255), "is 6x8 pixels, the images are 8x8"),
         "gray": (np.where(good == 0, 0, 128), "not binary: it has 2 gray levels"),
-        "white": (np.full((8, 8), 255), "marks no pixel to inpaint"),
-        "black": (np.zeros((8, 8)), "keeps no known pixel"),
+        "white": (np.full((8, 8), 255), "marks nothing to inpaint"),
+        "black": (np.zeros((8, 8)), "keeps nothing known"),
     }
     for name, (array, message) in cases.items():
         with pytest.raises(ConfigError, match=message):
@@ -403,6 +403,14 @@ def test_mask_files_and_folders(tmp_path):
     _png(folder / "d.png", np.full((8, 8), 7))
     with pytest.raises(ConfigError, match="d.png is not binary"):
         parse_masks(str(folder), 8, 8, 4)
+
+
+def test_flat_masks_for_mixture_samples():
+    assert parse_flat_mask("known:2, 0", 3).tolist() == [[1.0, 0.0, 1.0]]
+    for spec, message in (("known:3", "coordinate 3 is outside the samples' 3 coordinates"), ("center", "known:i,j"),
+                          ("known:0,1,2", "marks nothing to inpaint"), ("known:", "known:i,j")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            parse_flat_mask(spec, 3)
 
 
 def test_random_masks_are_reproducible_per_seed_and_index():
