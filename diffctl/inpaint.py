@@ -73,8 +73,8 @@ def _check_schedule(steps: int, jump_length: int, resample: int) -> None:
 
 
 def _posterior_step(y: Tensor, x0: Tensor, now: Level, nxt: Level, z: Tensor) -> Tensor:
-    """A draw of q(y_s' | y_s, x0) of the VE process in y: its mean and std written out here (not
-    shared with stochastic.py) so the tests' independent route can be the x-space DDPM chain."""
+    """A draw of q(y_s' | y_s, x0) of the VE process in y (DDPM's posterior with beta-tilde for VP);
+    stochastic.py's own helper is private to it."""
     r = (nxt.s / now.s) ** 2
     return r * y + (1.0 - r) * x0 + nxt.s * math.sqrt(1.0 - r) * z
 
@@ -104,7 +104,7 @@ def repaint(model, x: Tensor, steps: int, known: Tensor, mask: Tensor, cond=None
     if len(levels) != steps:  # quadratic spacing drops repeated timesteps; the schedule counts levels
         raise ConfigError(f"spacing={spacing} gives {len(levels)} levels for steps={steps}; use another spacing")
     y, nfe = start(x, model.sde, levels[path[0]]), 0
-    for i, (a, b) in enumerate(zip(path, path[1:] + [None])):
+    for a, b in zip(path, path[1:] + [None]):
         now = levels[a]
         if b is not None and b < a:  # a jump back up: forward noise, the known region is redrawn before the next call
             y = y + math.sqrt(levels[b].s ** 2 - now.s**2) * noise.randn_like(y)
