@@ -525,3 +525,23 @@ def test_the_grid_shows_input_mask_and_result_per_row():
     cell = lambda r, c: grid[2 + r * tile : r * tile + tile, 2 + c * tile : c * tile + tile][::4, ::4]
     assert torch.equal(cell(1, 0), to_uint8(inputs)[1]) and torch.equal(cell(1, 2), to_uint8(result)[1])
     assert torch.equal(cell(0, 1)[..., 0], (mask[0, 0] * 255).to(torch.uint8))
+
+
+def test_inpaint_runs_a_trained_network_on_dataset_images_with_every_mask_kind(trained, tmp_path):
+    """The pieces `diffctl inpaint` will call, on the tiny U-Net trained on digits: images from
+    digits:test, masks of each kind, RePaint with cond {}; known pixels exact, the rest finite."""
+    from diffctl.build import load_denoiser
+
+    _, run_dir = trained
+    model, _ = load_denoiser(run_dir)
+    images = read_images("digits:test", limit=3, resolution=8, channels=1)
+    mask_file = np.full((8, 8), 255)
+    mask_file[4:, :] = 0
+    path = _png(tmp_path / "m.png", mask_file)
+    for spec in ("center", "box:0,0,4,4", "random", path):
+        masks = parse_masks(spec, 8, 8, len(images)).get(range(len(images)), seed=0)
+        res = inpaint(model, images.images, masks, steps=6, jump_length=2, resample=2, cond={})
+        keep = masks.expand_as(images.images) == 1
+        assert torch.equal(res.images[keep], images.images[keep]) and torch.isfinite(res.images).all(), spec
+        assert res.nfe == 6 + 1 * 2 * 2
+    assert set(region_metrics(res.images, images.images, masks)) == {"psnr_masked", "ssim_masked"}
