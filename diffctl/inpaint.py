@@ -18,9 +18,11 @@ then per visited level: the known region's draw, then the step's draw), so sampl
 (seed, i), not on the batch it is in.
 
 RePaint is not an exact conditional sampler: the unconditional reverse step sees a noisy known region
-instead of x_known, and its resampling (jumps) only lets the unknown region re-adjust to it. With
-enough resampling it comes close; plain replacement (no jumps) is visibly biased (tests/test_inpaint.py
-measures both against the exact conditional of a Gaussian mixture, diffctl/mixture_conditional.py).
+instead of x_known, and its resampling (jumps) only lets the unknown region re-adjust to it (in the
+limit of small jumps, Langevin dynamics with the score averaged over the known region's noise). With
+enough resampling it comes close when the conditional's modes overlap; plain replacement (no jumps) is
+clearly biased; with well-separated modes both get the mode weights wrong (tests/test_inpaint.py measures
+all three against the exact conditional of a Gaussian mixture, diffctl/mixture_conditional.py).
 """
 
 from __future__ import annotations
