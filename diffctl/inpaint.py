@@ -21,8 +21,9 @@ RePaint is not an exact conditional sampler: the unconditional reverse step sees
 instead of x_known, and its resampling (jumps) only lets the unknown region re-adjust to it (in the
 limit of small jumps, Langevin dynamics with the score averaged over the known region's noise). With
 enough resampling it comes close when the conditional's modes overlap; plain replacement (no jumps) is
-clearly biased; with well-separated modes both get the mode weights wrong (tests/test_inpaint.py measures
-all three against the exact conditional of a Gaussian mixture, diffctl/mixture_conditional.py).
+clearly biased; with well-separated modes both get the mode weights wrong (tests/test_inpaint.py tests the
+first two against the exact conditional of a Gaussian mixture, diffctl/mixture_conditional.py, and records
+the measurement of the third).
 """
 
 from __future__ import annotations
