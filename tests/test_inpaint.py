@@ -455,6 +455,13 @@ def test_image_folders(tmp_path):
     assert torch.equal(to_uint8(s.images), torch.from_numpy(np.stack(arrays)))  # exact round trip
     gray = read_images(str(tmp_path), channels=1)
     assert gray.images.shape == (3, 1, 6, 5)
+    jpeg_dir = tmp_path / "jpeg"
+    jpeg_dir.mkdir()
+    Image.fromarray(arrays[0][..., 0]).save(jpeg_dir / "a.jpg", quality=100)  # grayscale JPEG
+    Image.fromarray(arrays[1]).save(jpeg_dir / "b.jpeg", quality=100)
+    jpegs = read_images(str(jpeg_dir))
+    assert jpegs.images.shape == (2, 1, 6, 5)  # channels from the first file; the RGB one converted
+    assert float((to_uint8(jpegs.images)[0, ..., 0].int() - torch.from_numpy(arrays[0][..., 0]).int()).abs().max()) <= 3
     with pytest.raises(ConfigError, match="has 5x6 images, 8x8 are needed"):
         read_images(str(tmp_path), resolution=8)
     Image.fromarray(arrays[0][:4]).save(tmp_path / "img3.png")
