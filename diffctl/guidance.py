@@ -17,14 +17,16 @@ classifier share: `num_classes` and `log_probs(x, t) -> [B, K]`, differentiable 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from dataclasses import replace
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from diffctl.denoiser import Prediction
+from diffctl.conditioning import CLASS_LABEL, ClassConditioner, Conditioner, class_labels
+from diffctl.denoiser import Capabilities, ModelWrapper, Prediction
 from diffctl.errors import ConfigError
+from diffctl.sde import broadcast
 
 
 @runtime_checkable
@@ -35,12 +37,6 @@ class NoiseClassifier(Protocol):
     num_classes: int
 
     def log_probs(self, x: Tensor, t: Tensor) -> Tensor: ...
-
-
-def _per_sample(v: Tensor, x: Tensor) -> Tensor:
-    """A [B] (or scalar) tensor reshaped to broadcast against x [B, ...]."""
-    v = v.expand(x.shape[0]) if v.ndim == 0 else v
-    return v.reshape(v.shape + (1,) * (x.ndim - 1))
 
 
 class ExactMixtureClassifier:
@@ -137,100 +133,87 @@ def check_labels(labels, num_classes: int, allow_null: bool = False) -> Tensor:
     return labels.long()
 
 
-def model_classes(model) -> int:
-    """The number of classes a model is conditioned on (0: unconditional)."""
-    return int(getattr(model, "num_classes", 0) or 0)
-
-
 def check_classifier(model, classifier) -> None:
-    """ConfigError unless `classifier` fits `model`: the protocol, its class count against a
-    conditional model's, and the same SDE where both declare one."""
+    """ConfigError unless `classifier` can guide `model`: the protocol, a model with a score (not a
+    one-step consistency model), the class count of a class-conditional model, the same SDE where
+    the classifier declares one (a trained classifier learned p(y | x_t) under one SDE's noise)."""
     if not isinstance(classifier, NoiseClassifier):
         raise ConfigError(f"a classifier needs num_classes and log_probs(x, t); got {type(classifier).__name__}")
     k = classifier.num_classes
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"the classifier's num_classes must be a positive integer, got {k!r}")
-    if model_classes(model) and model_classes(model) != k:
-        raise ConfigError(f"the classifier has {k} classes but the diffusion model is conditioned on {model_classes(model)}")
-    mine, theirs = getattr(classifier, "sde", None), getattr(model, "sde", None)
-    if mine is not None and theirs is not None and repr(mine) != repr(theirs):
-        raise ConfigError(f"the classifier was made for {mine!r}, the diffusion model uses {theirs!r}")
+    can = model.capabilities
+    if can.one_step:
+        raise ConfigError("classifier guidance needs a model with a score; a consistency model has none (one-step only)")
+    if CLASS_LABEL in can.conditions and can.num_classes != k:
+        raise ConfigError(f"the classifier has {k} classes but the diffusion model is conditioned on {can.num_classes}")
+    mine = getattr(classifier, "sde", None)
+    if mine is not None and repr(mine) != repr(model.sde):
+        raise ConfigError(f"the classifier was made for {mine!r}, the diffusion model uses {model.sde!r}")
 
 
-def class_label(cond) -> Tensor | None:
-    """cond["class_label"] (None when absent). A bare tensor is taken as the labels themselves:
-    the positional labels of the samplers' (x, t, labels) calls."""
-    if cond is None or isinstance(cond, Tensor):
-        return cond
-    if isinstance(cond, Mapping):
-        return cond.get("class_label")
-    raise ConfigError(f"cond must be a mapping such as {{'class_label': labels}}, got {type(cond).__name__}")
-
-
-def _without_label(cond):
-    """cond for a model that takes no class label: the other conditions, or None if none is left."""
-    if not isinstance(cond, Mapping):
-        return None
-    rest = {k: v for k, v in cond.items() if k != "class_label"}
-    return rest or None
-
-
-class ClassifierGuided(nn.Module):
+class ClassifierGuided(ModelWrapper):
     """A model whose score is tilted by s grad log p(y | x_t) of a classifier (module docstring).
 
-    model: `model(x, t, cond) -> Prediction` with `.sde`; every other attribute the samplers or
-    commands read (`.sde`, `.prediction`, ...) is the wrapped model's. y is cond["class_label"] [B].
-    uses_label: whether the wrapped model is itself class-conditional (default: it has num_classes
-    > 0); when not, it gets cond without the class label. Combining with classifier-free guidance:
-    - wrapped around a CFG model (recommended): score = CFG score + s grad log p(y | x);
-    - wrapped inside one: the null-label rows (label = num_classes) get no gradient, so the result is
-      CFG with weight w around (conditional score + s grad), an effective classifier scale w * s.
+    inner: any model of the protocol (`inner(x, t, cond) -> Prediction`, `.sde`, `.capabilities`);
+    y is cond["class_label"] [B]. A class-conditional inner model gets cond as it is; an
+    unconditional one gets cond without the class label. The wrapper takes class labels either way:
+    its conditioner is the inner one's, or a ClassConditioner over the classifier's classes, whose
+    null label K means "no guidance" (the unconditional model). Combining with classifier-free
+    guidance (diffctl.denoiser.GuidedModel):
+    - around a GuidedModel(w) (recommended): score = CFG score + s grad log p(y | x_t);
+    - inside one: the null half gets no gradient, so the result is CFG with weight w around
+      (conditional score + s grad): an effective classifier scale w * s.
     classifier_calls counts classifier evaluations (one per guided call: a batched forward and
-    backward), to be reported next to the network's NFE.
+    backward) for the NFE report, next to the network calls a forward hook on the inner model counts.
     """
 
-    def __init__(self, model, classifier: NoiseClassifier, scale: float, uses_label: bool | None = None):
-        super().__init__()
-        scale = check_scale(scale)
-        check_classifier(model, classifier)
-        self.model = model
+    def __init__(self, inner: nn.Module, classifier: NoiseClassifier, scale: float):
+        super().__init__(inner)
+        self.scale = check_scale(scale)
+        check_classifier(inner, classifier)
         self.classifier = classifier
-        self.scale = scale
-        self.uses_label = model_classes(model) > 0 if uses_label is None else bool(uses_label)
         self.classifier_calls = 0
+        can = inner.capabilities
+        self._inner_takes_label = CLASS_LABEL in can.conditions
+        self._conditioner = inner.conditioner if self._inner_takes_label else ClassConditioner(classifier.num_classes)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            inner = self.__dict__.get("_modules", {}).get("model")
-            if inner is None or name.startswith("__"):
-                raise
-            return getattr(inner, name)
+    @property
+    def conditioner(self) -> Conditioner:
+        return self._conditioner
+
+    @property
+    def capabilities(self) -> Capabilities:
+        can = self.inner.capabilities
+        if self._inner_takes_label:
+            return can
+        # an unconditional model: the null label is the model itself, exact, hence always "trained"
+        return replace(can, conditions=can.conditions | {CLASS_LABEL}, num_classes=self.classifier.num_classes, null_condition=True)
 
     @property
     def num_classes(self) -> int:
-        """The labels this model takes: the classifier's classes (label num_classes is the null one)."""
         return self.classifier.num_classes
 
-    def forward(self, x: Tensor, t: Tensor, cond=None) -> Prediction:
-        labels = class_label(cond)
+    def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Prediction:
+        labels = class_labels(cond)
         if labels is None:
             raise ConfigError("classifier guidance needs a class label per sample (cond['class_label'], class_label=k)")
-        labels = check_labels(labels, self.num_classes, allow_null=True).to(x.device)
-        pred = self.model(x, t, cond if self.uses_label else _without_label(cond))
-        if self.scale == 0.0:
+        k = self.classifier.num_classes
+        labels = check_labels(labels, k, allow_null=True).to(x.device)
+        inner_cond = cond if self._inner_takes_label else {key: v for key, v in cond.items() if key != CLASS_LABEL}
+        pred = self.inner(x, t, inner_cond)
+        guided = labels != k
+        if self.scale == 0.0 or not bool(guided.any()):
             return pred
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        grad = torch.zeros_like(x)
-        guided = labels != self.num_classes
         if bool(guided.all()):
             grad = classifier_grad(self.classifier, x, t, labels)
-        elif bool(guided.any()):
+        else:  # the null rows of classifier-free guidance's doubled batch: no classifier call for them
+            grad = torch.zeros_like(x)
             grad[guided] = classifier_grad(self.classifier, x[guided], t[guided], labels[guided])
-        self.classifier_calls += int(bool(guided.any()))
-        alpha = _per_sample(self.sde.alpha(t.to(torch.float64)), x).to(x.dtype)
+        self.classifier_calls += 1
+        alpha = broadcast(self.sde.alpha(t.to(torch.float64)), x).to(x.dtype)
         # x0 from the wrapped x0, not (x - sigma eps_g) / alpha: the same in exact arithmetic, but it
         # keeps an x0-parameterized model's x0 as accurate as it was where alpha is tiny (VP near T).
         x0 = pred.x0 + (self.scale * pred.sigma * pred.sigma / alpha) * grad
