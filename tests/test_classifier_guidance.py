@@ -208,9 +208,10 @@ def _exact_and_std() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # First-order samplers at twice test_ground_truth's steps: on a single component their O(1/steps)
-# variance bias is the larger part (measured, n=2000 per component, max |z| ddpm 4.9 at 100 steps,
-# 3.5 at 200; ddim 5.2 at 50, 3.6 at 100; pc 4.8-5.8 at 50, 2.2-3.4 at 100; ode 2.3-2.5 at 50),
-# the same bias the class-conditional mixture sampler has (the path test above).
+# variance bias is the larger part (measured, n=2000 per component, max |z| on vp / ve: ddpm 4.9 / 3.2
+# at 100 steps, 3.45 / 3.1 at 200; ddim 5.2 / 4.5 at 50, 3.6 / 3.2 at 100, 2.75 / 2.56 at 200; pc 4.8 / 5.8
+# at 50, 2.2 / 3.4 at 100; ode 2.3 / 2.5 at 50; Z_CRIT 4.10), the bias the class-conditional mixture
+# sampler has as well (the path test above).
 SAMPLE_CASES = [({"name": "ddpm"}, 200), ({"name": "ddim"}, 200), ({"name": "pc"}, 100), ({"name": "ode"}, 50)]
 SAMPLE_SDES = ("vp", "ve")
 Z_CRIT = float(norm.isf(0.01 / (2 * len(SAMPLE_CASES) * len(SAMPLE_SDES) * len(STAT_NAMES))))
@@ -256,8 +257,8 @@ def _moment_z(x: np.ndarray, q: np.ndarray, f: np.ndarray) -> np.ndarray:
 
 # The last level of the Langevin test: VE at sigma = 0.5, where 600 ald steps of 2 (0.16 sigma)^2 =
 # 0.0128 (7.7 time units of Langevin, ~12 relaxation times of the widest component) mix; the chain
-# starts from the level-T draws at +-200. Measured z (n = 2000): s = 3: 0.9, 1.0, 1.1 at 500 steps,
-# but 8.7-10.4 at 250 (not yet relaxed), 1.9-2.2 with snr = 0.1 at 800; s = 0.5: -1.5, 0.6, -0.1.
+# starts from the level-T draws at +-200. Measured z (n = 2000) at 600 steps: s = 3: 1.65, 1.66, 1.66;
+# s = 0.5: 0.74, 1.5, 1.06. With s = 3 at 500 steps 0.9-1.1, but 8.7-10.4 at 250 (not yet relaxed).
 # Smaller levels need ~1/sigma^2 more steps (the step size is ~sigma^2). VP is not tested this way:
 # predictor=none keeps y = x / alpha across levels, so x grows by alpha ratios (x15 from T) between them.
 LANGEVIN_SIGMA = 0.5
