@@ -27,6 +27,11 @@ def images_and_labels(batch) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def _at_least_float32(logits: Tensor) -> Tensor:
+    """Half-precision logits (autocast) in float32 for the softmax; float64 stays float64."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 class NoisyClassifier(nn.Module):
     """Logits of p(y | x_t, t) for x_t = alpha(t) x0 + sigma(t) eps of this SDE.
 
@@ -60,7 +65,7 @@ class NoisyClassifier(nn.Module):
     def log_probs(self, x: Tensor, t: Tensor) -> Tensor:
         """log p(y | x_t, t) for every class, [B, num_classes]; differentiable in x (guidance takes
         its gradient). t: a number or [B] diffusion times."""
-        return F.log_softmax(self(x, t).float(), dim=-1)
+        return F.log_softmax(_at_least_float32(self(x, t)), dim=-1)
 
 
 class ClassifierObjective(Objective):
@@ -72,7 +77,7 @@ class ClassifierObjective(Objective):
     def loss(self, classifier: NoisyClassifier, x0: Tensor, labels: Tensor, rng: BatchRandom, **_) -> Tensor:
         t = sample_times(self.sde, rng, x0.shape[0]).to(x0.dtype)
         noise = rng.randn(x0.shape, x0.dtype)
-        return F.cross_entropy(classifier(self.sde.marginal(x0, t, noise), t).float(), labels)
+        return F.cross_entropy(_at_least_float32(classifier(self.sde.marginal(x0, t, noise), t)), labels)
 
 
 def build_classifier(cfg: DictConfig, sde: SDE, shape: dict[str, int]) -> NoisyClassifier:
