@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffctl.checkpoint import checkpoint_config, denoiser_state, load_checkpoint, resolve_checkpoint
-from diffctl.denoiser import Denoiser
+from diffctl.denoiser import DiffusionModel, compose
 from diffctl.errors import CheckpointError, ConfigError
 from diffctl.filekinds import describe, identify
 from diffctl.objectives import Objective
@@ -62,8 +62,10 @@ def build_objective(cfg: DictConfig, sde: SDE) -> Objective:
     return instantiate_config(cfg.objective, "objective", sde=sde)
 
 
-def build_denoiser(cfg: DictConfig, sde: SDE, objective: Objective, shape: dict[str, int]) -> Denoiser:
-    """shape: {'channels', 'resolution', 'num_classes'} of the data the network models."""
+def build_denoiser(cfg: DictConfig, sde: SDE, objective: Objective, shape: dict[str, int]) -> DiffusionModel:
+    """The composed model of a run config. shape: {'channels', 'resolution', 'num_classes'} of the data
+    the network models (num_classes 0: unconditional). The parameterization is the one the objective
+    trains (objective.prediction); label dropout (the null class) is the run's label_dropout."""
     net = instantiate_config(
         cfg.model,
         "model",
@@ -71,13 +73,9 @@ def build_denoiser(cfg: DictConfig, sde: SDE, objective: Objective, shape: dict[
         resolution=shape["resolution"],
         num_classes=shape["num_classes"],
     )
-    return Denoiser(
-        net,
-        sde,
-        prediction=objective.prediction,
-        sigma_data=cfg.denoiser.sigma_data,
-        scale_input=cfg.denoiser.scale_input,
-    )
+    dropout = float(cfg.get("label_dropout", 0.0) or 0.0) if shape["num_classes"] else 0.0
+    return compose(net, sde, objective.prediction, sigma_data=cfg.denoiser.sigma_data, scale_input=cfg.denoiser.scale_input,
+                   num_classes=shape["num_classes"], label_dropout=dropout)  # fmt: skip
 
 
 # A stored config (checkpoint or export) is data from someone else's file: its `_target_`s are
@@ -106,8 +104,8 @@ def check_stored_targets(config: dict[str, Any], path) -> None:
         walk(config.get(key), key)
 
 
-def _build_stored(config: dict[str, Any], state: dict[str, Any], path, what: str) -> tuple[Denoiser, DictConfig]:
-    """Denoiser from a stored run config and its weights (strict: every tensor must fit)."""
+def _build_stored(config: dict[str, Any], state: dict[str, Any], path, what: str) -> tuple[DiffusionModel, DictConfig]:
+    """DiffusionModel from a stored run config and its weights (strict: every tensor must fit)."""
     check_stored_targets(config, path)
     cfg = OmegaConf.create(config)
     try:
@@ -151,7 +149,7 @@ def state_mismatch(expected: dict[str, Any], state: dict[str, Any], source: str 
     return None
 
 
-def load_denoiser(path, use_ema: bool = True, key: str = "ckpt") -> tuple[Denoiser, DictConfig]:
+def load_denoiser(path, use_ema: bool = True, key: str = "ckpt") -> tuple[DiffusionModel, DictConfig]:
     """Rebuild a trained denoiser from a checkpoint file or run directory (`key`: the config key it
     was given as, for messages)."""
     ckpt = load_checkpoint(path, key)
@@ -223,7 +221,7 @@ def read_export(path) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, state
 
 
-def load_export(path) -> tuple[Denoiser, DictConfig, str]:
+def load_export(path) -> tuple[DiffusionModel, DictConfig, str]:
     """Rebuild a denoiser from `diffctl export` output: (denoiser, run config, 'ema' | 'raw')."""
     meta, state = read_export(path)
     weights, _ = export_files(path)

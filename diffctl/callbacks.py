@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
@@ -250,9 +249,7 @@ class SampleGrid(L.Callback):
         if not (trainer.is_global_zero or everyone):
             return
         dm = trainer.datamodule
-        labels = None
-        if pl_module.conditional:
-            labels = torch.arange(self.num, device=pl_module.device) % pl_module.denoiser.num_classes
+        cond = pl_module.ema.conditioner.for_samples(0, self.num, pl_module.device)  # class i mod K
         try:
             images = generate(
                 pl_module.ema,
@@ -261,7 +258,7 @@ class SampleGrid(L.Callback):
                 self.sampler,
                 self.steps,
                 seed=self.seed,
-                labels=labels,
+                cond=cond,
                 device=pl_module.device,
             )
         except NonFiniteSamples as err:  # a preview: training goes on, the run says why there is no grid

@@ -26,6 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 from diffctl.filekinds import describe
 from diffctl.image_files import open_image
 from diffctl.rng import GlobalBatchSampler, batches_consumed
+from diffctl.conditioning import CLASS_LABEL, IMAGE
 from diffctl.schema.choices import DATASETS, SPLITS
 
 try:  # share the project-wide config error type when there is one
@@ -122,11 +123,12 @@ class ArrayImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self._images)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> dict:
+        """{"image": float [C, H, W] in [-1, 1], "class_label": int} (diffctl.conditioning's batch keys)."""
         y = int(self.labels[i])
         if self._chw is not None:
-            return self.transform.flip(_scale(self._chw[i])), y
-        return self.transform(Image.fromarray(self._images[i].numpy())), y
+            return {IMAGE: self.transform.flip(_scale(self._chw[i])), CLASS_LABEL: y}
+        return {IMAGE: self.transform(Image.fromarray(self._images[i].numpy())), CLASS_LABEL: y}
 
     def __getitems__(self, indices: list[int]) -> list:
         """A batch of samples for the DataLoader (which calls this when present) in one indexing op."""
@@ -134,7 +136,7 @@ class ArrayImageDataset(Dataset):
             return [self[i] for i in indices]
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.transform.flip(_scale(self._chw[idx]))
-        return list(zip(x.unbind(0), self.labels[idx].tolist()))
+        return [{IMAGE: xi, CLASS_LABEL: yi} for xi, yi in zip(x.unbind(0), self.labels[idx].tolist())]
 
 
 # ---------------------------------------------------------------- built-in datasets
@@ -305,6 +307,10 @@ class _ClassFolders(ImageFolder):
         classes = _image_classes(Path(directory))
         return classes, {c: i for i, c in enumerate(classes)}
 
+    def __getitem__(self, i: int) -> dict:
+        x, y = super().__getitem__(i)
+        return {IMAGE: x, CLASS_LABEL: y}
+
 
 class _FlatImages(Dataset):
     """Top-level image files of a folder, all labelled 0."""
@@ -319,7 +325,7 @@ class _FlatImages(Dataset):
 
     def __getitem__(self, i: int):
         path, y = self.samples[i]
-        return self.transform(self.loader(path)), y
+        return {IMAGE: self.transform(self.loader(path)), CLASS_LABEL: y}
 
 
 def _load_imagefolder(root: Path, transform: _Transform, limit):
@@ -399,7 +405,7 @@ def build_dataset(
 
 
 class DiffusionDataModule(L.LightningDataModule):
-    """Serves ``(x, y)`` batches: x float32 [B, channels, resolution, resolution] in [-1, 1], y int64 labels."""
+    """Serves dict batches: "image" float32 [B, channels, resolution, resolution] in [-1, 1], "class_label" int64."""
 
     def __init__(
         self,

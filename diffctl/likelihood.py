@@ -43,6 +43,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from diffctl.conditioning import CLASS_LABEL, IMAGE
 from diffctl.errors import ConfigError
 from diffctl.memory import check_likelihood
 from diffctl.rundir import claims_run_dir
@@ -128,9 +129,9 @@ def _divergence(f: Tensor, y: Tensor, v: Tensor | None) -> Tensor:
 
 
 def log_likelihood(
-    denoiser,
+    model,
     x: Tensor,
-    labels: Tensor | None = None,
+    cond: dict | None = None,
     *,
     trace: str = "exact",
     probe: str = "rademacher",
@@ -140,8 +141,8 @@ def log_likelihood(
 ) -> Likelihood:
     """log p_eps(x) in nats per sample under the denoiser's probability-flow ODE (module docstring).
 
-    denoiser: `__call__(x, t, labels) -> Prediction` with `.sde` (a trained Denoiser, MixtureDenoiser,
-    ...); x: [B, ...] in the denoiser's dtype. trace: exact | hutchinson; probe: rademacher | gaussian
+    model: the diffctl.denoiser protocol (`model(x, t, cond) -> Prediction`, `.sde`; a trained
+    DiffusionModel, a MixtureModel, a wrapper); x: [B, ...] in the model's dtype; cond: its condition. trace: exact | hutchinson; probe: rademacher | gaussian
     (Hutchinson only), one per sample from generators[i] (default: sample_generators(0, range(B))).
     dopri5 chooses its steps on the whole batch, so a sample's value can change with its batch at the
     rtol/atol level. Runs with gradients on (also when called under torch.inference_mode).
@@ -149,7 +150,7 @@ def log_likelihood(
     from torchdiffeq import odeint
 
     check_trace(trace, probe, x[0].numel())
-    sde = denoiser.sde
+    sde = model.sde
     batch, dim = x.shape[0], x[0].numel()
     start, end = Level(sde, sde.eps), Level(sde, sde.T)
     calls = [0]
@@ -165,7 +166,7 @@ def log_likelihood(
         def rhs(u: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
             s = math.exp(float(u))
             y = state[0].detach().requires_grad_(True)
-            f = s * denoise(denoiser, y, Level.from_ratio(sde, s), labels).eps
+            f = s * denoise(model, y, Level.from_ratio(sde, s), cond).eps
             div = _divergence(f, y, v)
             calls[0] += 1
             return f.detach(), div.detach().to(state[1].dtype)
@@ -263,16 +264,17 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
         if not cfg.ckpt:
             print(f"Using the newest checkpoint: {ckpt}")
     source = load_source(cfg, ckpt)
-    mixture = source.mixture
+    can = source.denoiser.capabilities
+    mixture = source.mixture if can.analytic else None  # exact answers to compare with
     dim = math.prod(source.shape)
-    if mixture is None and source.denoiser.prediction == "consistency":
+    if not can.pf_ode:
         raise ConfigError("a consistency model defines no probability-flow ODE; use a diffusion (ddpm/ncsn) checkpoint")
     check_trace(cfg.trace, cfg.probe, dim)
     device = _device(cfg.device)
     check_likelihood(cfg, source, device)
     denoiser = source.denoiser.to(device)
 
-    if mixture is None:
+    if not can.analytic:
         dataset, data_name = _dataset(cfg, source.data)
         total = len(dataset)
     else:
@@ -287,23 +289,24 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
     from rich.progress import Progress
 
     logps, nfes, xs = [], [], []
-    dtype = torch.float64 if mixture is not None else torch.float32
+    dtype = torch.float64 if can.analytic else torch.float32
     start = time.perf_counter()
     with Progress(disable=not cfg.progress_bar) as progress:
         task = progress.add_task(f"likelihood ({cfg.trace} trace)", total=-(-num // batch_size))
         for first in range(0, num, batch_size):
             idx = range(first, min(first + batch_size, num))
             gens = sample_generators(cfg.seed, idx)  # per sample: its data draw / dequantization, then its probe
-            if mixture is not None:
+            if can.analytic:
                 x = torch.cat([mixture.sample(1, g)[0] for g in gens]).to(device, dtype)
-                y = None
+                cond = {}
             else:
                 items = [dataset[i] for i in idx]
-                x = torch.stack([item[0] for item in items]).to(device, dtype)
-                y = torch.tensor([item[1] for item in items], device=device) if source.num_classes else None
+                x = torch.stack([item[IMAGE] for item in items]).to(device, dtype)
+                labels = {CLASS_LABEL: torch.tensor([item[CLASS_LABEL] for item in items], device=device)}
+                cond = denoiser.conditioner.from_batch(labels)  # log p(x | label) with the data's labels
                 if cfg.dequantize:
                     x = dequantize(x, gens)
-            res = log_likelihood(denoiser, x, y, trace=cfg.trace, probe=cfg.probe, generators=gens, rtol=cfg.rtol, atol=cfg.atol)
+            res = log_likelihood(denoiser, x, cond, trace=cfg.trace, probe=cfg.probe, generators=gens, rtol=cfg.rtol, atol=cfg.atol)
             logps.append(res.logp.cpu())
             nfes.append(res.nfe)
             xs.append(x.cpu())
@@ -313,7 +316,7 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "checkpoint": source.description,
-        "weights": "exact" if mixture is not None else "ema" if cfg.use_ema else "raw",
+        "weights": "exact" if can.analytic else "ema" if cfg.use_ema else "raw",
         "sde": source.denoiser.sde.name,
         "data": data_name,
         "dim": dim,
@@ -327,8 +330,8 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "time_s": round(elapsed, 3),
     }
-    if mixture is None:
-        result["conditional"] = bool(source.num_classes)  # log p(x | label) with the data's labels
+    if not can.analytic:
+        result["conditional"] = bool(can.num_classes)  # log p(x | label) with the data's labels
         result["dequantize"] = cfg.dequantize
         result["bits_per_dim"], result["bits_per_dim_se"] = _stats(bits_per_dim(logp, dim))
         result["conventions"] = CONVENTIONS["dequantized" if cfg.dequantize else "raw"]

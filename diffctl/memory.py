@@ -250,15 +250,15 @@ def _procs(cfg, device: torch.device) -> int:
 def check_sample(cfg, source, device: torch.device) -> None:
     """`diffctl sample`: one batch through the network (twice with guidance), the sampler's state, and
     every sample held on the host until samples.npz is written."""
-    if _skip(cfg) or source.mixture is not None:
+    if _skip(cfg) or source.denoiser.backbone is None:
         return
-    shape, dim, k = tuple(source.shape), math.prod(source.shape), source.num_classes
+    shape, dim, k = tuple(source.shape), math.prod(source.shape), source.denoiser.capabilities.num_classes
     guided = 2 if float(cfg.guidance) != 1.0 else 1
     procs = _procs(cfg, device)
     batch = min(cfg.batch_size, -(-cfg.num_samples // procs))  # no batch is larger than a process's share
 
     def parts(b: int) -> dict[str, int]:
-        act = network_bytes(source.denoiser.net, b * guided, shape, k, None) or 0
+        act = network_bytes(source.denoiser.backbone, b * guided, shape, k, None) or 0
         return {"network activations": act * procs, "sampler state": 6 * b * dim * 4 * procs}  # x, eps, x0, history
 
     host = {"samples": 3 * cfg.num_samples * dim}  # uint8: per batch, concatenated, gathered for the file
@@ -268,12 +268,12 @@ def check_sample(cfg, source, device: torch.device) -> None:
 
 def check_likelihood(cfg, source, device: torch.device) -> None:
     """`diffctl likelihood`: a forward and a vector-Jacobian product per ODE evaluation, dopri5's stages."""
-    if _skip(cfg) or source.mixture is not None:
+    if _skip(cfg) or source.denoiser.backbone is None:
         return
-    shape, dim, k = tuple(source.shape), math.prod(source.shape), source.num_classes
+    shape, dim, k = tuple(source.shape), math.prod(source.shape), source.denoiser.capabilities.num_classes
 
     def parts(b: int) -> dict[str, int]:
-        act = network_bytes(source.denoiser.net, b, shape, k, "input") or 0
+        act = network_bytes(source.denoiser.backbone, b, shape, k, "input") or 0
         return {"network activations": act, "ODE state": 10 * b * dim * 4, "data": batch_bytes(b, shape)}
 
     total = lambda b: sum(parts(b).values())  # noqa: E731

@@ -27,6 +27,7 @@ from diffctl.detectors import (
     Detector, MetricsUnavailable, cache_dir, load_detector, load_detector_named, one_line,
 )
 from diffctl.checkpoint import atomic_write
+from diffctl.conditioning import IMAGE
 from diffctl.errors import ConfigError
 from diffctl.filekinds import identify
 from diffctl.images import to_uint8
@@ -352,7 +353,7 @@ def reference(cfg: DictConfig, src, detector: Detector, device: torch.device, pr
     if rank == 0:
         print(f"computing reference statistics for {description} ({n} images) with the {detector.name} detector; "
               f"cached for later runs in {path}")  # fmt: skip
-    batches = (to_uint8(x).permute(0, 3, 1, 2) for x, _ in loader)  # the same conversion as generated samples
+    batches = (to_uint8(batch[IMAGE]).permute(0, 3, 1, 2) for batch in loader)  # the same conversion as generated samples
     shape = (src["channels"], src["resolution"], src["resolution"])
     feats, _ = extract(detector, batches, len(shard), shape, "reference features", progress)
     feats = _gather_rows(feats, device)

@@ -11,7 +11,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from diffctl.denoiser import Denoiser
+from diffctl.conditioning import IMAGE
+from diffctl.denoiser import DiffusionModel
 from diffctl.errors import ConfigError, DiffctlError
 from diffctl.objectives import Objective
 from diffctl.rng import BatchRandom, mix_seed, seed_step
@@ -56,12 +57,10 @@ class ParameterAverage:
 class DiffusionModule(L.LightningModule):
     def __init__(
         self,
-        denoiser: Denoiser,
+        denoiser: DiffusionModel,
         objective: Objective,
         optim: dict[str, Any],
         ema: dict[str, Any],
-        conditional: bool = False,
-        label_dropout: float = 0.1,
         config: dict[str, Any] | None = None,
         seed: int = 0,
         random_flip: bool = False,
@@ -74,8 +73,6 @@ class DiffusionModule(L.LightningModule):
         self.objective = objective
         self.optim_cfg = dict(optim)
         self.ema_cfg = dict(ema)
-        self.conditional = bool(conditional)
-        self.label_dropout = float(label_dropout)
         self.seed = int(seed)
         self.random_flip = bool(random_flip)
         if nan_policy not in NAN_POLICIES:
@@ -100,14 +97,8 @@ class DiffusionModule(L.LightningModule):
             self.teacher = objective.teacher  # registered so it moves with the module to the device
 
     # --- training --------------------------------------------------------------------
-    def _labels(self, y: torch.Tensor, rng: BatchRandom) -> torch.Tensor | None:
-        if not self.conditional:
-            return None
-        drop = rng.rand(y.shape) < self.label_dropout
-        return torch.where(drop, torch.full_like(y, self.denoiser.num_classes), y)
-
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x = batch[IMAGE]
         trainer = self.trainer
         step, micro = self.global_step, batch_idx % trainer.accumulate_grad_batches
         seed_step(self.seed, step, micro, trainer.global_rank, x.device)  # dropout: same draws on resume
@@ -116,9 +107,9 @@ class DiffusionModule(L.LightningModule):
             flip = BatchRandom(mix_seed(self.seed, FLIP_STREAM), *keyed).rand((x.shape[0], 1, 1, 1)) < 0.5
             x = torch.where(flip, x.flip(-1), x)
         rng = BatchRandom(self.seed, *keyed)
-        loss = self.objective.loss(
-            self.denoiser, x, self._labels(y, rng), rng, target=self.target, step=step
-        )
+        conditioner = self.denoiser.conditioner  # label dropout (CFG's null class) drawn before the objective's noise
+        cond = conditioner.drop(conditioner.from_batch(batch), rng)
+        loss = self.objective.loss(self.denoiser, x, cond, rng, target=self.target, step=step)
         self._track_finite(loss.detach(), step, micro)
         if self._loss_is_read_at(step):
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)

@@ -1,4 +1,4 @@
-"""Training objectives: a loss from a denoiser, clean data x0 and sampled times.
+"""Training objectives: a loss from a model, clean data x0 and sampled times.
 
 Each objective names the network parameterization it trains (`prediction`) and whether it needs
 an EMA target network (consistency models). Losses are per-sample means over pixels, averaged
@@ -12,9 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from diffctl.denoiser import Denoiser
+from diffctl.denoiser import DiffusionModel
 from diffctl.rng import BatchRandom, same_global_draws
-from diffctl.sde import SDE, _bcast
+from diffctl.sde import SDE, broadcast
 
 
 def sample_times(sde: SDE, rng: BatchRandom, n: int) -> Tensor:
@@ -47,10 +47,10 @@ class DDPMObjective(Objective):
         self.weighting = weighting
         self.prediction = prediction
 
-    def loss(self, denoiser: Denoiser, x0: Tensor, labels: Tensor | None, rng: BatchRandom, **_) -> Tensor:
+    def loss(self, model: DiffusionModel, x0: Tensor, cond: dict | None, rng: BatchRandom, **_) -> Tensor:
         t = sample_times(self.sde, rng, x0.shape[0]).to(x0.dtype)
         noise = rng.randn(x0.shape, x0.dtype)
-        pred = denoiser(self.sde.marginal(x0, t, noise), t, labels)
+        pred = model(self.sde.marginal(x0, t, noise), t, cond)
         per_sample = (pred.eps - noise).pow(2).flatten(1).mean(1)
         if self.weighting == "likelihood":
             per_sample = per_sample * (self.sde.diffusion(t) / self.sde.sigma(t)) ** 2
@@ -65,11 +65,11 @@ class NCSNObjective(Objective):
 
     prediction = "score"
 
-    def loss(self, denoiser: Denoiser, x0: Tensor, labels: Tensor | None, rng: BatchRandom, **_) -> Tensor:
+    def loss(self, model: DiffusionModel, x0: Tensor, cond: dict | None, rng: BatchRandom, **_) -> Tensor:
         t = sample_times(self.sde, rng, x0.shape[0]).to(x0.dtype)
         noise = rng.randn(x0.shape, x0.dtype)
-        pred = denoiser(self.sde.marginal(x0, t, noise), t, labels)
-        sigma = _bcast(self.sde.sigma(t), x0)
+        pred = model(self.sde.marginal(x0, t, noise), t, cond)
+        sigma = broadcast(self.sde.sigma(t), x0)
         return (sigma * pred.score + noise).pow(2).flatten(1).mean(1).mean()
 
 
@@ -121,7 +121,7 @@ class ConsistencyObjective(Objective):
         self.teacher_path = teacher
         self.init_from_teacher = init_from_teacher
         self.target_decay_rule = target_decay_rule
-        self.teacher: Denoiser | None = None  # loaded by the training module when teacher_path is set
+        self.teacher: DiffusionModel | None = None  # loaded by the training module when teacher_path is set
 
     def num_scales(self, step: int) -> int:
         """N(k) of the CT paper: sqrt-growth from s0 to s1 discretization steps (+1 boundaries)."""
@@ -156,20 +156,20 @@ class ConsistencyObjective(Objective):
         return t.clamp(self.sde.eps, self.sde.T)
 
     @torch.no_grad()
-    def _teacher_step(self, y: Tensor, s_hi: Tensor, s_lo: Tensor, t_hi: Tensor, t_lo: Tensor, labels) -> Tensor:
+    def _teacher_step(self, y: Tensor, s_hi: Tensor, s_lo: Tensor, t_hi: Tensor, t_lo: Tensor, cond) -> Tensor:
         """One Heun step of dy/ds = (y - x0(y, s)) / s from s_hi down to s_lo (teacher's PF-ODE)."""
 
         def slope(y_, s_, t_):
-            alpha = _bcast(self.sde.alpha(t_), y_)
-            return (y_ - self.teacher(alpha * y_, t_, labels).x0) / _bcast(s_, y_)
+            alpha = broadcast(self.sde.alpha(t_), y_)
+            return (y_ - self.teacher(alpha * y_, t_, cond).x0) / broadcast(s_, y_)
 
-        h = _bcast(s_lo - s_hi, y)
+        h = broadcast(s_lo - s_hi, y)
         d1 = slope(y, s_hi, t_hi)
         y_euler = y + h * d1
         return y + h * 0.5 * (d1 + slope(y_euler, s_lo, t_lo))
 
     def loss(
-        self, denoiser: Denoiser, x0: Tensor, labels: Tensor | None, rng: BatchRandom, *, target: Denoiser, step: int, **_
+        self, model: DiffusionModel, x0: Tensor, cond: dict | None, rng: BatchRandom, *, target: DiffusionModel, step: int, **_
     ) -> Tensor:
         n_scales = self.num_scales(step)
         bounds = self.boundaries(n_scales, device=x0.device)
@@ -178,17 +178,17 @@ class ConsistencyObjective(Objective):
         t_lo, t_hi = self._times(s_lo, x0.dtype), self._times(s_hi, x0.dtype)
         s_lo, s_hi = s_lo.to(x0.dtype), s_hi.to(x0.dtype)
         noise = rng.randn(x0.shape, x0.dtype)
-        y_hi = x0 + _bcast(s_hi, x0) * noise
+        y_hi = x0 + broadcast(s_hi, x0) * noise
         if self.teacher is None:
-            y_lo = x0 + _bcast(s_lo, x0) * noise
+            y_lo = x0 + broadcast(s_lo, x0) * noise
         else:
-            y_lo = self._teacher_step(y_hi, s_hi, s_lo, t_hi, t_lo, labels)
+            y_lo = self._teacher_step(y_hi, s_hi, s_lo, t_hi, t_lo, cond)
         # The target runs in train mode from the global RNG state the online call started from, so
         # both draw the same dropout masks (the reference saves and restores the RNG state).
         with same_global_draws(x0.device):
-            online = denoiser(_bcast(self.sde.alpha(t_hi), x0) * y_hi, t_hi, labels).x0
+            online = model(broadcast(self.sde.alpha(t_hi), x0) * y_hi, t_hi, cond).x0
         with torch.no_grad():
-            tgt = target(_bcast(self.sde.alpha(t_lo), x0) * y_lo, t_lo, labels).x0
+            tgt = target(broadcast(self.sde.alpha(t_lo), x0) * y_lo, t_lo, cond).x0
         return self.distance(online, tgt).mean()
 
 

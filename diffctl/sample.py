@@ -28,11 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffctl.build import build_sde, is_export, load_denoiser, load_export, resolve_weights
 from diffctl.checkpoint import atomic_write, file_sha256
-from diffctl.denoiser import ClippedDenoiser, GuidedDenoiser
+from diffctl.conditioning import class_labels
+from diffctl.denoiser import ClippedModel, GuidedModel
 from diffctl.errors import CheckpointError, ConfigError, DiffctlError
 from diffctl.images import save_grid, save_scatter, to_uint8
 from diffctl.memory import check_sample
-from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser, is_mixture
+from diffctl.networks.gmm import GaussianMixture, MixtureModel, is_mixture
 from diffctl.noise import NOISE_VERSION, NOISE_VERSIONS
 from diffctl.performance import sampling_autocast, speed_up, use_channels_last
 from diffctl.resume_check import check_shards, read_manifest, read_run_config
@@ -47,12 +48,11 @@ METRIC_COLUMNS = ("fid", "kid_mean", "is_mean", "sw2", "sw2_floor", "mean_error"
 
 @dataclass
 class Source:
-    """What is sampled: a trained checkpoint or the analytic mixture (model=gmm)."""
+    """What is sampled: a trained checkpoint or the analytic mixture (model=gmm). What it can do is
+    `denoiser.capabilities` (diffctl.denoiser.Capabilities)."""
 
-    denoiser: Any
+    denoiser: Any  # the composed model (diffctl.denoiser protocol)
     shape: tuple[int, ...]  # one sample
-    num_classes: int
-    null_class_trained: bool  # classifier-free guidance is meaningful
     data: DictConfig | None = None  # training data config: the metrics' reference
     mixture: GaussianMixture | None = None
     description: str = ""
@@ -63,8 +63,8 @@ def load_source(cfg: DictConfig, ckpt: str | None) -> Source:
     if ckpt is None:
         mixture = GaussianMixture.from_config(cfg.model)
         sde = build_sde(cfg) if cfg.get("sde") is not None else VPSDE()
-        denoiser = MixtureDenoiser(mixture, sde, conditional=cfg.model.get("conditional", False))
-        return Source(denoiser, mixture.shape, denoiser.num_classes, True, mixture=mixture, description="model=gmm")
+        denoiser = MixtureModel(mixture, sde, conditional=cfg.model.get("conditional", False))
+        return Source(denoiser, mixture.shape, mixture=mixture, description="model=gmm")
     if is_export(ckpt):  # `diffctl export` output: the weights it holds (EMA unless exported with use_ema=false)
         denoiser, train_cfg, weights = load_export(ckpt)
         if cfg.get("use_ema") is False and weights == "ema":
@@ -76,8 +76,6 @@ def load_source(cfg: DictConfig, ckpt: str | None) -> Source:
     return Source(
         denoiser,
         (shape.channels, shape.resolution, shape.resolution),
-        shape.num_classes,
-        train_cfg.get("label_dropout", 0) > 0,
         data=train_cfg.data,
         description=ckpt,
         weights=weights,
@@ -117,13 +115,13 @@ def _check_options(cfg: DictConfig) -> None:
 
 def _check_fits(cfg: DictConfig, source: Source) -> None:
     """Checks of the sampler options against the checkpoint."""
-    prediction = source.denoiser.prediction
-    if (prediction == "consistency") != (cfg.sampler.name == "consistency"):
+    can = source.denoiser.capabilities
+    if can.one_step != (cfg.sampler.name == "consistency"):
         raise ConfigError(
             "consistency checkpoints sample with sampler=consistency, and sampler=consistency needs a consistency checkpoint "
-            f"(this checkpoint predicts {prediction!r}, sampler is {cfg.sampler.name!r})"
+            f"(this checkpoint predicts {can.prediction!r}, sampler is {cfg.sampler.name!r})"
         )
-    num_classes = source.num_classes
+    num_classes = can.num_classes
     if cfg.class_label is not None:
         if num_classes == 0:
             raise ConfigError(f"class_label was given, but {source.description} is unconditional")
@@ -135,20 +133,17 @@ def _check_fits(cfg: DictConfig, source: Source) -> None:
                 "guidance needs a class-conditional model (train with conditional=true, or model.conditional=true for model=gmm); "
                 f"{source.description} is unconditional"
             )
-        if not source.null_class_trained:
+        if not can.null_condition:
             raise ConfigError(
                 "guidance needs a checkpoint trained with label_dropout > 0 (its null class was never trained); "
                 "use guidance=1 or retrain with e.g. label_dropout=0.1"
             )
 
 
-def _labels(cfg: DictConfig, num_classes: int, first: int, n: int, device) -> torch.Tensor | None:
-    """Sample i gets class_label, or class i mod num_classes (balanced) when class_label is null."""
-    if num_classes == 0:
-        return None
-    if cfg.class_label is not None:
-        return torch.full((n,), int(cfg.class_label), device=device)
-    return torch.arange(first, first + n, device=device) % num_classes
+def _cond(cfg: DictConfig, source: Source, first: int, n: int, device) -> dict:
+    """The cond of samples first..first+n-1: sample i gets class_label, or class i mod num_classes
+    (balanced) when class_label is null (the model's conditioner decides)."""
+    return source.denoiser.conditioner.for_samples(first, n, device, cfg.class_label)
 
 
 def shard(num: int, rank: int, world: int) -> range:
@@ -390,14 +385,15 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     device = _device(fabric, cfg.trainer.accelerator)
     denoiser = source.denoiser.to(device)
-    channels_last = source.mixture is None and use_channels_last(cfg.get("channels_last", False), device.type)
-    if source.mixture is None:  # the analytic model has no network to speed up
-        speed_up(denoiser.net, channels_last, cfg.get("compile", False))
+    can = denoiser.capabilities
+    channels_last = denoiser.backbone is not None and use_channels_last(cfg.get("channels_last", False), device.type)
+    if denoiser.backbone is not None:  # the analytic model has no network to speed up
+        speed_up(denoiser.backbone, channels_last, cfg.get("compile", False))
     calls = [0]
     denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    model = GuidedDenoiser(denoiser, cfg.guidance) if float(cfg.guidance) != 1.0 else denoiser
-    if cfg.clip_denoised or (cfg.clip_denoised is None and source.mixture is None):  # null: clip images only
-        model = ClippedDenoiser(model)
+    model = GuidedModel(denoiser, cfg.guidance) if float(cfg.guidance) != 1.0 else denoiser
+    if cfg.clip_denoised or (cfg.clip_denoised is None and can.data_range is not None):  # null: clip bounded data only
+        model = ClippedModel(model, *(can.data_range or (-1.0, 1.0)))
 
     from diffctl.console import JobProgress
 
@@ -417,11 +413,12 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
             if kept is not None:
                 x, y, batch_calls = kept
             else:
-                y = _labels(cfg, source.num_classes, first, n, device)
+                cond = _cond(cfg, source, first, n, device)
+                y = class_labels(cond)
                 before = calls[0]
                 with sampling_autocast(cfg.get("precision", "32-true"), device):
-                    x = generate(model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, y, device, first, cfg.noise)
-                x = to_uint8(x) if source.mixture is None else x.float().cpu()  # model=gmm: raw floats
+                    x = generate(model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, cond, device, first, cfg.noise)
+                x = to_uint8(x) if can.data_range is not None else x.float().cpu()  # unbounded (model=gmm): raw floats
                 y = y.cpu() if y is not None else None
                 batch_calls = calls[0] - before
                 _write_shard(partial, first, first + n, x, y, batch_calls)
@@ -442,7 +439,7 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
         **{f"sampler.{k}": v for k, v in cfg.sampler.items() if k != "name"},
         "steps": cfg.steps,
         "guidance": float(cfg.guidance),
-        "clip_denoised": isinstance(model, ClippedDenoiser),
+        "clip_denoised": isinstance(model, ClippedModel),
         "precision": cfg.get("precision", "32-true"),
         "compile": cfg.get("compile", False),
         "channels_last": channels_last,
@@ -461,8 +458,8 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
     if rank == 0:  # samples first: whatever happens to the metrics, the images are kept
         _write_samples(out_dir, all_images, all_labels, source.mixture)
     metrics_error = None
-    if source.mixture is not None:  # distances to the exact distribution instead of FID
-        if rank == 0 and cfg.class_label is None and source.num_classes == 0:
+    if can.analytic:  # distances to the exact distribution instead of FID
+        if rank == 0 and cfg.class_label is None and can.num_classes == 0:
             from diffctl.distances import mixture_report
 
             result.update(mixture_report(all_images, source.mixture, cfg.seed))
@@ -487,14 +484,14 @@ def _sample_shard(fabric, cfg: DictConfig, out_dir: Path, source: Source) -> dic
 
 def _check_resume_shards(cfg: DictConfig, source: Source, partial: Path) -> int:
     """check_shards with what this run's shards hold: uint8 HWC images (model=gmm: float32 samples)
-    and the labels _labels gives; returns the number of finished samples."""
-    if source.mixture is None:
+    and the labels _cond gives; returns the number of finished samples."""
+    if source.denoiser.capabilities.data_range is not None:
         shape, dtype = (*source.shape[1:], source.shape[0]), np.uint8
     else:
         shape, dtype = tuple(source.mixture.shape), np.float32
     labels = None
-    if source.num_classes > 0:
-        labels = lambda first, n: _labels(cfg, source.num_classes, first, n, "cpu").numpy()  # noqa: E731
+    if source.denoiser.capabilities.num_classes > 0:
+        labels = lambda first, n: class_labels(_cond(cfg, source, first, n, "cpu")).numpy()  # noqa: E731
     return check_shards(partial, cfg.num_samples, shape, dtype, labels)
 
 

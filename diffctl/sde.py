@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 
-def _bcast(v: Tensor, x: Tensor) -> Tensor:
+def broadcast(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample [B] tensor so it broadcasts against x [B, ...]."""
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
@@ -50,7 +50,7 @@ class SDE(ABC):
     def sigma(self, t: Tensor) -> Tensor: ...
 
     def marginal(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * noise
+        return broadcast(self.alpha(t), x0) * x0 + broadcast(self.sigma(t), x0) * noise
 
     def noise_ratio(self, t: Tensor) -> Tensor:
         """sigma/alpha: the noise level of x_t/alpha, which is a VE process (monotone in t)."""
@@ -124,7 +124,7 @@ class VPSDE(SDE):
         return torch.sqrt(-torch.expm1(-self.integrated_beta(t)))
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
-        return -0.5 * _bcast(self.beta(t), x) * x
+        return -0.5 * broadcast(self.beta(t), x) * x
 
     def diffusion(self, t: Tensor) -> Tensor:
         return torch.sqrt(self.beta(t))

@@ -4,7 +4,7 @@ DDP keeps a whole copy of the weights, gradients, Adam moments and EMA on every 
 1/N of each (N: processes) and gathers one wrapped unit's full weights only while it runs.
 
 How diffctl wraps the module (`ShardedStrategy`):
-- every `Denoiser` (the online network, its EMA copy, the consistency target) is an FSDP unit, and
+- every `DiffusionModel` (the online network, its EMA copy, the consistency target) is an FSDP unit, and
   so is every DiT block inside it (`block_classes`), so only one block's weights are whole at a time;
 - `use_orig_params=False`: each unit's parameters are one flat tensor, sharded the same way in the
   online network and its EMA copy (same module tree, same parameter order and shapes), so the EMA
@@ -30,12 +30,12 @@ SHARDED = "fsdp"  # the trainer.strategy value diffctl shards with
 
 def block_classes() -> set[type]:
     """The module classes wrapped as their own FSDP unit. DiT blocks each are one; a U-Net is one unit
-    with its Denoiser (its forward tells its blocks apart by class, which a wrapper would hide; the
+    with its DiffusionModel (its forward tells its blocks apart by class, which a wrapper would hide; the
     U-Nets here are small next to a DiT-XL)."""
-    from diffctl.denoiser import Denoiser
+    from diffctl.denoiser import DiffusionModel
     from diffctl.networks.dit import DiTBlock
 
-    return {Denoiser, DiTBlock}
+    return {DiffusionModel, DiTBlock}
 
 
 class ShardedStrategy(FSDPStrategy):

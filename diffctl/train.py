@@ -178,10 +178,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
                 f"consistency distillation needs the teacher's SDE: teacher has {teacher.sde}, this run has {sde}; "
                 f"set sde={teacher.sde.name} with the same parameters"
             )
-        if teacher.prediction == "consistency" or dict(teacher_cfg.data_shape) != shape:
+        if not teacher.capabilities.pf_ode or dict(teacher_cfg.data_shape) != shape:
             raise ConfigError(
                 "objective.teacher must be a diffusion (ddpm/ncsn) checkpoint trained on the same data shape "
-                f"(teacher: {dict(teacher_cfg.data_shape)}, prediction {teacher.prediction}; this run: {shape})"
+                f"(teacher: {dict(teacher_cfg.data_shape)}, prediction {teacher.capabilities.prediction}; this run: {shape})"
             )
         objective.teacher = teacher
     denoiser = build_denoiser(cfg, sde, objective, shape)
@@ -193,8 +193,6 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         objective,
         optim=plain(cfg.optim),
         ema=plain(cfg.ema),
-        conditional=cfg.conditional,
-        label_dropout=cfg.label_dropout,
         config=plain(cfg),
         seed=cfg.seed,
         random_flip=bool(cfg.data.get("random_flip", False)),
@@ -214,8 +212,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         out_dir=str(run_dir / "samples"),
         every_n_steps=cfg.sample_grid.every_n_steps,
         num=cfg.sample_grid.num,
-        sampler="consistency" if objective.prediction == "consistency" else grid_sampler,
-        steps=cfg.sample_grid.consistency_steps if objective.prediction == "consistency" else cfg.sample_grid.steps,
+        sampler=denoiser.capabilities.default_sampler if denoiser.capabilities.one_step else grid_sampler,
+        steps=cfg.sample_grid.consistency_steps if denoiser.capabilities.one_step else cfg.sample_grid.steps,
         seed=cfg.sample_grid.seed,
     )
     summary = TrainSummary(str(run_dir))

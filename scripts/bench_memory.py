@@ -5,7 +5,7 @@ on ImageNet-256 latents as in the DiT paper (4 x 32 x 32, 1000 classes, learned 
 built on the meta device (shapes only, nothing allocated). Per device, in float32 (trainer.precision=32-true):
 
 - model state: weights, gradients, Adam's two moments and the EMA copy (4 bytes each per parameter).
-  DDP holds all of it on every device. FSDP (diffctl.sharding: one unit per Denoiser and per DiT block,
+  DDP holds all of it on every device. FSDP (diffctl.sharding: one unit per DiffusionModel and per DiT block,
   use_orig_params=False) holds 1/N of each unit's flat parameter, padded to a multiple of N, counted here
   from the real module with the same wrap rule;
 - FSDP's gathered units: the full weights of a unit while it runs, and its full gradient until it is
@@ -44,18 +44,18 @@ def build(size: str, batch: int):
 
 
 def fsdp_units(net: torch.nn.Module) -> list[int]:
-    """Parameter count of each FSDP unit diffctl's wrap rule makes of a Denoiser around `net`: each
-    block class instance owns its parameters not inside a nested one; the rest belongs to the Denoiser."""
+    """Parameter count of each FSDP unit diffctl's wrap rule makes of a DiffusionModel around `net`: each
+    block class instance owns its parameters not inside a nested one; the rest belongs to the DiffusionModel."""
     from diffctl.sharding import block_classes
 
-    classes = tuple(c for c in block_classes() if c.__name__ != "Denoiser")
+    classes = tuple(c for c in block_classes() if c.__name__ != "DiffusionModel")
     units, owned = [], set()
     for module in net.modules():
         if isinstance(module, classes):
             params = [p for p in module.parameters() if id(p) not in owned]
             owned.update(id(p) for p in params)
             units.append(sum(p.numel() for p in params))
-    units.append(sum(p.numel() for p in net.parameters() if id(p) not in owned))  # the Denoiser's own unit
+    units.append(sum(p.numel() for p in net.parameters() if id(p) not in owned))  # the DiffusionModel's own unit
     return units
 
 

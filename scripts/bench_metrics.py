@@ -72,7 +72,7 @@ def uint8_images(src: dict):
     from diffctl.images import to_uint8
 
     ds = build_dataset(**src, random_flip=False)
-    return torch.cat([to_uint8(x).permute(0, 3, 1, 2) for x, _ in torch.utils.data.DataLoader(ds, batch_size=256)])
+    return torch.cat([to_uint8(x).permute(0, 3, 1, 2) for x in (b["image"] for b in torch.utils.data.DataLoader(ds, batch_size=256))])
 
 
 def run_row(row: str, n: int, batch: int, threads: int | None, out: Path) -> None:

@@ -29,7 +29,7 @@ from bench_samplers import FAMILIES, make_mixture, reference_endpoints  # noqa: 
 from benchlib import environment  # noqa: E402
 
 from diffctl.distances import random_directions, sliced_wasserstein  # noqa: E402
-from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser  # noqa: E402
+from diffctl.networks.gmm import GaussianMixture, MixtureModel  # noqa: E402
 from diffctl.samplers import ode  # noqa: E402
 from diffctl.noise import sample_noise  # noqa: E402
 from diffctl.sde import VPSDE  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         dirs = random_directions(dim, 256, 0)
         floor = float(sliced_wasserstein(mixture.sample(args.num, g)[0], exact, dirs))
         floors[mname] = floor
-        den = MixtureDenoiser(mixture, sde)
+        den = MixtureModel(mixture, sde)
         for solver in args.solvers:
             for spacing in args.spacings:
                 ranges = {k: RANGES[k] for k in (args.ranges if spacing == "karras" else ["sde"])}

@@ -22,7 +22,7 @@ turns batch by batch so load drifts hit them alike):
 - switches on diffctl's DDIM-50, each flipped from `diffctl sample`'s default: channels_last (default
   auto: on for CPU), precision=bf16-mixed, compile, and the autograd setting (inference_mode, the
   default, vs no_grad vs autograd left on); and diffusers' DDIMPipeline with the network in NHWC too.
-Both sides call the same module: diffctl's U-Net behind diffctl's Denoiser (input scaling, eps
+Both sides call the same module: diffctl's U-Net behind diffctl.s DiffusionModel (input scaling, eps
 output); diffusers sees it through a thin adapter mapping its integer timestep k to t = (k+1)/1000.
 Without --ckpt the network is the benchmark U-Net of scripts/bench_train.py with random weights
 (speed does not depend on the weights at a fixed NFE).
@@ -49,7 +49,7 @@ from noise_rows import NOISE_SHAPES, gmm_rows, noise_rows, print_noise, training
 
 import diffctl  # noqa: E402,F401  (torchvision shim first)
 from diffctl.config import compose_config  # noqa: E402
-from diffctl.denoiser import ClippedDenoiser  # noqa: E402
+from diffctl.denoiser import ClippedModel  # noqa: E402
 from diffctl.performance import sampling_autocast, speed_up, use_channels_last  # noqa: E402
 from diffctl.samplers import SAMPLERS, generate  # noqa: E402
 
@@ -114,7 +114,7 @@ def diffusers_pipelines(denoiser, shape):
 
 
 def ours(denoiser, shape, sampler: dict, steps: int, batch: int, precision="32-true", grad: str = "inference_mode"):
-    model = ClippedDenoiser(denoiser)  # what `diffctl sample` samples images with (clip_denoised)
+    model = ClippedModel(denoiser)  # what `diffctl sample` samples images with (clip_denoised)
     device = next(denoiser.parameters()).device
 
     def run(index: int):

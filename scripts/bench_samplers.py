@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import environment  # noqa: E402
 
 from diffctl.distances import random_directions, sliced_wasserstein  # noqa: E402
-from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser  # noqa: E402
+from diffctl.networks.gmm import GaussianMixture, MixtureModel  # noqa: E402
 from diffctl.samplers import ddim, ddpm, ode, pc  # noqa: E402
 from diffctl.noise import sample_noise  # noqa: E402
 from diffctl.sde import VESDE, VPSDE  # noqa: E402
@@ -119,9 +119,9 @@ class Counted(torch.nn.Module):
         super().__init__()
         self.inner, self.sde, self.calls = inner, inner.sde, 0
 
-    def forward(self, x, t, labels=None):
+    def forward(self, x, t, cond=None):
         self.calls += 1
-        return self.inner(x, t, labels)
+        return self.inner(x, t, cond)
 
 
 class ExactModel:
@@ -183,7 +183,7 @@ def ours_runs(mixture, z: torch.Tensor, seed: int, sigma_max: float) -> list[Run
 
     def runner(sde, sampler, **options):
         def fn(steps):
-            den = Counted(MixtureDenoiser(mixture, sde))
+            den = Counted(MixtureModel(mixture, sde))
             noise = sample_noise(seed, range(num))
             noise.randn(z.shape[1:], torch.float64)  # draw 0 is the start noise z, as in `generate`
             x = sde.prior_std() * z

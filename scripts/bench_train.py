@@ -114,7 +114,7 @@ def training_setup(args):
         cfg = compose_config("train", overrides(args, []), tmp)
     data = build_datamodule(cfg)
     data.setup("fit")
-    batches = [x for x, _ in data.train_dataloader()][: max(8, args.steps)]
+    batches = [batch["image"] for batch in data.train_dataloader()][: max(8, args.steps)]
     shape = {"channels": data.channels, "resolution": data.resolution, "num_classes": 0}
     sde = build_sde(cfg)
     denoiser = build_denoiser(cfg, sde, build_objective(cfg, sde), shape)

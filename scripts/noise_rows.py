@@ -85,14 +85,14 @@ def gmm_rows(num: int, steps: int, repeats: int, batch: int = 64) -> dict:
     sampler=ddpm (noise 2 and noise 1) and sampler=ddim (eta 0, no noise after the start) at equal
     steps, in batches of `batch` (its batch_size; default 64, the command's); seconds, median of `repeats`."""
     from diffctl.config import compose_config
-    from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser
+    from diffctl.networks.gmm import GaussianMixture, MixtureModel
     from diffctl.samplers import generate
     from diffctl.sde import VPSDE
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config("sample", ["model=gmm"], tmp)
     mixture = GaussianMixture.from_config(cfg.model)
-    den = MixtureDenoiser(mixture, VPSDE())
+    den = MixtureModel(mixture, VPSDE())
 
     def run(sampler, version=2):
         for first in range(0, num, batch):

@@ -332,7 +332,7 @@ def test_16_bit_png_keeps_its_bit_depth(tmp_path):
     big.save(root / "a.png")
     Image.fromarray((np.asarray(big) >> 8).astype(np.uint8)).save(root / "b.png")
     ds = build_dataset("imagefolder", root, resolution=8, channels=1)
-    sixteen, eight = ds[0][0].numpy(), ds[1][0].numpy()
+    sixteen, eight = ds[0]["image"].numpy(), ds[1]["image"].numpy()
     assert np.abs(sixteen - eight).max() < 3 / 127.5 and (sixteen >= 1).mean() < 0.05
 
 

@@ -19,6 +19,11 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 HINTS = ("ve_sigma_max",)  # data-config keys read by other groups; the trainer strips them before instantiating
 
 
+
+def _xy(item: dict):
+    """(image, label) of a dataset item (a dict with diffctl.conditioning's batch keys)."""
+    return item["image"], item["class_label"]
+
 def load_conf(name):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k not in HINTS])
@@ -113,19 +118,19 @@ def test_digits_values_split_and_dataloader():
     raw = load_digits().images
     train, test = build_dataset("digits", split="train"), build_dataset("digits", split="test")
     assert (len(train), len(test)) == (1500, 297)
-    x, y = train[0]
+    x, y = _xy(train[0])
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and isinstance(y, int)
     assert torch.equal(((x[0] + 1) * 127.5).round(), torch.from_numpy(np.rint(raw[0] * 255 / 16)).float())
     assert x[0, 0, 0] == -1.0  # sklearn value 0
     i, r, c = np.argwhere(raw[:1500] == 16)[0]
-    assert train[i][0][0, r, c] == 1.0  # sklearn value 16 (max)
-    assert torch.equal(test[0][0], build_dataset("digits", split="train", limit=None).transform(
+    assert train[i]["image"][0, r, c] == 1.0  # sklearn value 16 (max)
+    assert torch.equal(test[0]["image"], build_dataset("digits", split="train", limit=None).transform(
         Image.fromarray(np.rint(raw[1500] * 255 / 16).astype(np.uint8))))  # test = last 297, same pixels via PIL path
 
     dm = DiffusionDataModule(name="digits", resolution=8, channels=1, batch_size=32, num_workers=0)
     dm.setup("fit")
     assert (dm.num_classes, dm.channels, dm.resolution, dm.num_train) == (10, 1, 8, 1500)
-    xb, yb = next(iter(dm.train_dataloader()))
+    xb, yb = _xy(next(iter(dm.train_dataloader())))
     assert xb.shape == (32, 1, 8, 8) and xb.dtype == torch.float32 and yb.dtype == torch.long
     assert -1.0 <= xb.min() and xb.max() <= 1.0
     assert len(dm.train_dataloader()) == 1500 // 32  # drop_last
@@ -134,7 +139,7 @@ def test_digits_values_split_and_dataloader():
 
 def test_digits_resize_channels_limit():
     ds = build_dataset("digits", resolution=16, channels=3, limit=10)
-    x, _ = ds[0]
+    x = ds[0]["image"]
     assert len(ds) == 10 and x.shape == (3, 16, 16)
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # gray replicated into RGB
     assert -1.0 <= x.min() and x.max() <= 1.0
@@ -153,12 +158,12 @@ def test_mnist_torchvision_layout(tmp_path):
     dm = DiffusionDataModule(name="mnist", root=str(tmp_path), resolution=28, channels=1, batch_size=4, num_workers=0)
     dm.setup()
     assert dm.num_train == 12 and dm.num_classes == 10
-    x, y = dm.dataset("train")[3]
+    x, y = _xy(dm.dataset("train")[3])
     assert x.shape == (1, 28, 28) and y == 3
     assert x[0, 0, 0] == 1.0 and x[0, 0, 1] == -1.0 and x[0, 5, 5] == pytest.approx(3 / 127.5 - 1)
     test = dm.dataset("test")
-    assert len(test) == 5 and [test[i][1] for i in range(5)] == [0, 1, 2, 3, 4]
-    xb, yb = next(iter(dm.train_dataloader()))
+    assert len(test) == 5 and [test[i]["class_label"] for i in range(5)] == [0, 1, 2, 3, 4]
+    xb, yb = _xy(next(iter(dm.train_dataloader())))
     assert xb.shape == (4, 1, 28, 28) and yb.dtype == torch.long
 
 
@@ -166,7 +171,7 @@ def test_fashion_flat_gz_layout_resize_and_rgb(tmp_path):
     make_idx_set(tmp_path, n_train=30, gz=True)  # Debian ships the gzipped files directly in one folder
     ds = build_dataset("fashion_mnist", tmp_path, "train", resolution=32, channels=3, limit=7)
     assert len(ds) == 7
-    x, y = ds[5]
+    x, y = _xy(ds[5])
     assert x.shape == (3, 32, 32) and y == 5 and -1.0 <= x.min() and x.max() == 1.0
     assert x[:, 16, 16].tolist() == [pytest.approx(5 / 127.5 - 1)] * 3  # uniform interior survives resizing
     assert dataset_num_classes("fashion_mnist", tmp_path) == 10
@@ -193,7 +198,7 @@ def test_debian_fashion_mnist():
     assert str(dm.root) == str(DEBIAN_FASHION)
     dm.setup()
     assert dm.num_train == 256 and len(dm.dataset("test")) == 10000
-    xb, yb = next(iter(dm.train_dataloader()))
+    xb, yb = _xy(next(iter(dm.train_dataloader())))
     assert xb.shape == (128, 1, 28, 28) and lo_hi(xb) == (-1.0, 1.0) and 0 <= int(yb.min()) <= int(yb.max()) <= 9
 
 
@@ -204,7 +209,7 @@ def test_cifar10_pickle_batches(tmp_path):
     batches = make_cifar(tmp_path)
     train = build_dataset("cifar10", tmp_path, "train")
     assert len(train) == 20
-    x, y = train[5]  # second image of data_batch_2
+    x, y = _xy(train[5])  # second image of data_batch_2
     hwc, labels = batches["data_batch_2"]
     assert x.shape == (3, 32, 32) and y == labels[1]
     assert torch.equal(x, torch.from_numpy(hwc[1]).permute(2, 0, 1).float() / 127.5 - 1)  # exact round trip
@@ -212,13 +217,13 @@ def test_cifar10_pickle_batches(tmp_path):
 
     gray = build_dataset("cifar10", tmp_path / "cifar-10-batches-py", "test", channels=1)  # the folder itself works
     red_l = Image.new("RGB", (1, 1), (255, 0, 0)).convert("L").getpixel((0, 0))
-    assert len(gray) == 3 and gray[0][0].shape == (1, 32, 32)
-    assert gray[0][0][0, 0, 0] == pytest.approx(red_l / 127.5 - 1)
+    assert len(gray) == 3 and gray[0]["image"].shape == (1, 32, 32)
+    assert gray[0]["image"][0, 0, 0] == pytest.approx(red_l / 127.5 - 1)
 
     dm = DiffusionDataModule(name="cifar10", root=str(tmp_path), resolution=32, channels=3, random_flip=True,
                              batch_size=8, num_workers=0)
     dm.setup()
-    xb, _ = next(iter(dm.train_dataloader()))
+    xb = next(iter(dm.train_dataloader()))["image"]
     assert xb.shape == (8, 3, 32, 32)
     assert dm.dataset("test").transform.random_flip is False  # reference statistics are never augmented
 
@@ -246,13 +251,13 @@ def test_imagefolder_classes(class_folder):
     assert dm.num_classes == 3  # cat, dog, emu; hidden folder ignored
     dm.setup()
     ds = dm.dataset("train")
-    assert len(ds) == 6 and sorted(ds[i][1] for i in range(6)) == [0, 0, 0, 1, 1, 2]
-    x, _ = ds[0]
+    assert len(ds) == 6 and sorted(ds[i]["class_label"] for i in range(6)) == [0, 0, 0, 1, 1, 2]
+    x = ds[0]["image"]
     assert x.shape == (3, 8, 8) and (x[:, :, :4] == 1.0).all() and (x[:, :, 4:] == -1.0).all()  # no flip asked
-    xb, yb = next(iter(dm.train_dataloader()))  # worker processes
+    xb, yb = _xy(next(iter(dm.train_dataloader())))  # worker processes
     assert xb.shape == (2, 3, 8, 8) and yb.dtype == torch.long
     limited = build_dataset("imagefolder", class_folder, resolution=8, limit=4)
-    assert len(limited) == 4 and [limited[i][1] for i in range(4)] == [0, 0, 0, 1]
+    assert len(limited) == 4 and [limited[i]["class_label"] for i in range(4)] == [0, 0, 0, 1]
 
 
 def test_imagefolder_flat_crop_and_gray(tmp_path):
@@ -263,22 +268,22 @@ def test_imagefolder_flat_crop_and_gray(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     assert dataset_num_classes("imagefolder", tmp_path) == 0
     ds = build_dataset("imagefolder", tmp_path, resolution=8, channels=3)
-    assert len(ds) == 2 and [ds[i][1] for i in range(2)] == [0, 0]
-    x, _ = ds[0]
+    assert len(ds) == 2 and [ds[i]["class_label"] for i in range(2)] == [0, 0]
+    x = ds[0]["image"]
     assert (x[1] == 1.0).all() and (x[0] == -1.0).all() and (x[2] == -1.0).all()
-    g = build_dataset("imagefolder", tmp_path, resolution=4, channels=1)[1][0]  # 40x40 JPEG downscaled
+    g = build_dataset("imagefolder", tmp_path, resolution=4, channels=1)[1]["image"]  # 40x40 JPEG downscaled
     assert g.shape == (1, 4, 4) and torch.allclose(g, torch.ones_like(g), atol=2 / 127.5)
 
 
 def test_random_flip_only_when_asked(class_folder):
     torch.manual_seed(0)
     flipped = build_dataset("imagefolder", class_folder, resolution=8, random_flip=True)
-    lefts = {float(flipped[0][0][0, 0, 0]) for _ in range(40)}
+    lefts = {float(flipped[0]["image"][0, 0, 0]) for _ in range(40)}
     assert lefts == {1.0, -1.0}  # both orientations occur
     plain = build_dataset("imagefolder", class_folder, resolution=8, random_flip=False)
-    assert {float(plain[0][0][0, 0, 0]) for _ in range(20)} == {1.0}
+    assert {float(plain[0]["image"][0, 0, 0]) for _ in range(20)} == {1.0}
     still, moving = build_dataset("digits", random_flip=False), build_dataset("digits", random_flip=True)
-    seen = {moving[0][0].flip(-1).equal(still[0][0]) for _ in range(40)}  # in-memory path flips too
+    seen = {moving[0]["image"].flip(-1).equal(still[0]["image"]) for _ in range(40)}  # in-memory path flips too
     assert seen == {True, False}
 
 
@@ -299,9 +304,9 @@ def test_in_memory_images_resized_up_front_match_per_item_pil(monkeypatch, chann
         monkeypatch.undo()
         assert fast._chw is not None and slow._chw is None
         for i in (0, 17, 39):
-            assert fast[i][0].shape == (channels, 5, 5) and torch.equal(fast[i][0], slow[i][0]) and fast[i][1] == i
+            assert fast[i]["image"].shape == (channels, 5, 5) and torch.equal(fast[i]["image"], slow[i]["image"]) and fast[i]["class_label"] == i
         batches = [list(DataLoader(ds, batch_size=8, shuffle=False)) for ds in (fast, slow)]
-        for (xf, yf), (xs, ys) in zip(*batches):
+        for (xf, yf), (xs, ys) in ((_xy(f), _xy(s)) for f, s in zip(*batches)):
             assert torch.equal(xf, xs) and torch.equal(yf, ys) and yf.dtype == torch.long
 
 
@@ -363,6 +368,6 @@ def test_yaml_configs(name, tmp_path):
         png(root / "x.png", half_white(80))
     dm = instantiate(cfg, root=str(root), num_workers=0, batch_size=1)
     dm.setup()
-    x, y = dm.dataset("train")[0]
+    x, y = _xy(dm.dataset("train")[0])
     assert x.shape == (cfg.channels, cfg.resolution, cfg.resolution) and lo_hi(x) >= (-1.0, -1.0)
     assert dm.random_flip == (name in ("cifar10", "imagefolder"))

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from diffctl.denoiser import Denoiser, Prediction, split_prediction
+from diffctl.denoiser import Prediction, compose
+from diffctl.parameterization import split as split_prediction
 from diffctl.networks import UNet
 from diffctl.objectives import ConsistencyObjective, DDPMObjective, NCSNObjective
 from diffctl.rng import BatchRandom, GlobalBatchSampler
-from diffctl.sde import SubVPSDE, VESDE, VPSDE, _bcast
+from diffctl.sde import SubVPSDE, VESDE, VPSDE, broadcast
 
 SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(0.01, 10.0)}
 
@@ -45,7 +46,7 @@ def _perturbed_unet(seed=0):
 @pytest.mark.parametrize("name", list(SDES))
 def test_consistency_boundary_condition_is_exact(name):
     sde = SDES[name]
-    d = Denoiser(_perturbed_unet(), sde, prediction="consistency")
+    d = compose(_perturbed_unet(), sde, prediction="consistency")
     x = torch.randn(3, 1, 8, 8)
     t = torch.full((3,), sde.eps)
     out = d(x, t).x0
@@ -60,7 +61,7 @@ def test_consistency_boundary_condition_is_exact(name):
 def test_score_prediction_is_network_output_over_sigma():
     sde = VESDE(0.01, 10.0)
     net = _perturbed_unet()
-    d = Denoiser(net, sde, prediction="score", scale_input=False)
+    d = compose(net, sde, prediction="score", scale_input=False)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.8])
     raw = net(x, 1000 * t)
     torch.testing.assert_close(d(x, t).score, raw / sde.sigma(t).reshape(-1, 1, 1, 1))
@@ -72,8 +73,8 @@ class OracleDenoiser:
     def __init__(self, sde, x_star, eps_bias=0.0):
         self.sde, self.x_star, self.eps_bias = sde, x_star, eps_bias
 
-    def __call__(self, x, t, labels=None):
-        alpha, sigma = _bcast(self.sde.alpha(t), x), _bcast(self.sde.sigma(t), x)
+    def __call__(self, x, t, cond=None):
+        alpha, sigma = broadcast(self.sde.alpha(t), x), broadcast(self.sde.sigma(t), x)
         eps = (x - alpha * self.x_star) / sigma + self.eps_bias
         return Prediction(x0=(x - sigma * eps) / alpha, eps=eps, sigma=sigma)
 
@@ -150,11 +151,11 @@ M, V = 0.3, 0.25
 
 
 def _ve_variables(sde, x, t):
-    return x / _bcast(sde.alpha(t), x), _bcast(sde.noise_ratio(t), x)
+    return x / broadcast(sde.alpha(t), x), broadcast(sde.noise_ratio(t), x)
 
 
 def gaussian_denoiser(sde):
-    def denoise(x, t, labels=None):
+    def denoise(x, t, cond=None):
         y, s = _ve_variables(sde, x, t)
         return Prediction(x0=M + V / (V + s * s) * (y - M), eps=torch.zeros_like(x), sigma=torch.ones(1))
 
@@ -164,7 +165,7 @@ def gaussian_denoiser(sde):
 def gaussian_consistency_function(sde):
     s_min = float(sde.noise_ratio(torch.tensor(sde.eps, dtype=torch.float64)))
 
-    def f(x, t, labels=None):
+    def f(x, t, cond=None):
         y, s = _ve_variables(sde, x, t)
         return Prediction(x0=M + torch.sqrt((V + s_min**2) / (V + s * s)) * (y - M), eps=torch.zeros_like(x), sigma=torch.ones(1))
 
@@ -214,7 +215,7 @@ def test_distillation_teacher_step_is_heuns_method_on_the_gaussian_pf_ode():
     sde = VESDE(0.002, 80.0)
     obj = ConsistencyObjective(sde)
     obj.teacher = lambda x, t, labels=None: Prediction(
-        x0=x * sd**2 / (sd**2 + _bcast(sde.sigma(t), x) ** 2), eps=torch.zeros_like(x), sigma=torch.ones(1)
+        x0=x * sd**2 / (sd**2 + broadcast(sde.sigma(t), x) ** 2), eps=torch.zeros_like(x), sigma=torch.ones(1)
     )
     y = torch.randn(8, 3, dtype=torch.float64)
     k = lambda s: s / (sd**2 + s**2)  # noqa: E731
@@ -242,7 +243,7 @@ class _DropoutOnly(torch.nn.Module):
         super().__init__()
         self.drop = torch.nn.Dropout(p)
 
-    def forward(self, x, noise_label, labels=None):
+    def forward(self, x, noise_label, cond=None):
         return self.drop(torch.ones_like(x))
 
 
@@ -266,12 +267,12 @@ def test_consistency_target_draws_the_online_dropout_masks(device, teacher):
     obj = ConsistencyObjective(sde, num_scales_start=10, num_scales_end=10, total_steps=1)
     obj.teacher = gaussian_denoiser(sde) if teacher else None
     # Only masks reach the output: the loss is 0 exactly when both networks drew the same ones.
-    online = Denoiser(_DropoutOnly(0.5), sde, prediction="x0").to(device)
+    online = compose(_DropoutOnly(0.5), sde, prediction="x0").to(device)
     torch.manual_seed(0)
     assert float(obj.loss(online, x0, None, BatchRandom(0, 0, 0, 0, 1, 4, device), target=copy.deepcopy(online), step=0)) == 0.0
     # A real U-Net with dropout: online and target masks recorded at every dropout layer.
     net = UNet(in_channels=1, resolution=8, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.5)
-    online = Denoiser(net, sde, prediction="consistency").to(device).train()
+    online = compose(net, sde, prediction="consistency").to(device).train()
     target = copy.deepcopy(online).requires_grad_(False)
     (online_masks, h1), (target_masks, h2) = _dropout_masks(online), _dropout_masks(target)
     torch.manual_seed(1)

@@ -28,7 +28,7 @@ from diffusers import (  # noqa: E402
     ScoreSdeVeScheduler,
 )
 
-from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser  # noqa: E402
+from diffctl.networks.gmm import GaussianMixture, MixtureModel  # noqa: E402
 from diffctl.samplers import ddim, ode  # noqa: E402
 from diffctl.noise import SampleNoise  # noqa: E402
 from diffctl.samplers.stochastic import _posterior  # noqa: E402
@@ -126,7 +126,7 @@ def test_ddim_sampler_equals_ddim_scheduler(eta, spacing):
     z = SampleNoise(1, range(B)).randn((D,), torch.float64)
     gens = SampleNoise(1, range(B))
     gens.randn((D,), torch.float64)
-    ours = ddim(MixtureDenoiser(mixture, sde), z, steps, noise=gens, eta=eta, spacing=spacing)
+    ours = ddim(MixtureModel(mixture, sde), z, steps, noise=gens, eta=eta, spacing=spacing)
 
     replay = SampleNoise(1, range(B))
     replay.randn((D,), torch.float64)
@@ -141,7 +141,7 @@ def test_ddim_sampler_equals_ddim_scheduler(eta, spacing):
     assert model.calls == steps
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
     if eta > 0:  # the noise matters: a different stream must not agree
-        other = ddim(MixtureDenoiser(mixture, sde), z, steps, noise=SampleNoise(9, range(B)), eta=eta, spacing=spacing)
+        other = ddim(MixtureModel(mixture, sde), z, steps, noise=SampleNoise(9, range(B)), eta=eta, spacing=spacing)
         assert (other - x).abs().max() > 1e-2
 
 
@@ -168,7 +168,7 @@ def test_euler_heun_in_y_s_equal_karras_schedulers(solver, cls):
     sched.set_timesteps(steps)
     s_max = float(sched.init_noise_sigma)
     alpha_T = float(sde.alpha(torch.tensor(1.0)))
-    den = bench.Counted(MixtureDenoiser(mixture, sde))
+    den = bench.Counted(MixtureModel(mixture, sde))
     ours = ode(den, z * s_max * alpha_T, steps, solver=solver, spacing="trailing")  # the same y0 = z * s_max
     theirs, calls = _drive(cls(timestep_spacing="trailing"), mixture, z * s_max, steps, bench.level_sigma)
     assert den.calls == calls == bench.FAMILIES[solver]["nfe"](steps)
@@ -185,7 +185,7 @@ def test_dpmpp_2m_equals_dpm_solver_multistep():
     for steps in (4, 10, 20):  # divisors of 1000 (exact trailing timesteps); also past lower_order_final's 15-step threshold
         sde = DiscreteVP(DPMSolverMultistepScheduler(**cfg).alphas_cumprod)
         z = SampleNoise(4, range(B)).randn((D,), torch.float64)
-        ours = ode(MixtureDenoiser(mixture, sde), z, steps, solver="dpmpp_2m", spacing="trailing")
+        ours = ode(MixtureModel(mixture, sde), z, steps, solver="dpmpp_2m", spacing="trailing")
         theirs, calls = _drive(DPMSolverMultistepScheduler(**cfg), mixture, z, steps, bench.level_sigma)
         assert calls == steps
         torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
@@ -207,14 +207,14 @@ def test_dpmpp_2m_lower_order_final_equals_dpm_solver_multistep(steps, lower_ord
                lower_order_final=lower_order_final, euler_at_final=lower_order_final and steps >= 15)
     sde = DiscreteVP(DPMSolverMultistepScheduler(**cfg).alphas_cumprod)
     z = SampleNoise(7, range(B)).randn((D,), torch.float64)
-    den = bench.Counted(MixtureDenoiser(mixture, sde))
+    den = bench.Counted(MixtureModel(mixture, sde))
     ours = ode(den, z, steps + 1, solver="dpmpp_2m", spacing="uniform", lower_order_final=lower_order_final)
     x_end, calls = _drive(DPMSolverMultistepScheduler(**cfg), mixture, z, steps, bench.level_sigma)
     last = _discrete_level(DPMSolverMultistepScheduler(**cfg), 0)
     theirs, _ = bench.ExactModel(mixture)(x_end, last.alpha, last.sigma)
     assert den.calls == calls + 1 == steps + 1
     torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
-    other = ode(MixtureDenoiser(mixture, sde), z, steps + 1, solver="dpmpp_2m", spacing="uniform", lower_order_final=not lower_order_final)
+    other = ode(MixtureModel(mixture, sde), z, steps + 1, solver="dpmpp_2m", spacing="uniform", lower_order_final=not lower_order_final)
     assert (other - theirs).abs().max() > 1e-3
 
 

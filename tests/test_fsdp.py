@@ -138,7 +138,7 @@ def test_bench_memory_counts_the_units_fsdp_makes(tmp_path):
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from diffctl.denoiser import Denoiser
+    from diffctl.denoiser import compose
     from diffctl.networks import DiT
     from diffctl.sde import VPSDE
     from diffctl.sharding import block_classes
@@ -154,7 +154,7 @@ def test_bench_memory_counts_the_units_fsdp_makes(tmp_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         # As in training: the root (the LightningModule there) owns no parameters, the Denoiser is a unit.
-        root = torch.nn.ModuleDict({"denoiser": Denoiser(net, VPSDE())})
+        root = torch.nn.ModuleDict({"denoiser": compose(net, VPSDE())})
         wrapped = FullyShardedDataParallel(root, auto_wrap_policy=ModuleWrapPolicy(block_classes()),
                                            use_orig_params=False, device_id=torch.device("cpu"))
         flat = sorted(p.numel() for p in wrapped.parameters())  # one flat parameter per unit, unpadded at N=1

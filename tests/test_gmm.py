@@ -11,7 +11,7 @@ from torch.distributions import Categorical, MixtureSameFamily, MultivariateNorm
 
 from diffctl.distances import mixture_report, random_directions, sliced_wasserstein
 from diffctl.errors import ConfigError
-from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser
+from diffctl.networks.gmm import GaussianMixture, MixtureModel
 from diffctl.sde import SubVPSDE, VESDE, VPSDE
 from helpers import run_cli, run_sample
 
@@ -79,7 +79,7 @@ def test_denoiser_at_time_t_uses_the_sde_marginal(sde):
     mix = GaussianMixture(MEANS, covariances=COVS, weights=WEIGHTS)
     t = torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)
     x = torch.randn(3, 4, generator=G, dtype=torch.float64)
-    pred = MixtureDenoiser(mix, sde)(x, t)
+    pred = MixtureModel(mix, sde)(x, t)
     for i in range(3):
         x0, eps = mix.denoise(x[i : i + 1], float(sde.alpha(t[i])), float(sde.sigma(t[i])))
         torch.testing.assert_close(pred.x0[i : i + 1], x0)

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -77,17 +76,20 @@ def _net_state():
 
 def _network(sde_name: str, prediction: str = "eps", guidance: float = 1.0, clip: bool = False):
     """The exported tiny U-Net under another SDE / parameterization: (model, labels for N samples)."""
-    from diffctl.denoiser import ClippedDenoiser, Denoiser, GuidedDenoiser
+    from diffctl.conditioning import ClassConditioner
+    from diffctl.denoiser import ClippedModel, DiffusionModel, GuidedModel
     from diffctl.networks import UNet
+    from diffctl.parameterization import make_parameterization
 
     net = UNet(in_channels=1, resolution=8, num_classes=10, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4])
-    den = Denoiser(net, _sde(sde_name), prediction=prediction, sigma_data=0.5, scale_input=True)
+    sde = _sde(sde_name)
+    den = DiffusionModel(net, sde, make_parameterization(prediction, sde, 0.5, True), ClassConditioner(10, 0.2))
     den.load_state_dict(_net_state())
     den.eval()
-    model = GuidedDenoiser(den, guidance) if guidance != 1.0 else den
+    model = GuidedModel(den, guidance) if guidance != 1.0 else den
     if clip:
-        model = ClippedDenoiser(model)
-    return model, torch.arange(N) % 10
+        model = ClippedModel(model)
+    return model, {"class_label": torch.arange(N) % 10}
 
 
 def _mixture_data():
@@ -97,24 +99,26 @@ def _mixture_data():
 
 
 def _mixture(sde_name: str, conditional: bool = False, guidance: float = 1.0):
-    from diffctl.denoiser import GuidedDenoiser
-    from diffctl.networks.gmm import MixtureDenoiser
+    from diffctl.denoiser import GuidedModel
+    from diffctl.networks.gmm import MixtureModel
 
-    den = MixtureDenoiser(_mixture_data(), _sde(sde_name), conditional=conditional)
-    labels = torch.arange(MIX_N) % 3 if conditional else None
-    return (GuidedDenoiser(den, guidance) if guidance != 1.0 else den), labels
+    den = MixtureModel(_mixture_data(), _sde(sde_name), conditional=conditional)
+    cond = {"class_label": torch.arange(MIX_N) % 3} if conditional else {}
+    return (GuidedModel(den, guidance) if guidance != 1.0 else den), cond
 
 
-def _generate(model, labels, num, shape, spec, steps, seed=0, first=0):
+def _generate(model, cond, num, shape, spec, steps, seed=0, first=0):
     from diffctl.samplers import generate
 
-    return generate(model, num, shape, spec, steps, seed=seed, labels=labels, first_index=first)
+    return generate(model, num, shape, spec, steps, seed=seed, cond=cond, first_index=first)
 
 
 def _objective_losses() -> dict[str, torch.Tensor]:
-    from diffctl.denoiser import Denoiser
+    from diffctl.conditioning import ClassConditioner
+    from diffctl.denoiser import DiffusionModel
     from diffctl.networks import UNet
     from diffctl.objectives import ConsistencyObjective, DDPMObjective, NCSNObjective
+    from diffctl.parameterization import make_parameterization
     from diffctl.rng import BatchRandom
 
     x0 = torch.from_numpy(np.load(GOLDEN / "digits8.npy")).float()  # 8 digits, 1x8x8 in [-1, 1]
@@ -128,7 +132,7 @@ def _objective_losses() -> dict[str, torch.Tensor]:
         sde = _sde(sde_name)
         objective = make(sde)
         net = UNet(in_channels=1, resolution=8, num_classes=10, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4])
-        den = Denoiser(net, sde, prediction=objective.prediction)
+        den = DiffusionModel(net, sde, make_parameterization(objective.prediction, sde), ClassConditioner(10))
         den.load_state_dict(_net_state())
         rng = BatchRandom(7, 3, 0, 0, 1, 8, "cpu")
         target = None
@@ -139,7 +143,7 @@ def _objective_losses() -> dict[str, torch.Tensor]:
             with torch.no_grad():
                 for p in target.parameters():
                     p.mul_(0.99)
-        loss = objective.loss(den, x0, labels, rng, target=target, step=5)
+        loss = objective.loss(den, x0, {"class_label": labels}, rng, target=target, step=5)
         loss.backward()
         grad = torch.stack([p.grad.double().sum() for p in den.parameters() if p.grad is not None])
         out[f"loss/{name}"] = loss.detach().reshape(1)
@@ -158,7 +162,7 @@ def _likelihoods() -> dict[str, torch.Tensor]:
         out[f"likelihood/gmm-{sde_name}"] = log_likelihood(model, x, rtol=1e-4, atol=1e-4).logp
     model, labels = _network("vp")
     x0 = torch.from_numpy(np.load(GOLDEN / "digits8.npy")).float()[:2]
-    lik = log_likelihood(model, x0, labels[:2], trace="hutchinson", generators=sample_generators(3, range(2)), rtol=1e-2, atol=1e-2)
+    lik = log_likelihood(model, x0, {"class_label": labels["class_label"][:2]}, trace="hutchinson", generators=sample_generators(3, range(2)), rtol=1e-2, atol=1e-2)
     out["likelihood/net-vp-hutchinson"] = lik.logp
     return out
 
@@ -221,7 +225,7 @@ def _sampler_outputs() -> dict[str, torch.Tensor]:
     model, labels = _network("ve", guidance=1.5, clip=True)
     out["net/ve/guided-clipped-pc"] = _generate(model, labels, N, (1, 8, 8), {"name": "pc"}, 3)
     model, labels = _network("vp")  # a batch split: samples 2..3 alone equal samples 2..3 of the batch of 4
-    out["net/vp/ddpm-offset"] = _generate(model, labels[2:], 2, (1, 8, 8), {"name": "ddpm"}, 4, first=2)
+    out["net/vp/ddpm-offset"] = _generate(model, {"class_label": labels["class_label"][2:]}, 2, (1, 8, 8), {"name": "ddpm"}, 4, first=2)
     return out
 
 

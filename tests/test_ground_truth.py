@@ -20,7 +20,7 @@ import torch
 from scipy.integrate import solve_ivp
 from scipy.stats import norm
 
-from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser
+from diffctl.networks.gmm import GaussianMixture, MixtureModel
 from diffctl.noise import GeneratorNoise, SampleNoise
 from diffctl.samplers import generate, noise_levels
 from diffctl.samplers.ode import ode
@@ -129,7 +129,7 @@ def test_ode_solvers_converge_at_their_theoretical_order(sde_name, case, mixture
     sde = SDES[sde_name]
     run, order, steps = ORDER_CASES[case]
     x_T, reference = _reference(sde_name, mixture=mixture)
-    den = MixtureDenoiser(MIXTURES[mixture], sde)
+    den = MixtureModel(MIXTURES[mixture], sde)
     errors = [_rms(run(den, x_T, n), reference) for n in steps]
     assert errors[-1] > 1e3 * REF_RTOL * float(reference.abs().max()), f"reference not accurate enough for {errors}"
     p1, p2 = (math.log2(a / b) for a, b in zip(errors, errors[1:]))
@@ -154,7 +154,7 @@ def test_dpmpp_2m_beats_ddim_on_the_same_levels(sde_name, mixture):
     samples passed there with the per-generator noise of seed 0 only (seeds 2-4 failed too)."""
     sde = SDES[sde_name]
     x_T, reference = _reference(sde_name, mixture=mixture)
-    den = MixtureDenoiser(MIXTURES[mixture], sde)
+    den = MixtureModel(MIXTURES[mixture], sde)
     worse = {}
     for spacing in ("uniform", "quadratic", "trailing", "karras", "logsnr"):
         for n in (10, 20, 40):
@@ -185,7 +185,7 @@ def test_karras_levels_from_sigma_max_80_win_at_few_steps(sde_name, mixture):
     heun at 99 NFE: 5.5e-2 against 2.6e-3, at 999: 4.1e-2 against 4.9e-4)."""
     sde = SDES[sde_name]
     x_T, reference = _reference(sde_name, mixture=mixture)
-    den = MixtureDenoiser(MIXTURES[mixture], sde)
+    den = MixtureModel(MIXTURES[mixture], sde)
     worse = {}
     for solver, counts in FEW_STEPS.items():
         for n in counts:
@@ -268,7 +268,7 @@ def test_samplers_match_the_mixture_mean_covariance_and_weights(sde_name, case):
     error, so no allowance is added for it."""
     spec, steps = case
     n = N_SAMPLES
-    x = generate(MixtureDenoiser(MIXTURE, SDES[sde_name]), n, (D,), spec, steps, seed=1).double()
+    x = generate(MixtureModel(MIXTURE, SDES[sde_name]), n, (D,), spec, steps, seed=1).double()
     assert torch.isfinite(x).all()
     z = (_per_sample_stats(x).mean(0) - EXACT) / (_stat_std() / math.sqrt(n))
     bad = {name: round(float(v), 2) for name, v in zip(STAT_NAMES, z) if abs(v) >= Z_CRIT}
@@ -323,7 +323,7 @@ def test_ode_samplers_match_a_mixture_with_narrow_components(sde_name, case):
     (Bonferroni over these cases, SDEs and statistics: family-wise 1%)."""
     spec, steps = case
     n = N_SAMPLES
-    x = generate(MixtureDenoiser(NARROW, SDES[sde_name]), n, (D,), spec, steps, seed=1).double()
+    x = generate(MixtureModel(NARROW, SDES[sde_name]), n, (D,), spec, steps, seed=1).double()
     assert torch.isfinite(x).all()
     z = (_narrow_stats(x).mean(0) - NARROW_EXACT) / (_narrow_stat_std() / math.sqrt(n))
     bad = {name: round(float(v), 2) for name, v in zip(_NARROW_STAT_NAMES, z) if abs(v) >= NARROW_Z_CRIT}
@@ -349,7 +349,7 @@ def _pf_ode_euler(sde, x_T: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
 def test_ddim_eta0_is_euler_on_the_pf_ode_in_scaled_variables(sde_name, spacing):
     sde = SDES[sde_name]
     x_T, _ = _reference(sde_name, 8)
-    den = MixtureDenoiser(MIXTURE, sde)
+    den = MixtureModel(MIXTURE, sde)
     expected = _pf_ode_euler(sde, x_T, noise_levels(sde, 12, spacing))
     torch.testing.assert_close(ddim(den, x_T, 12, eta=0.0, spacing=spacing), expected, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ode(den, x_T, 12, solver="euler", spacing=spacing), expected, rtol=1e-9, atol=1e-9)
@@ -378,7 +378,7 @@ def test_ddim_eta1_ddpm_and_ancestral_pc_are_the_ddpm_posterior_chain(sde_name):
     the independently written ancestral chain given the same noise."""
     sde, n, steps = SDES[sde_name], 8, 15
     expected = _ancestral_chain(sde, n, noise_levels(sde, steps, "uniform"), seed=3)
-    den = MixtureDenoiser(MIXTURE, sde)
+    den = MixtureModel(MIXTURE, sde)
     for sampler, options in ((ddim, {"eta": 1.0}), (ddpm, {}), (pc, {"predictor": "ancestral", "corrector": "none"})):
         x, gens = _start(sde, n, seed=3)
         out = sampler(den, x, steps, noise=gens, spacing="uniform", **options)
@@ -430,7 +430,7 @@ def test_discrete_ddpm_ancestral_converges_to_continuous_vp_ddpm():
     alpha(t_i)^2 = exp(-int_0^t beta), an O(1/N) difference, so the paths converge at first order.
     Median over 64 paths: a rare path that the O(1/N) difference sends to another mode does not
     shrink with N and would dominate a mean. Measured: 3.1e-2, 1.5e-2, 7.7e-3 at N = 100, 200, 400."""
-    n, den = 64, MixtureDenoiser(MIXTURE, SDES["vp"])
+    n, den = 64, MixtureModel(MIXTURE, SDES["vp"])
     gaps = []
     for N in (100, 200, 400):
         x, gens = _start(SDES["vp"], n, seed=5)
@@ -501,7 +501,7 @@ def test_ddpm_variances_are_ddpm_algorithm_2(variance, spacing):
     times = noise_levels(sde, steps, spacing)
     x_T, gens = _start(sde, n, seed=4)
     expected = _ddpm_algorithm_2(sde, x_T, gens, times, variance)
-    den = MixtureDenoiser(MIXTURE, sde)
+    den = MixtureModel(MIXTURE, sde)
     for sampler, options in ((ddpm, {}), (pc, {"predictor": "ancestral", "corrector": "none"})):
         x, gens = _start(sde, n, seed=4)
         out = sampler(den, x, steps, noise=gens, spacing=spacing, variance=variance, **options)
@@ -517,7 +517,7 @@ def test_ve_ancestral_variances_are_score_sde_and_the_forward_step(variance):
     times = noise_levels(sde, steps, "uniform")
     x_T, gens = _start(sde, n, seed=6)
     expected = _score_sde_ve_ancestral(sde, x_T, gens, times, variance)
-    den = MixtureDenoiser(MIXTURE, sde)
+    den = MixtureModel(MIXTURE, sde)
     for sampler, options in ((ddpm, {}), (pc, {"predictor": "ancestral", "corrector": "none"})):
         x, gens = _start(sde, n, seed=6)
         out = sampler(den, x, steps, noise=gens, spacing="uniform", variance=variance, **options)
@@ -531,7 +531,7 @@ def test_large_variance_is_the_forward_kernel_variance(sde_name):
     x_T, gens = _start(sde, n, seed=7)
     expected = _forward_kernel_ancestral(sde, x_T, gens, times)
     x, gens = _start(sde, n, seed=7)
-    out = ddpm(MixtureDenoiser(MIXTURE, sde), x, steps, noise=gens, spacing="uniform", variance="large")
+    out = ddpm(MixtureModel(MIXTURE, sde), x, steps, noise=gens, spacing="uniform", variance="large")
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -552,7 +552,7 @@ def test_ddpm_variances_equal_diffusers_ddpm_scheduler(variance):
         eps = -float(sde.sigma(times[j])) * _score(sde, x, float(times[j]))
         x = sched.step(eps, j, x, generator=gens.generators).prev_sample
     x_T, gens = _start(sde, n, seed=8, legacy=True)
-    ours = ddpm(MixtureDenoiser(MIXTURE, sde), x_T, steps, noise=gens, spacing="trailing", variance=variance)
+    ours = ddpm(MixtureModel(MIXTURE, sde), x_T, steps, noise=gens, spacing="trailing", variance=variance)
     torch.testing.assert_close(ours, x.double(), rtol=1e-4, atol=1e-4)
 
 
@@ -562,7 +562,7 @@ def test_ddpm_large_variance_matches_the_mixture_mean_covariance_and_weights(sde
     reverse SDE: both variances agree to first order in the step), tested like the default samplers
     above at 100 steps; Bonferroni over these 3 SDEs' statistics alone (1% family-wise)."""
     n, z_crit = N_SAMPLES, float(norm.isf(0.01 / (2 * len(SDES) * len(STAT_NAMES))))
-    x = generate(MixtureDenoiser(MIXTURE, SDES[sde_name]), n, (D,), {"name": "ddpm", "variance": "large"}, 100, seed=1).double()
+    x = generate(MixtureModel(MIXTURE, SDES[sde_name]), n, (D,), {"name": "ddpm", "variance": "large"}, 100, seed=1).double()
     z = (_per_sample_stats(x).mean(0) - EXACT) / (_stat_std() / math.sqrt(n))
     bad = {name: round(float(v), 2) for name, v in zip(STAT_NAMES, z) if abs(v) >= z_crit}
     assert not bad, f"ddpm variance=large on {sde_name}, n={n}: |z| >= {z_crit:.2f} for {bad}; all z: {z.numpy().round(2)}"

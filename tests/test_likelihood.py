@@ -11,9 +11,9 @@ from helpers import compose_train, run_cli, tiny_overrides
 from diffctl.denoiser import Prediction
 from diffctl.errors import ConfigError
 from diffctl.likelihood import _divergence, bits_per_dim, dequantize, likelihood, log_likelihood
-from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser
+from diffctl.networks.gmm import GaussianMixture, MixtureModel
 from diffctl.samplers.common import sample_generators
-from diffctl.sde import VESDE, SubVPSDE, VPSDE, _bcast
+from diffctl.sde import VESDE, SubVPSDE, VPSDE, broadcast
 
 SDES = {"vp": VPSDE, "vpsub": SubVPSDE, "ve": lambda: VESDE(sigma_max=100.0)}
 
@@ -39,7 +39,7 @@ def _at(sde, t: float):
 def test_exact_trace_matches_the_mixture_density(sde_name, dim):
     sde, mixture = SDES[sde_name](), _mixture(dim)
     x = torch.cat([mixture.sample(12, torch.Generator().manual_seed(2))[0], mixture.means])  # samples and the modes
-    res = log_likelihood(MixtureDenoiser(mixture, sde), x, trace="exact", rtol=1e-6, atol=1e-6)
+    res = log_likelihood(MixtureModel(mixture, sde), x, trace="exact", rtol=1e-6, atol=1e-6)
     # The ODE starts at t = eps: it transports the prior to the density of x_eps = alpha(eps) x0 + sigma(eps) z,
     # not to the data density at t = 0 (the score is singular there). For VE, sigma(eps) = sigma_min = 0.01: at the
     # mean of the 0.1-wide component (d=2) log p_eps is below log p_0 by 0.5 log(1 + 0.01^2/0.1^2) = 5e-3 nats/dim,
@@ -61,7 +61,7 @@ def test_hutchinson_is_unbiased(probe):
     """Each of 3 points repeated 300 times, each copy with its own probe (its own generator): the mean of the
     estimates is within 3 standard errors (their spread / sqrt(300)) of the exact-trace value."""
     sde, mixture, reps = VESDE(sigma_max=100.0), _mixture(4), 300
-    denoiser = MixtureDenoiser(mixture, sde)
+    denoiser = MixtureModel(mixture, sde)
     x, _ = mixture.sample(3, torch.Generator().manual_seed(3))
     exact = log_likelihood(denoiser, x, trace="exact", rtol=1e-6, atol=1e-6).logp
     copies = x.repeat_interleave(reps, 0)
@@ -75,7 +75,7 @@ def test_hutchinson_is_unbiased(probe):
 
 def test_hutchinson_estimate_of_a_sample_does_not_depend_on_its_batch():
     sde, mixture = VPSDE(), _mixture(4)
-    denoiser = MixtureDenoiser(mixture, sde)
+    denoiser = MixtureModel(mixture, sde)
     x, _ = mixture.sample(4, torch.Generator().manual_seed(4))
     kw = dict(trace="hutchinson", probe="rademacher", rtol=1e-6, atol=1e-6)
     batch = log_likelihood(denoiser, x, generators=sample_generators(0, range(4)), **kw).logp
@@ -112,7 +112,7 @@ class UniformDenoiser(torch.nn.Module):
 
     def forward(self, x, t, labels=None):
         t = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0])
-        alpha, sigma = _bcast(self.sde.alpha(t), x), _bcast(self.sde.sigma(t), x)
+        alpha, sigma = broadcast(self.sde.alpha(t), x), broadcast(self.sde.sigma(t), x)
         s, y = sigma / alpha, x.double() / alpha
         a, b = (-1 - y.abs()) / s, (1 - y.abs()) / s
         la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)

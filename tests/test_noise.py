@@ -143,11 +143,11 @@ def test_sample_noise_numbers_draws_in_call_order_and_keeps_dtypes_equal():
 
 
 def test_generate_is_the_same_for_any_batching():
-    from diffctl.networks.gmm import GaussianMixture, MixtureDenoiser
+    from diffctl.networks.gmm import GaussianMixture, MixtureModel
     from diffctl.samplers import generate
     from diffctl.sde import VPSDE
 
-    den = MixtureDenoiser(GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), scales=0.3), VPSDE())
+    den = MixtureModel(GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), scales=0.3), VPSDE())
     whole = generate(den, 9, (2,), "ddpm", 5, seed=2)
     parts = torch.cat([generate(den, n, (2,), "ddpm", 5, seed=2, first_index=f) for f, n in ((0, 4), (4, 1), (5, 4))])
     assert torch.equal(whole, parts)

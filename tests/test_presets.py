@@ -62,7 +62,7 @@ def sampler_calls(monkeypatch):
 
         @functools.wraps(fn)
         def record(*args, _name=name, _fn=fn, **kwargs):
-            calls.append((_name, {k: v for k, v in kwargs.items() if k not in ("labels", "noise")}))
+            calls.append((_name, {k: v for k, v in kwargs.items() if k not in ("cond", "noise")}))
             return _fn(*args, **kwargs)
 
         monkeypatch.setitem(diffctl.samplers.SAMPLERS, name, record)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffctl.denoiser import ClippedDenoiser, Denoiser, GuidedDenoiser, Prediction
+from diffctl.denoiser import ClippedModel, GuidedModel, Prediction, compose
 from diffctl.errors import ConfigError
 from diffctl.noise import SampleNoise
 from diffctl.samplers import check_sampler, generate, noise_levels, sampler_options
 from diffctl.samplers.common import Level, ratio_levels
 from diffctl.samplers.ode import ode
 from diffctl.samplers.stochastic import CORRECTORS
-from diffctl.sde import SubVPSDE, VESDE, VPSDE, _bcast
+from diffctl.sde import SubVPSDE, VESDE, VPSDE, broadcast
 
 SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(sigma_max=20.0)}
 M, C = 0.5, 0.3
@@ -27,10 +27,10 @@ class ExactGaussian:
     def __init__(self, sde):
         self.sde, self.calls = sde, 0
 
-    def __call__(self, x, t, labels=None):
+    def __call__(self, x, t, cond=None):
         self.calls += 1
         t = t.double()
-        a, s = _bcast(self.sde.alpha(t), x), _bcast(self.sde.sigma(t), x)
+        a, s = broadcast(self.sde.alpha(t), x), broadcast(self.sde.sigma(t), x)
         x0 = M + a * C**2 / (a * a * C**2 + s * s) * (x.double() - a * M)
         eps = (x.double() - a * x0) / s
         return Prediction(x0=x0.to(x.dtype), eps=eps.to(x.dtype), sigma=s.to(x.dtype))
@@ -299,13 +299,13 @@ class _ClassMeans(torch.nn.Module):
 
 
 def test_classifier_free_guidance_extrapolates_from_the_null_class():
-    denoiser = Denoiser(_ClassMeans(), VPSDE(), prediction="x0", scale_input=False)
-    x, t, labels = torch.randn(4, 3), torch.full((4,), 0.5), torch.tensor([0, 1, 0, 1])
+    denoiser = compose(_ClassMeans(), VPSDE(), prediction="x0", scale_input=False)
+    x, t, cond = torch.randn(4, 3), torch.full((4,), 0.5), {"class_label": torch.tensor([0, 1, 0, 1])}
     for w in (0.0, 1.0, 3.0):
-        pred = GuidedDenoiser(denoiser, w)(x, t, labels)
+        pred = GuidedModel(denoiser, w)(x, t, cond)
         expected = 0.25 + w * (torch.tensor([1.0, -2.0, 1.0, -2.0]) - 0.25)
         torch.testing.assert_close(pred.x0, expected.reshape(-1, 1).expand(4, 3))
-        plain = denoiser(x, t, labels) if w == 1.0 else None
+        plain = denoiser(x, t, cond) if w == 1.0 else None
         if plain is not None:
             torch.testing.assert_close(pred.eps, plain.eps)
 
@@ -317,12 +317,12 @@ def test_clipped_denoiser_keeps_x0_in_range_and_eps_consistent():
         def __init__(self):
             self.sde = sde
 
-        def __call__(self, x, t, labels=None):
-            s = _bcast(sde.sigma(t), x)
+        def __call__(self, x, t, cond=None):
+            s = broadcast(sde.sigma(t), x)
             x0 = torch.full_like(x, 3.0)
-            return Prediction(x0=x0, eps=(x - _bcast(sde.alpha(t), x) * x0) / s, sigma=s)
+            return Prediction(x0=x0, eps=(x - broadcast(sde.alpha(t), x) * x0) / s, sigma=s)
 
     x, t = torch.randn(4, 2), torch.full((4,), 0.3)
-    pred = ClippedDenoiser(Far())(x, t)
+    pred = ClippedModel(Far())(x, t)
     assert torch.equal(pred.x0, torch.ones_like(x))
-    torch.testing.assert_close(_bcast(sde.alpha(t), x) * pred.x0 + pred.sigma * pred.eps, x)
+    torch.testing.assert_close(broadcast(sde.alpha(t), x) * pred.x0 + pred.sigma * pred.eps, x)

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffctl.denoiser import Prediction
+from diffctl.conditioning import ClassConditioner, Conditioner, class_labels
+from diffctl.denoiser import Capabilities, Prediction
 from diffctl.errors import ConfigError
 from diffctl.filekinds import identify
-from diffctl.sde import SDE, _bcast
+from diffctl.sde import SDE, broadcast
 
 # Keys of conf/model/gmm.yaml (and of a mixture file).
 CONFIG_KEYS = ("shape", "num_components", "means", "mean_scale", "scales", "covariances", "weights", "seed", "conditional", "file")
@@ -275,30 +276,38 @@ def _structure_problem(key: str, value) -> str | None:
     return None
 
 
-class MixtureDenoiser(nn.Module):
-    """The exact denoiser of a GaussianMixture under an SDE: a drop-in for a trained `Denoiser`.
+class MixtureModel(nn.Module):
+    """The exact model of a GaussianMixture under an SDE: the protocol of diffctl.denoiser's models
+    (`model(x, t, cond) -> Prediction`, `capabilities`), with no network.
 
     conditional=True treats component indices as class labels (label K = the whole mixture, the
-    null class that classifier-free guidance uses).
+    null class that classifier-free guidance uses, exact for every label, hence always "trained").
     """
-
-    prediction = "x0"
 
     def __init__(self, mixture: GaussianMixture, sde: SDE, conditional: bool = False):
         super().__init__()
         self.mixture, self.sde, self.conditional = mixture, sde, bool(conditional)
+        self.conditioner = ClassConditioner(mixture.num_components) if self.conditional else Conditioner()
 
     @property
-    def num_classes(self) -> int:
-        return self.mixture.num_components if self.conditional else 0
+    def capabilities(self) -> Capabilities:
+        return Capabilities(conditions=self.conditioner.keys, num_classes=self.conditioner.num_classes, null_condition=True,
+                            one_step=False, data_range=None, analytic=True, prediction="exact")  # fmt: skip
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Prediction:
+    @property
+    def backbone(self):
+        return None  # nothing to compile or convert to channels_last
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Prediction:
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         alpha, sigma = self.sde.alpha(t), self.sde.sigma(t)
-        x0, eps = self.mixture.denoise(x, alpha, sigma, labels if self.conditional else None)
-        return Prediction(x0=x0.to(x.dtype), eps=eps.to(x.dtype), sigma=_bcast(sigma, x).to(x.dtype))
+        x0, eps = self.mixture.denoise(x, alpha, sigma, class_labels(cond) if self.conditional else None)
+        return Prediction(x0=x0.to(x.dtype), eps=eps.to(x.dtype), sigma=broadcast(sigma, x).to(x.dtype))
+
+    def denoise(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Prediction:
+        return self(x, t, cond)
 
 
 def is_mixture(model_cfg) -> bool:

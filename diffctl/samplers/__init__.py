@@ -1,6 +1,6 @@
-"""Samplers: pure functions of a denoiser (with its SDE), a start noise and a per-sample noise source.
+"""Samplers: pure functions of a model (with its SDE), a start noise and a per-sample noise source.
 
-Each sampler is `fn(denoiser, x, steps, labels=None, noise=None, **options) -> x0` (float,
+Each sampler is `fn(model, x, steps, cond=None, noise=None, **options) -> x0` (float,
 unclipped). `noise` (diffctl.noise.SampleNoise) gives draw k of sample i as a function of
 (seed, i, k) alone, computed on the batch's device, so sample i is the same image whatever the batch
 size or the number of devices (and, up to the last bit of log/cos/sin, the device type).
@@ -29,17 +29,17 @@ class NonFiniteSamples(DiffctlError):
 
 
 @torch.inference_mode()
-def consistency(denoiser, x: Tensor, steps: int, labels=None, noise=None, spacing: str = "karras") -> Tensor:
+def consistency(model, x: Tensor, steps: int, cond=None, noise=None, spacing: str = "karras") -> Tensor:
     """Consistency sampling (Song et al. 2023): one evaluation at T, then steps-1 rounds that re-noise
     the x0 estimate to a lower level and map it back to x0. The levels are those of steps+1 levels
     without the last, which would re-noise by almost nothing."""
-    sde = denoiser.sde
+    sde = model.sde
     levels = [Level(sde, float(t)) for t in noise_levels(sde, steps + 1, spacing, t_end=sde.eps)[:-1]]
     s_min = Level(sde, sde.eps).s
-    x0 = denoise(denoiser, start(x, sde, levels[0]), levels[0], labels).x0
+    x0 = denoise(model, start(x, sde, levels[0]), levels[0], cond).x0
     for level in levels[1:]:
         y = x0 + (level.s**2 - s_min**2) ** 0.5 * noise.randn_like(x0)
-        x0 = denoise(denoiser, y, level, labels).x0
+        x0 = denoise(model, y, level, cond).x0
     return x0
 
 
@@ -55,7 +55,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 def sampler_options(name: str) -> dict[str, Any]:
     """The options `name` accepts, with their defaults."""
     params = inspect.signature(SAMPLERS[name]).parameters
-    return {k: p.default for k, p in list(params.items())[5:]}  # after (denoiser, x, steps, labels, noise)
+    return {k: p.default for k, p in list(params.items())[5:]}  # after (model, x, steps, cond, noise)
 
 
 def undeclared() -> list[str]:
@@ -96,13 +96,13 @@ def sampler_spec(value: str | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def generate(
-    denoiser,
+    model,
     num: int,
     shape: tuple[int, ...],
     sampler: str | Mapping[str, Any],
     steps: int,
     seed: int = 0,
-    labels: Tensor | None = None,
+    cond: dict | None = None,
     device=None,
     first_index: int = 0,
     noise_version: int = NOISE_VERSION,
@@ -114,8 +114,8 @@ def generate(
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
     noise = sample_noise(seed, range(first_index, first_index + num), device, noise_version)
-    x = denoiser.sde.prior_std() * noise.randn(shape, device=device)  # draw 0: the start noise
-    x0 = SAMPLERS[name](denoiser, x, steps, labels=labels, noise=noise, **options)
+    x = model.sde.prior_std() * noise.randn(shape, device=device)  # draw 0: the start noise
+    x0 = SAMPLERS[name](model, x, steps, cond=cond, noise=noise, **options)
     bad = ~torch.isfinite(x0.reshape(num, -1)).all(1)
     if bad.any():  # uint8 images cannot hold NaN: written, they would look like real samples
         raise NonFiniteSamples(

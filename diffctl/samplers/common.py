@@ -1,4 +1,4 @@
-"""What every sampler shares: the noise-level grid, and denoiser calls at a level.
+"""What every sampler shares: the noise-level grid, and model calls at a level.
 
 All samplers work in the variables y = x / alpha(t), s = sigma(t) / alpha(t). In them every SDE
 (VP, sub-VP, VE) is the same VE process y_t = x0 + s(t) eps, so one formula serves all three; the
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffctl.denoiser import Denoiser, Prediction
+from diffctl.parameterization import Prediction
 from diffctl.errors import ConfigError
 from diffctl.rng import mix_seed
 
@@ -130,10 +130,10 @@ def start(x: Tensor, sde, level: Level) -> Tensor:
     return x * (math.sqrt(level.s**2 + v) / prior)
 
 
-def denoise(denoiser: Denoiser, y: Tensor, level: Level, labels) -> Prediction:
-    """The denoiser's prediction for y = x / alpha at `level`."""
+def denoise(model, y: Tensor, level: Level, cond) -> Prediction:
+    """The model's prediction for y = x / alpha at `level`."""
     t = torch.full((y.shape[0],), level.t, dtype=y.dtype, device=y.device)
-    return denoiser(level.alpha * y, t, labels)
+    return model(level.alpha * y, t, cond)
 
 
 def levels_of(sde, times: Tensor) -> list[Level]:

@@ -18,32 +18,32 @@ from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, rat
 SOLVERS = ("euler", "heun", "rk4", "dpmpp_2m", "adaptive")
 
 
-def _eps(denoiser, y, level, labels) -> Tensor:
-    return denoise(denoiser, y, level, labels).eps
+def _eps(model, y, level, cond) -> Tensor:
+    return denoise(model, y, level, cond).eps
 
 
-def _euler_step(denoiser, y, now: Level, nxt: Level, labels):
-    return y + (nxt.s - now.s) * _eps(denoiser, y, now, labels)
+def _euler_step(model, y, now: Level, nxt: Level, cond):
+    return y + (nxt.s - now.s) * _eps(model, y, now, cond)
 
 
-def _heun_step(denoiser, y, now: Level, nxt: Level, labels):
+def _heun_step(model, y, now: Level, nxt: Level, cond):
     h = nxt.s - now.s
-    d1 = _eps(denoiser, y, now, labels)
+    d1 = _eps(model, y, now, cond)
     y_euler = y + h * d1
-    return y + 0.5 * h * (d1 + _eps(denoiser, y_euler, nxt, labels))
+    return y + 0.5 * h * (d1 + _eps(model, y_euler, nxt, cond))
 
 
-def _rk4_step(denoiser, y, now: Level, nxt: Level, labels):
+def _rk4_step(model, y, now: Level, nxt: Level, cond):
     h = nxt.s - now.s
-    mid = Level.from_ratio(denoiser.sde, now.s + h / 2)
-    k1 = _eps(denoiser, y, now, labels)
-    k2 = _eps(denoiser, y + h / 2 * k1, mid, labels)
-    k3 = _eps(denoiser, y + h / 2 * k2, mid, labels)
-    k4 = _eps(denoiser, y + h * k3, nxt, labels)
+    mid = Level.from_ratio(model.sde, now.s + h / 2)
+    k1 = _eps(model, y, now, cond)
+    k2 = _eps(model, y + h / 2 * k1, mid, cond)
+    k3 = _eps(model, y + h / 2 * k2, mid, cond)
+    k4 = _eps(model, y + h * k3, nxt, cond)
     return y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-def _dpmpp_2m(denoiser, y, levels, labels, lower_order_final: bool):
+def _dpmpp_2m(model, y, levels, cond, lower_order_final: bool):
     """DPM-Solver++(2M) (Lu et al. 2022), data-prediction multistep in lambda = -log s; the first
     step is first order (DDIM). lower_order_final: so is the step to the last level where it is over
     twice as long in lambda as the step before (r = h_prev/h < 1/2): there the 2M correction, weight
@@ -53,7 +53,7 @@ def _dpmpp_2m(denoiser, y, levels, labels, lower_order_final: bool):
     prev_x0, prev_h = None, None
     last = len(levels) - 2
     for i, (now, nxt) in enumerate(zip(levels, levels[1:])):
-        x0 = denoise(denoiser, y, now, labels).x0
+        x0 = denoise(model, y, now, cond).x0
         h = math.log(now.s / nxt.s)
         d = x0
         if prev_x0 is not None and not (lower_order_final and i == last and prev_h / h < 0.5):
@@ -61,24 +61,24 @@ def _dpmpp_2m(denoiser, y, levels, labels, lower_order_final: bool):
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
         y = (nxt.s / now.s) * y - math.expm1(-h) * d
         prev_x0, prev_h = x0, h
-    return denoise(denoiser, y, levels[-1], labels).x0
+    return denoise(model, y, levels[-1], cond).x0
 
 
-def _adaptive(denoiser, y, levels, labels, rtol: float, atol: float):
+def _adaptive(model, y, levels, cond, rtol: float, atol: float):
     """dopri5 (torchdiffeq) on dy/du = s eps with u = log s, from s(T) to s(sample_eps), then x0.
     The step size is chosen on the whole batch, so a sample can differ at the tolerance level
     with the batch it is in."""
     from torchdiffeq import odeint
 
-    sde = denoiser.sde
+    sde = model.sde
 
     def rhs(u, y_):
         s = math.exp(float(u))
-        return s * _eps(denoiser, y_, Level.from_ratio(sde, s), labels)
+        return s * _eps(model, y_, Level.from_ratio(sde, s), cond)
 
     u = torch.tensor([math.log(levels[0].s), math.log(levels[-1].s)], dtype=torch.float64)
     y = odeint(rhs, y, u.to(y.dtype), rtol=rtol, atol=atol, method="dopri5")[-1]
-    return denoise(denoiser, y, levels[-1], labels).x0
+    return denoise(model, y, levels[-1], cond).x0
 
 
 _STEPS = {"euler": _euler_step, "heun": _heun_step, "rk4": _rk4_step}
@@ -86,10 +86,10 @@ _STEPS = {"euler": _euler_step, "heun": _heun_step, "rk4": _rk4_step}
 
 @torch.inference_mode()
 def ode(
-    denoiser,
+    model,
     x: Tensor,
     steps: int,
-    labels=None,
+    cond=None,
     noise=None,
     solver: str = "dpmpp_2m",
     spacing: str = "auto",
@@ -112,10 +112,10 @@ def ode(
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown ODE solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    sde = denoiser.sde
+    sde = model.sde
     if solver == "adaptive":
         ends = levels_of(sde, torch.tensor([sde.T, sde.sample_eps], dtype=torch.float64))
-        return _adaptive(denoiser, start(x, sde, ends[0]), ends, labels, rtol, atol)
+        return _adaptive(model, start(x, sde, ends[0]), ends, cond, rtol, atol)
     if spacing == "auto":
         spacing = "logsnr" if solver == "dpmpp_2m" else "karras"
     if spacing == "karras":
@@ -123,10 +123,10 @@ def ode(
     else:
         times = noise_levels(sde, steps, spacing)
     levels = levels_of(sde, times)
-    y = start(x, denoiser.sde, levels[0])
+    y = start(x, model.sde, levels[0])
     if solver == "dpmpp_2m":
-        return _dpmpp_2m(denoiser, y, levels, labels, lower_order_final)
+        return _dpmpp_2m(model, y, levels, cond, lower_order_final)
     step = _STEPS[solver]
     for now, nxt in zip(levels, levels[1:]):
-        y = step(denoiser, y, now, nxt, labels)
-    return denoise(denoiser, y, levels[-1], labels).x0
+        y = step(model, y, now, nxt, cond)
+    return denoise(model, y, levels[-1], cond).x0

@@ -40,34 +40,34 @@ def _ancestral_step(y: Tensor, x0: Tensor, now: Level, nxt: Level, variance: str
 
 
 @torch.inference_mode()
-def ddpm(denoiser, x: Tensor, steps: int, labels=None, noise=None, variance: str = "small", spacing: str = "trailing") -> Tensor:
+def ddpm(model, x: Tensor, steps: int, cond=None, noise=None, variance: str = "small", spacing: str = "trailing") -> Tensor:
     """Ancestral sampling: draw x_s ~ q(x_s | x_t, x0 = predicted x0) level by level (Ho et al. 2020),
     with the posterior's variance (variance=small) or the forward step's (variance=large)."""
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
-    levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
-    y = start(x, denoiser.sde, levels[0])
+    levels = levels_of(model.sde, noise_levels(model.sde, steps, spacing))
+    y = start(x, model.sde, levels[0])
     for now, nxt in zip(levels, levels[1:]):
-        y = _ancestral_step(y, denoise(denoiser, y, now, labels).x0, now, nxt, variance, noise)
-    return denoise(denoiser, y, levels[-1], labels).x0
+        y = _ancestral_step(y, denoise(model, y, now, cond).x0, now, nxt, variance, noise)
+    return denoise(model, y, levels[-1], cond).x0
 
 
 @torch.inference_mode()
-def ddim(denoiser, x: Tensor, steps: int, labels=None, noise=None, eta: float = 0.0, spacing: str = "trailing") -> Tensor:
+def ddim(model, x: Tensor, steps: int, cond=None, noise=None, eta: float = 0.0, spacing: str = "trailing") -> Tensor:
     """DDIM (Song et al. 2021): y_s = x0 + sqrt(s'^2 - c^2) eps + c z with c = eta * posterior std.
 
     eta = 0 is deterministic (an Euler step of the probability-flow ODE in y, s); eta = 1 is exactly
     DDPM's ancestral step.
     """
-    levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
-    y = start(x, denoiser.sde, levels[0])
+    levels = levels_of(model.sde, noise_levels(model.sde, steps, spacing))
+    y = start(x, model.sde, levels[0])
     for now, nxt in zip(levels, levels[1:]):
-        pred = denoise(denoiser, y, now, labels)
+        pred = denoise(model, y, now, cond)
         c = eta * nxt.s * math.sqrt(1.0 - (nxt.s / now.s) ** 2)
         y = pred.x0 + math.sqrt(max(nxt.s**2 - c * c, 0.0)) * pred.eps
         if c > 0:
             y = y + c * noise.randn_like(y)
-    return denoise(denoiser, y, levels[-1], labels).x0
+    return denoise(model, y, levels[-1], cond).x0
 
 
 # ------------------------------------------------------------------ predictor-corrector
@@ -75,37 +75,37 @@ def ddim(denoiser, x: Tensor, steps: int, labels=None, noise=None, eta: float = 
 # Both return the new y; `score` of x at a level is -eps / sigma.
 
 
-def _euler_maruyama(denoiser, y, now: Level, nxt: Level, labels, noise):
+def _euler_maruyama(model, y, now: Level, nxt: Level, cond, noise):
     """Euler-Maruyama on the reverse SDE dx = [f - g^2 score] dt + g dw_bar, in x and t."""
-    sde = denoiser.sde
+    sde = model.sde
     x = now.alpha * y
     t = torch.full((x.shape[0],), now.t, dtype=x.dtype, device=x.device)
     dt = nxt.t - now.t  # negative
     g = float(sde.diffusion(torch.tensor(now.t, dtype=torch.float64)))
-    score = denoise(denoiser, y, now, labels).score
+    score = denoise(model, y, now, cond).score
     x = x + (sde.drift(x, t) - g * g * score) * dt + g * math.sqrt(-dt) * noise.randn_like(x)
     return x / nxt.alpha
 
 
-def _reverse_diffusion(denoiser, y, now: Level, nxt: Level, labels, noise):
+def _reverse_diffusion(model, y, now: Level, nxt: Level, cond, noise):
     """Reverse of the discretized forward step x_t = a x_s + b z (a = alpha_t/alpha_s,
     b^2 = sigma_t^2 - a^2 sigma_s^2): x_s = (2 - a) x_t + b^2 score + b z (score SDE's
     ReverseDiffusionPredictor, written for any alpha, sigma)."""
     a = now.alpha / nxt.alpha
     b2 = max(now.sigma**2 - a * a * nxt.sigma**2, 0.0)
     x = now.alpha * y
-    score = denoise(denoiser, y, now, labels).score
+    score = denoise(model, y, now, cond).score
     x = (2.0 - a) * x + b2 * score + math.sqrt(b2) * noise.randn_like(x)
     return x / nxt.alpha
 
 
-def _ancestral(denoiser, y, now: Level, nxt: Level, labels, noise, variance: str = "small"):
+def _ancestral(model, y, now: Level, nxt: Level, cond, noise, variance: str = "small"):
     """`ddpm`'s step. score_sde's AncestralSamplingPredictor is variance=large for VP (beta_i) and
     variance=small for VE (sigma_{i-1}^2 (sigma_i^2 - sigma_{i-1}^2) / sigma_i^2)."""
-    return _ancestral_step(y, denoise(denoiser, y, now, labels).x0, now, nxt, variance, noise)
+    return _ancestral_step(y, denoise(model, y, now, cond).x0, now, nxt, variance, noise)
 
 
-def _no_predictor(denoiser, y, now, nxt, labels, noise):
+def _no_predictor(model, y, now, nxt, cond, noise):
     return y
 
 
@@ -117,16 +117,16 @@ PREDICTORS = {
 }
 
 
-def _langevin_step(denoiser, y, now: Level, labels, noise, step_size):
+def _langevin_step(model, y, now: Level, cond, noise, step_size):
     """One Langevin step x <- x + e * score + sqrt(2 e) z at a fixed level; e = step_size(score, z), a float."""
     x = now.alpha * y
-    score = denoise(denoiser, y, now, labels).score
+    score = denoise(model, y, now, cond).score
     z = noise.randn_like(x)
     e = step_size(score, z)
     return (x + e * score + math.sqrt(2.0 * e) * z) / now.alpha
 
 
-def _langevin(denoiser, y, now: Level, nxt: Level | None, labels, noise, snr: float):
+def _langevin(model, y, now: Level, nxt: Level | None, cond, noise, snr: float):
     """score SDE's Langevin corrector: e = 2 a^2 (snr ||z|| / ||score||)^2 with the norms averaged
     over the batch, as score_sde and diffusers' ScoreSdeVeScheduler do. The batch mean is what
     makes it work in low dimension (a per-sample norm can be near 0 and blow the step up), but it
@@ -138,15 +138,15 @@ def _langevin(denoiser, y, now: Level, nxt: Level | None, labels, noise, snr: fl
         ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
         return 2.0 * a2 * (snr * ratio) ** 2
 
-    return _langevin_step(denoiser, y, now, labels, noise, step_size)
+    return _langevin_step(model, y, now, cond, noise, step_size)
 
 
-def _annealed_langevin(denoiser, y, now: Level, nxt: Level | None, labels, noise, snr: float):
+def _annealed_langevin(model, y, now: Level, nxt: Level | None, cond, noise, snr: float):
     """NCSN's annealed Langevin dynamics: step e = 2 a^2 (snr * sigma_t)^2 at each level."""
     a2 = (now.alpha / nxt.alpha) ** 2 if nxt is not None else 1.0
     e = 2.0 * a2 * (snr * now.sigma) ** 2
 
-    return _langevin_step(denoiser, y, now, labels, noise, lambda score, z: e)
+    return _langevin_step(model, y, now, cond, noise, lambda score, z: e)
 
 
 CORRECTORS = {"langevin": _langevin, "ald": _annealed_langevin, "none": None}
@@ -154,10 +154,10 @@ CORRECTORS = {"langevin": _langevin, "ald": _annealed_langevin, "none": None}
 
 @torch.inference_mode()
 def pc(
-    denoiser,
+    model,
     x: Tensor,
     steps: int,
-    labels=None,
+    cond=None,
     noise=None,
     predictor: str = "reverse_diffusion",
     corrector: str = "ald",
@@ -176,15 +176,15 @@ def pc(
         raise ValueError(f"unknown corrector {corrector!r}; choose one of {', '.join(CORRECTORS)}")
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
-    levels = levels_of(denoiser.sde, noise_levels(denoiser.sde, steps, spacing))
+    levels = levels_of(model.sde, noise_levels(model.sde, steps, spacing))
     correct, predict = CORRECTORS[corrector], PREDICTORS[predictor]
     if predictor == "ancestral":
         predict = functools.partial(_ancestral, variance=variance)
-    y = start(x, denoiser.sde, levels[0])
+    y = start(x, model.sde, levels[0])
     for i, now in enumerate(levels):
         nxt = levels[i + 1] if i + 1 < len(levels) else None
         for _ in range(corrector_steps if correct else 0):
-            y = correct(denoiser, y, now, nxt, labels, noise, snr)
+            y = correct(model, y, now, nxt, cond, noise, snr)
         if nxt is not None:
-            y = predict(denoiser, y, now, nxt, labels, noise)
-    return denoise(denoiser, y, levels[-1], labels).x0
+            y = predict(model, y, now, nxt, cond, noise)
+    return denoise(model, y, levels[-1], cond).x0

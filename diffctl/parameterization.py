@@ -1,0 +1,164 @@
+"""How a network output becomes predictions: one small object per parameterization.
+
+Every model speaks in x_t = alpha(t) x0 + sigma(t) eps. A parameterization says how the network
+sees x_t and t (c_in, c_noise) and how its raw output F becomes the pair (x0, eps): for EDM-style
+preconditioning (Karras et al. 2022, and sgm's DenoiserScaling) x0 = c_skip x + c_out F. The
+objects expose those four scalings; `predict` computes (x0, eps) with each kind's own formula,
+written as diffctl always computed it (the golden outputs of tests/test_golden.py pin them bitwise),
+which equals c_skip x + c_out F up to rounding (tests/test_denoiser_objectives.py checks both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffctl.sde import SDE, broadcast
+
+
+@dataclass
+class Prediction:
+    """What every sampler and objective reads: the x0 and eps predictions at x_t (and sigma(t))."""
+
+    x0: Tensor
+    eps: Tensor
+    sigma: Tensor  # broadcastable marginal std at t, kept for the score
+
+    @property
+    def score(self) -> Tensor:
+        """grad_x log p_t(x) = -eps / sigma for the Gaussian kernel x = alpha x0 + sigma eps."""
+        return -self.eps / self.sigma
+
+
+def split(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(x0, eps) from an output `out` that predicts `kind` (eps | x0 | v | score), using x = alpha x0 + sigma eps.
+
+    alpha and sigma must broadcast against x. v is alpha eps - sigma x0 (Salimans & Ho), written without
+    assuming alpha^2 + sigma^2 = 1 so it is also defined for VE and sub-VP. score here is already the
+    score (the network output divided by sigma)."""
+    if kind == "eps":
+        return (x - sigma * out) / alpha, out
+    if kind == "x0":
+        return out, (x - alpha * out) / sigma
+    if kind == "v":
+        norm = alpha * alpha + sigma * sigma
+        return (alpha * x - sigma * out) / norm, (sigma * x + alpha * out) / norm
+    if kind == "score":
+        eps = -sigma * out
+        return (x - sigma * eps) / alpha, eps
+    raise ValueError(f"unknown prediction type {kind!r}; choose one of eps, x0, v, score")
+
+
+class Parameterization:
+    """Base: input scaling (c_in) and noise label (c_noise) shared by all kinds.
+
+    scale_input: x_t is divided by its marginal std sqrt(alpha^2 sigma_data^2 + sigma^2) so the network
+    sees unit-variance inputs for every SDE (essential for VE, whose sigma_max is tens; EDM's c_in).
+    Off reproduces DDPM/score_sde, which feed x_t unscaled. c_noise = 1000 t for every SDE (t is
+    log-sigma-like for VE and DDPM's step index for VP)."""
+
+    name = ""
+    one_step = False  # a consistency function: maps any x_t straight to x0, has no PF-ODE of its own
+
+    def __init__(self, sde: SDE, sigma_data: float = 0.5, scale_input: bool = True):
+        self.sde, self.sigma_data, self.scale_input = sde, float(sigma_data), bool(scale_input)
+
+    def c_in(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        if not self.scale_input:
+            return torch.ones_like(sigma)
+        return 1.0 / torch.sqrt(alpha * alpha * self.sigma_data**2 + sigma * sigma)
+
+    def network_input(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """c_in x, as a division (the arithmetic the golden outputs pin)."""
+        return x / torch.sqrt(alpha * alpha * self.sigma_data**2 + sigma * sigma) if self.scale_input else x
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        return 1000.0 * t
+
+    def c_skip_out(self, t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(c_skip, c_out) with x0 = c_skip x_t + c_out F."""
+        raise NotImplementedError
+
+    def predict(self, out: Tensor, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(x0, eps) from the network output; alpha and sigma broadcast against x, t is [B]."""
+        return split(self.name, out, x, alpha, sigma)
+
+
+class EpsParameterization(Parameterization):
+    """The network predicts the noise (DDPM): x0 = (x - sigma F) / alpha."""
+
+    name = "eps"
+
+    def c_skip_out(self, t, alpha, sigma):
+        return 1.0 / alpha, -sigma / alpha
+
+
+class X0Parameterization(Parameterization):
+    """The network predicts the clean data."""
+
+    name = "x0"
+
+    def c_skip_out(self, t, alpha, sigma):
+        return torch.zeros_like(alpha), torch.ones_like(alpha)
+
+
+class VParameterization(Parameterization):
+    """The network predicts v = alpha eps - sigma x0 (Salimans & Ho 2022)."""
+
+    name = "v"
+
+    def c_skip_out(self, t, alpha, sigma):
+        norm = alpha * alpha + sigma * sigma
+        return alpha / norm, -sigma / norm
+
+
+class ScoreParameterization(Parameterization):
+    """The network output divided by sigma is the score (NCSN's noise-conditional scaling)."""
+
+    name = "score"
+
+    def c_skip_out(self, t, alpha, sigma):
+        return 1.0 / alpha, sigma / alpha  # score = F / sigma, so eps = -sigma score = -F
+
+    def predict(self, out, x, t, alpha, sigma):
+        return split("score", out / sigma, x, alpha, sigma)
+
+
+class ConsistencyParameterization(Parameterization):
+    """f(x, t) = c_skip x/alpha + c_out F in the variables y = x/alpha, s = sigma/alpha (a VE process),
+    with c_skip(s_min) = 1 and c_out(s_min) = 0, so f(x_eps, eps) = x_eps/alpha(eps) exactly; for VE
+    that is x_eps (Song et al. 2023)."""
+
+    name = "consistency"
+    one_step = True
+
+    def ratio_scalings(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """c_skip(t), c_out(t) in noise-ratio units (applied to y = x/alpha)."""
+        s = self.sde.noise_ratio(t)
+        s_min = self.sde.noise_ratio(torch.full_like(t, self.sde.eps))
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / ((s - s_min) ** 2 + sd2)
+        c_out = self.sigma_data * (s - s_min) / torch.sqrt(sd2 + s * s)
+        return c_skip, c_out
+
+    def c_skip_out(self, t, alpha, sigma):
+        c_skip, c_out = self.ratio_scalings(t)
+        return broadcast(c_skip, alpha) / alpha, broadcast(c_out, alpha)
+
+    def predict(self, out, x, t, alpha, sigma):
+        c_skip, c_out = self.ratio_scalings(t)
+        x0 = broadcast(c_skip, x) * (x / alpha) + broadcast(c_out, x) * out
+        return split("x0", x0, x, alpha, sigma)
+
+
+PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
+    cls.name: cls for cls in (EpsParameterization, X0Parameterization, VParameterization, ScoreParameterization, ConsistencyParameterization)
+}
+
+
+def make_parameterization(name: str, sde: SDE, sigma_data: float = 0.5, scale_input: bool = True) -> Parameterization:
+    if name not in PARAMETERIZATIONS:
+        raise ValueError(f"unknown prediction type {name!r}; choose one of {', '.join(PARAMETERIZATIONS)}")
+    return PARAMETERIZATIONS[name](sde, sigma_data, scale_input)
