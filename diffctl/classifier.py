@@ -13,18 +13,19 @@ from torch import Tensor, nn
 
 from diffctl.build import build_sde, check_stored_targets, instantiate_config, state_mismatch, REFIT_ADVICE
 from diffctl.checkpoint import checkpoint_config, denoiser_state, load_checkpoint
+from diffctl.conditioning import CLASS_LABEL, IMAGE, ClassConditioner
 from diffctl.errors import CheckpointError, ConfigError
 from diffctl.objectives import Objective, sample_times
 from diffctl.rng import BatchRandom
-from diffctl.sde import SDE
+from diffctl.parameterization import Parameterization
+from diffctl.sde import SDE, broadcast
 
 KIND = "classifier"  # the run config's `kind` in a `diffctl train-classifier` checkpoint
 
 
 def images_and_labels(batch) -> tuple[Tensor, Tensor]:
-    """(x in [-1, 1], integer class labels) of a data batch: the one place that reads a batch."""
-    x, y = batch
-    return x, y
+    """(x in [-1, 1], integer class labels) of a data batch (dict: diffctl.conditioning's keys)."""
+    return batch[IMAGE], batch[CLASS_LABEL]
 
 
 def _at_least_float32(logits: Tensor) -> Tensor:
@@ -35,15 +36,18 @@ def _at_least_float32(logits: Tensor) -> Tensor:
 class NoisyClassifier(nn.Module):
     """Logits of p(y | x_t, t) for x_t = alpha(t) x0 + sigma(t) eps of this SDE.
 
-    The network sees what a diffctl denoiser's network sees (diffctl.denoiser.Denoiser.raw): x_t
-    divided by its marginal std sqrt(alpha^2 sigma_data^2 + sigma^2) when `scale_input`, and the
-    noise label 1000 t; so a classifier and a denoiser trained on one SDE read x_t alike."""
+    The network sees what a diffusion model's backbone sees (diffctl.parameterization's c_in and
+    c_noise): x_t divided by its marginal std sqrt(alpha^2 sigma_data^2 + sigma^2) when
+    `scale_input`, and the noise label 1000 t; so a classifier and a denoiser trained on one SDE
+    read x_t alike. Its `conditioner` reads the labels of a batch (never dropped): they are the
+    targets, which the training module hands to the loss as a diffusion model's condition."""
 
     def __init__(self, net: nn.Module, sde: SDE, sigma_data: float = 0.5, scale_input: bool = True,
                  data_shape: dict[str, int] | None = None):  # fmt: skip
         super().__init__()
         self.net, self.sde = net, sde
-        self.sigma_data, self.scale_input = float(sigma_data), bool(scale_input)
+        self.inputs = Parameterization(sde, sigma_data, scale_input)  # c_in, c_noise only: no prediction
+        self.conditioner = ClassConditioner(int(net.num_classes), dropout=0.0)
         self.data_shape = dict(data_shape or {})  # {channels, resolution, num_classes} it was trained on
 
     @property
@@ -57,10 +61,8 @@ class NoisyClassifier(nn.Module):
         if shape and tuple(x.shape[1:]) != (shape["channels"], shape["resolution"], shape["resolution"]):
             raise ValueError(f"x has shape {list(x.shape)}; this classifier takes "
                              f"[B, {shape['channels']}, {shape['resolution']}, {shape['resolution']}]")  # fmt: skip
-        if self.scale_input:
-            alpha, sigma = self.sde.alpha(t), self.sde.sigma(t)
-            x = x / torch.sqrt(alpha * alpha * self.sigma_data**2 + sigma * sigma).reshape(-1, *([1] * (x.ndim - 1)))
-        return self.net(x, 1000.0 * t)
+        alpha, sigma = broadcast(self.sde.alpha(t), x), broadcast(self.sde.sigma(t), x)
+        return self.net(self.inputs.network_input(x, alpha, sigma), self.inputs.c_noise(t))
 
     def log_probs(self, x: Tensor, t: Tensor) -> Tensor:
         """log p(y | x_t, t) for every class, [B, num_classes]; differentiable in x (guidance takes
@@ -74,10 +76,10 @@ class ClassifierObjective(Objective):
 
     prediction = "logits"
 
-    def loss(self, classifier: NoisyClassifier, x0: Tensor, labels: Tensor, rng: BatchRandom, **_) -> Tensor:
+    def loss(self, classifier: NoisyClassifier, x0: Tensor, cond: dict[str, Tensor], rng: BatchRandom, **_) -> Tensor:
         t = sample_times(self.sde, rng, x0.shape[0]).to(x0.dtype)
         noise = rng.randn(x0.shape, x0.dtype)
-        return F.cross_entropy(_at_least_float32(classifier(self.sde.marginal(x0, t, noise), t)), labels)
+        return F.cross_entropy(_at_least_float32(classifier(self.sde.marginal(x0, t, noise), t)), cond[CLASS_LABEL])
 
 
 def build_classifier(cfg: DictConfig, sde: SDE, shape: dict[str, int]) -> NoisyClassifier:

@@ -59,13 +59,12 @@ def train_classifier(cfg: DictConfig, callbacks: list[L.Callback] | None = None)
         cfg.kind = KIND  # load_classifier and resume= tell a classifier's checkpoint by it
     sde = build_sde(cfg)
     classifier = build_classifier(cfg, sde, shape)
+    # the labels reach the loss through the classifier's conditioner (as a condition, never dropped)
     module = DiffusionModule(
         classifier,
         ClassifierObjective(sde),
         optim=plain(cfg.optim),
         ema=plain(cfg.ema),
-        conditional=True,  # the label reaches the loss as the target ...
-        label_dropout=0.0,  # ... and is never dropped
         config=plain(cfg),
         seed=cfg.seed,
         random_flip=bool(cfg.data.get("random_flip", False)),

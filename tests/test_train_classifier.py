@@ -120,7 +120,7 @@ def test_loss_is_the_cross_entropy_at_stratified_noise_levels():
     sde = VESDE(sigma_min=0.02, sigma_max=10.0)
     classifier, seen = _recording_classifier(sde)
     x0, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 10
-    loss = ClassifierObjective(sde).loss(classifier, x0, y, BatchRandom(3, 7, 0, 0, 1, 16, "cpu"))
+    loss = ClassifierObjective(sde).loss(classifier, x0, {"class_label": y}, BatchRandom(3, 7, 0, 0, 1, 16, "cpu"))
     t = seen["labels"].double() / 1000
     # one time in each of the 16 equal strata of [eps, 1]
     assert sorted(((t - 1e-5) / (1 - 1e-5) * 16).floor().long().tolist()) == list(range(16))
