@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import compose_train, load_ckpt, run_cli, run_train, tiny_overrides
+from helpers import compose_train, load_ckpt, run_cli, run_train, subtree, tiny_overrides
 from PIL import Image
 
 from diffctl.errors import CheckpointError, ConfigError
@@ -264,3 +264,23 @@ def test_cli_trains_reports_and_prints_a_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "diffctl train-classifier: done" in proc.stdout and "classifier accuracy against noise level" in proc.stdout
     assert all((run / name).is_file() for name in ("accuracy.json", "accuracy.png", "checkpoints/last.ckpt", "train_classifier.log"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    """2 gloo processes x batch 8 follow one process x batch 16 (train's DDP: diffctl.train.build_trainer)."""
+    common = ["train-classifier", *TINY, "trainer.max_steps=4", "optim.warmup_steps=0", "report.bins=1", "report.limit=16"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    a = run_cli([*common, "data.batch_size=16", f"hydra.run.dir={single}"], tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_cli([*common, "trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=8", f"hydra.run.dir={ddp}"], tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    state = load_ckpt(single / "checkpoints" / "last.ckpt")["state_dict"]
+    wa, wb = subtree(state, "denoiser."), subtree(load_ckpt(ddp / "checkpoints" / "last.ckpt")["state_dict"], "denoiser.")
+    assert max(float((wa[k] - state["ema." + k]).abs().max()) for k in wa) > 0  # the weights moved (the EMA lags)
+    for k in wa:  # gradients averaged over ranks in another summation order: equal up to rounding
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    # only rank 0 writes: one run directory, one report
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["last.ckpt", "step_0000004.ckpt"]
+    assert json.loads((ddp / "accuracy.json").read_text())["bins"][0]["images"] == 16
+    assert b.stdout.count("classifier accuracy against noise level") == 1
