@@ -7,26 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import compose_train, load_ckpt, run_cli, run_train, subtree, tiny_overrides
+from helpers import TINY_RUN, compose_train, load_ckpt, run_cli, run_train, subtree, tiny_overrides
 from PIL import Image
 
 from diffctl.errors import CheckpointError, ConfigError
 
-# A classifier, dataset and run small enough that a few steps take well under a second.
-TINY = [
-    "data.limit=128",
-    "data.batch_size=16",
-    "trainer=cpu",
-    "trainer.max_steps=3",
-    "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1",
-    "logger=none",
-    "progress_bar=false",
-    "checkpoint.every_n_steps=1000",
-    "model.base_channels=8",
-    "report.bins=3",
-    "report.limit=64",
-]
+# train's tiny run (helpers.TINY_RUN: 128 digits, batch 16, 3 CPU steps, no logger or bar) with a tiny
+# classifier; train's sample grid is not a key of train-classifier.
+TINY = [*(o for o in TINY_RUN if not o.startswith("sample_grid.")), "model.base_channels=8", "report.bins=3", "report.limit=64"]
 
 
 def run_classifier(run_dir, overrides):
@@ -133,6 +121,23 @@ def test_loss_is_the_cross_entropy_at_stratified_noise_levels():
     assert float(loss) == pytest.approx(-log_softmax[np.arange(16), y.numpy()].mean(), rel=1e-5)
 
 
+def test_attention_pool_is_a_set_function_of_positions_with_zero_positional_embedding():
+    """Attention pooling (mean token as the query over every position) with no positional embedding
+    cannot tell where a feature is: permuting the positions leaves its output unchanged."""
+    from diffctl.networks.classifier import AttentionPool2d
+
+    torch.manual_seed(0)
+    pool = AttentionPool2d(4, 8, 2, 5)
+    with torch.no_grad():
+        pool.positional.zero_()
+    x = torch.randn(3, 8, 4, 4)
+    shuffled = x.flatten(2)[:, :, torch.randperm(16)].reshape(3, 8, 4, 4)
+    assert torch.allclose(pool(x), pool(shuffled), atol=1e-6)
+    with torch.no_grad():
+        pool.positional.normal_()  # with one, positions matter
+    assert not torch.allclose(pool(x), pool(shuffled), atol=1e-3)
+
+
 # --- resume ----------------------------------------------------------------------------------
 
 EXACT = ["trainer.max_steps=12", "checkpoint.every_n_steps=4", "model.dropout=0.2", "ema.decay=0.8", "ema.warmup=false",
@@ -225,6 +230,10 @@ def test_loader_and_resume_refuse_what_is_not_a_classifier(tmp_path, trained, ti
     classifier_run, _ = tiny_run
     with pytest.raises(CheckpointError, match=r"holds a classifier checkpoint; `diffctl train` continues diffusion model runs only"):
         run_train(tmp_path / "b", [*tiny_overrides(), f"resume={classifier_run}"])
+    from diffctl.build import load_denoiser
+
+    with pytest.raises(CheckpointError, match=r"holds a classifier, not a diffusion model"):  # e.g. sample ckpt=<classifier>
+        load_denoiser(classifier_run)
 
 
 # --- bad input --------------------------------------------------------------------------------
