@@ -32,7 +32,14 @@ COMMAND = "train_classifier"
 CLASSIFIER_KEYS = ("model", "sde", "data", "denoiser")
 
 
+CLASSIFIER_TARGET = "diffctl.networks.classifier.EncoderClassifier"
+
+
 def _check(cfg: DictConfig) -> None:
+    target = str(cfg.model.get("_target_", ""))
+    if target.startswith("diffctl.") and target != CLASSIFIER_TARGET:  # model=unet|dit|gmm: conf/model/ is train's group
+        raise ConfigError(f"model._target_={target} is a diffusion model, not a classifier; train-classifier trains "
+                          f"{CLASSIFIER_TARGET} (its default: leave model= unset and set model.<key>=...)")  # fmt: skip
     if is_sharded(cfg.trainer):  # diffctl's FSDP wraps denoisers; a classifier this size needs no sharding
         raise ConfigError("train-classifier trains with one process or DDP, not trainer.strategy=fsdp; use trainer=ddp")
 

@@ -246,6 +246,7 @@ def test_loader_and_resume_refuse_what_is_not_a_classifier(tmp_path, trained, ti
     (["report.bins=0"], r"^report.bins must be a positive integer, got 0$"),
     (["+model.out_channels=3"], r"^model.out_channels: no such config key of diffctl train-classifier"),
     (["trainer=fsdp_cpu"], r"^train-classifier trains with one process or DDP, not trainer.strategy=fsdp"),
+    (["+model=unet"], r"^model._target_=diffctl.networks.UNet is a diffusion model, not a classifier"),
 ])  # fmt: skip
 def test_bad_config_is_one_line_error_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
