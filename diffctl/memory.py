@@ -177,6 +177,8 @@ def check_train(cfg, datamodule, shape: dict) -> None:
     and the data pipeline; before the dataset or the network is built."""
     if _skip(cfg):
         return
+    from hydra.utils import get_class
+
     from diffctl.build import instantiate_config
     from diffctl.data import ArrayImageDataset
     from diffctl.performance import accelerator_type
@@ -185,7 +187,9 @@ def check_train(cfg, datamodule, shape: dict) -> None:
     devices = cfg.trainer.get("devices", 1)
     procs = devices if device.type == "cpu" and isinstance(devices, int) and devices > 0 else 1
     batch, res, c, k = datamodule.batch_size, datamodule.resolution, datamodule.channels, shape["num_classes"]
-    copies = ADAM_COPIES + (cfg.objective.get("name") == "consistency")  # + the target network
+    # + the target network of objectives that keep one (consistency models); the objective config has no
+    # name key, so ask its class (this read `objective.name` and never counted the target before issue 16)
+    copies = ADAM_COPIES + bool(getattr(get_class(cfg.objective._target_), "needs_target", False))
     half = "16" in str(cfg.trainer.get("precision", "32"))
     # trainer.strategy=fsdp: each device holds 1/N of the weights and optimizer state (N processes in
     # all); the unit gathered while it runs is left out (one DiT block: under 4% of DiT-XL/2).

@@ -257,6 +257,24 @@ def test_normal_configs_are_not_refused_and_the_check_is_cheap(tmp_path, monkeyp
         memory.check_train(cfg, dm, shape)
 
 
+def test_training_estimate_counts_the_consistency_target_network(tmp_path, monkeypatch):
+    """Consistency training keeps a target copy of the network: one more weight copy than DDPM's
+    parameter + gradient + Adam pair + EMA (4 -> 5)."""
+    import diffctl.memory as memory
+    from diffctl.config import compose_config
+    from diffctl.train import build_datamodule
+
+    seen = {}
+    monkeypatch.setattr(memory, "_split", lambda parts, *rest: seen.update(weights=parts["weights and optimizer state"]))
+    weights = {}
+    for objective in ("ddpm", "consistency"):
+        cfg = compose_config("train", [f"objective={objective}", "trainer=cpu"], tmp_path)
+        dm = build_datamodule(cfg)
+        memory.check_train(cfg, dm, {"channels": dm.channels, "resolution": dm.resolution, "num_classes": 0})
+        weights[objective] = seen["weights"]
+    assert weights["consistency"] * 4 == weights["ddpm"] * 5
+
+
 def test_signal_during_startup_is_one_line_too(tmp_path):
     """SIGTERM once Hydra has set the run up, while the command imports its modules (seconds: torch,
     Lightning), before its own handler is installed."""
