@@ -69,6 +69,11 @@ def test_log_snr_bins_are_equal_in_log_snr(tmp_path):
     assert [v for row in report["bins"] for v in row["logsnr"]] == pytest.approx([v for pair in zip(edges, edges[1:]) for v in pair])
     for row in report["bins"]:  # each bin's t range maps back onto its log SNR range
         assert [vp_log_snr(t) for t in row["t"]] == pytest.approx(row["logsnr"], rel=1e-6)
+    # each image's noise level and noise are its own (counter-based): the batch size changes nothing
+    again = accuracy_report(classifier, build_dataset("digits", split="test"),
+                            {"bins": 4, "bin_by": "logsnr", "batch_size": 7, "limit": 20, "seed": 0})  # fmt: skip
+    assert [r["accuracy"] for r in again["bins"]] == [r["accuracy"] for r in report["bins"]]
+    assert [r["nll"] for r in again["bins"]] == pytest.approx([r["nll"] for r in report["bins"]], rel=1e-6)
 
 
 # --- the network's inputs and the loss --------------------------------------------------------
