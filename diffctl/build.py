@@ -106,6 +106,8 @@ def check_stored_targets(config: dict[str, Any], path) -> None:
 
 def _build_stored(config: dict[str, Any], state: dict[str, Any], path, what: str) -> tuple[DiffusionModel, DictConfig]:
     """DiffusionModel from a stored run config and its weights (strict: every tensor must fit)."""
+    if config.get("kind"):  # `diffctl train-classifier` writes kind=classifier (diffctl.classifier.load_classifier reads those)
+        raise CheckpointError(f"{path} holds a {config['kind']}, not a diffusion model (a checkpoint of `diffctl train`)")
     check_stored_targets(config, path)
     cfg = OmegaConf.create(config)
     try:

@@ -292,8 +292,8 @@ class TrainSummary(L.Callback):
     allocator warm-up), so occasional checkpoint or sample-grid steps do not count; it is what
     scripts/bench_train.py compares with a hand-written loop."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str, command: str = "train"):
+        self.run_dir, self.command = Path(run_dir), command  # command: named in the table's title
         self._start = None
         self._start_step = 0
         self._batch_ends: list[float] = []
@@ -346,7 +346,7 @@ class TrainSummary(L.Callback):
         from diffctl.console import print_paths
 
         r = self.result
-        table = Table(title="diffctl train: done", show_header=False)
+        table = Table(title=f"diffctl {self.command}: done", show_header=False)
         table.add_column(overflow="fold")
         table.add_column(overflow="fold")
         table.add_row("steps", f"{r['global_step']} ({r['steps_this_run']} this run)")

@@ -93,6 +93,13 @@ def _train_task(cfg):
     return result["loss"] if cfg.get("optimized_metric") == "train/loss" else result
 
 
+def _train_classifier_task(cfg):
+    _validated(cfg, "train_classifier")
+    from diffctl.train_classifier import train_classifier
+
+    return train_classifier(cfg)
+
+
 def _sample_task(cfg):
     _validated(cfg, "sample")
     from diffctl.sample import sample
@@ -124,6 +131,7 @@ def _likelihood_task(cfg):
 # command -> (Hydra task, config name, one-line description)
 SUBCOMMANDS = {
     "train": (_train_task, "train", "train a diffusion model"),
+    "train-classifier": (_train_classifier_task, "train_classifier", "train a noise-conditional classifier for classifier guidance"),
     "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
     "fid-stats": (_fid_stats_task, "fid_stats", "precompute reference statistics for FID/KID"),
     "likelihood": (_likelihood_task, "likelihood", "negative log-likelihood (bits/dim) via the probability-flow ODE"),
@@ -137,7 +145,7 @@ def _usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<16} {desc}" for name, (_, _, desc) in SUBCOMMANDS.items()]
     lines += ["", "config groups (choose with group=choice):"]
     lines += [f"  {g:<15} {' | '.join(c)}" for g, c in config_groups().items()]
     lines += [
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"diffctl {command}", *rest]
     condense_hydra_errors(multirun=any(arg in ("-m", "--multirun") for arg in rest))
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(user_errors(task))
-    if command == "train":  # train handles signals itself once training starts (diffctl.callbacks)
+    if command in ("train", "train-classifier"):  # they handle signals themselves once training starts (diffctl.callbacks)
         app()
         return 0
     from diffctl.signals import CommandInterrupted, stop_on_signals

@@ -28,7 +28,7 @@ from diffctl.build import (
 from diffctl.callbacks import DataPosition, SampleGrid, StepCheckpoint, TrainSummary
 from diffctl.console import ParamSummary, StepProgressBar, route_library_logs
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
-from diffctl.errors import ConfigError
+from diffctl.errors import CheckpointError, ConfigError
 from diffctl.memory import check_train
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_sampler, sampler_spec
@@ -44,20 +44,26 @@ MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "l
 DATA_HINT_KEYS = ("ve_sigma_max",)
 
 
-def _apply_resume(cfg: DictConfig) -> Path | None:
+def apply_resume(cfg: DictConfig, command: str = "train", keys: tuple[str, ...] = MODEL_KEYS, kind: str | None = None) -> Path | None:
+    """With resume=: the checkpoint's path, and `keys` of the config taken from it. `kind`: the
+    stored config's `kind` a run of `command` continues (None: a diffusion model; "classifier")."""
     if not cfg.get("resume"):
         return None
     path = resolve_checkpoint(cfg.resume, "resume")
     ckpt = load_checkpoint(path, "resume")
     check_resume(ckpt, cfg.trainer, path)  # FSDP and the other strategies store Adam's state differently
     stored = checkpoint_config(ckpt, path)
+    if stored.get("kind") != kind:  # a classifier's weights would not fit a denoiser, nor the reverse
+        raise CheckpointError(f"resume={path} holds a {stored.get('kind') or 'diffusion model'} checkpoint; "
+                              f"`diffctl {command.replace('_', '-')}` continues {kind or 'diffusion model'} runs only")
     check_stored_targets(stored, path)  # the stored config is instantiated below: only diffctl classes
     with open_dict(cfg):
-        for key in MODEL_KEYS:
+        for key in keys:
             if key in stored:
                 cfg[key] = stored[key]
-    validate(cfg, "train", where=f"in the config of {path}, which resume= takes {'/'.join(MODEL_KEYS[:4])} from")
-    print(f"Resuming from {path} (model/sde/objective/data taken from the checkpoint)")
+    shown = "/".join(k for k in keys[:4])
+    validate(cfg, command, where=f"in the config of {path}, which resume= takes {shown} from")
+    print(f"Resuming from {path} ({shown} taken from the checkpoint)")
     return path
 
 
@@ -71,10 +77,11 @@ def _ddp_child_command(local_rank: int) -> tuple[list[str], str]:
     from hydra.utils import get_original_cwd
 
     hc = HydraConfig.get()
-    command = [sys.executable, "-m", "diffctl", "train", *hc.overrides.task]
+    # the command of this job: its config's name (train, train_classifier -> train-classifier)
+    command = [sys.executable, "-m", "diffctl", hc.job.config_name.replace("_", "-"), *hc.overrides.task]
     command += [
         f"hydra.run.dir='{hc.runtime.output_dir}'",
-        f"hydra.job.name=train_ddp_rank{local_rank}",
+        f"hydra.job.name={hc.job.config_name}_ddp_rank{local_rank}",
         "hydra.output_subdir=null",
     ]
     return command, get_original_cwd()
@@ -141,7 +148,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if is_mixture(cfg.get("model")):
         raise ConfigError("model=gmm is the analytic Gaussian mixture: it has nothing to train; sample from it with `diffctl sample model=gmm`")
-    ckpt_path = _apply_resume(cfg)
+    ckpt_path = apply_resume(cfg)
     check_sharding(cfg)
     grid_sampler = sampler_spec(cfg.sample_grid.sampler)
     check_sampler(grid_sampler, key="sample_grid.sampler")  # the combinations of options the schema cannot express
@@ -210,8 +217,25 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         seed=cfg.sample_grid.seed,
     )
     summary = TrainSummary(str(run_dir))
+    callbacks = [*(callbacks or []), *standard_callbacks(cfg, run_dir, [grid]), summary]
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    fit(trainer, module, datamodule, ckpt_path)
+    metric = trainer.callback_metrics.get("train/loss")
+    return {
+        "run_dir": str(run_dir),
+        "global_step": trainer.global_step,
+        "loss": float(metric) if metric is not None else None,
+        "skipped_steps": module.skipped_steps,
+        **{k: summary.result.get(k) for k in ("images_per_s", "steady_images_per_s")},
+    }
+
+
+def standard_callbacks(cfg: DictConfig, run_dir: Path, own: list[L.Callback]) -> list[L.Callback]:
+    """The callbacks of every diffctl training command, with the command's `own` in their place:
+    step checkpoints (atomic; last.ckpt), the data position on resume, the parameter table and the
+    step progress bar. The command appends its TrainSummary after them (the bar's last line is
+    printed before the summary table)."""
     callbacks = [
-        *(callbacks or []),
         StepCheckpoint(
             dirpath=str(run_dir / "checkpoints"),
             filename="step_{step:07d}",
@@ -223,19 +247,24 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
             nan_check_every=cfg.trainer.get("log_every_n_steps") or 50,
         ),
         DataPosition(),
-        grid,
+        *own,
     ]
     if cfg.trainer.get("enable_model_summary", True):
         callbacks.append(ParamSummary())  # Lightning's, without its all-zero FLOPs column
-    if cfg.progress_bar:  # before the summary: the bar's last line is printed before the summary table
+    if cfg.progress_bar:
         callbacks.append(StepProgressBar(refresh_rate=10))  # per-step refresh: quickstart 88 s -> 77 s with 10
-    callbacks.append(summary)
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    """The Lightning Trainer of cfg.trainer with `callbacks`, the config's loggers, atomic checkpoint
+    files and (trainer=ddp) diffctl's DDP child command."""
+    _quiet_expected_warnings()
     loggers = _build_loggers(cfg, run_dir)
     if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-
+        callbacks = [*callbacks, LearningRateMonitor(logging_interval="step")]
     _patch_ddp_launcher()
-    trainer = instantiate_config(
+    return instantiate_config(
         cfg.trainer,
         "trainer",
         callbacks=callbacks,
@@ -246,6 +275,10 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         plugins=[AtomicCheckpointIO()],  # every checkpoint file written to a temporary and renamed
         **sharded_trainer_kwargs(cfg.trainer),  # trainer.strategy=fsdp: diffctl's FSDP wrapping (diffctl/sharding.py)
     )
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule, ckpt_path: Path | None) -> None:
+    """trainer.fit (from ckpt_path when resuming), leaving no process group or DDP environment behind."""
     environ = dict(os.environ)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
@@ -257,11 +290,3 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         # the next job believe it was launched externally and wait for peers that never come.
         os.environ.clear()
         os.environ.update(environ)
-    metric = trainer.callback_metrics.get("train/loss")
-    return {
-        "run_dir": str(run_dir),
-        "global_step": trainer.global_step,
-        "loss": float(metric) if metric is not None else None,
-        "skipped_steps": module.skipped_steps,
-        **{k: summary.result.get(k) for k in ("images_per_s", "steady_images_per_s")},
-    }

@@ -82,6 +82,38 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def encoder_blocks(
+    base_channels: int,
+    channel_mult: Sequence[int],
+    num_res_blocks: int,
+    attn_resolutions: set[int],
+    dropout: float,
+    num_heads: int,
+    resample_with_conv: bool,
+    resolution: int,
+) -> tuple[nn.ModuleList, nn.ModuleList, list[int]]:
+    """The U-Net's down path (after conv_in) and middle, shared with the noise-conditional classifier
+    (ADM's encoder half, diffctl.networks.classifier): (down, mid, the channels of each skip
+    connection; the last is the middle's width). Embedding width 4 * base_channels, as the U-Net's."""
+    emb_dim = 4 * base_channels
+    down = nn.ModuleList()
+    skip_chs = [base_channels]
+    ch, res = base_channels, resolution
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            down.append(ResBlock(ch, base_channels * mult, emb_dim, dropout))
+            ch = base_channels * mult
+            if res in attn_resolutions:
+                down.append(AttnBlock(ch, num_heads))
+            skip_chs.append(ch)
+        if level != len(channel_mult) - 1:
+            down.append(Downsample(ch, resample_with_conv))
+            skip_chs.append(ch)
+            res //= 2
+    mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttnBlock(ch, num_heads), ResBlock(ch, ch, emb_dim, dropout)])
+    return down, mid, skip_chs
+
+
 class UNet(nn.Module):
     """Noise-prediction U-Net; `forward(x, noise_labels, class_labels=None)`.
 
@@ -127,24 +159,10 @@ class UNet(nn.Module):
         self.class_embed = ClassEmbedding(num_classes, emb_dim) if num_classes > 0 else None
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_chs = [base_channels]
-        ch, res = base_channels, resolution
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(ResBlock(ch, base_channels * mult, emb_dim, dropout))
-                ch = base_channels * mult
-                if res in attn_resolutions:
-                    self.down.append(AttnBlock(ch, num_heads))
-                skip_chs.append(ch)
-            if level != len(channel_mult) - 1:
-                self.down.append(Downsample(ch, resample_with_conv))
-                skip_chs.append(ch)
-                res //= 2
-
-        self.mid = nn.ModuleList(
-            [ResBlock(ch, ch, emb_dim, dropout), AttnBlock(ch, num_heads), ResBlock(ch, ch, emb_dim, dropout)]
+        self.down, self.mid, skip_chs = encoder_blocks(
+            base_channels, channel_mult, num_res_blocks, attn_resolutions, dropout, num_heads, resample_with_conv, resolution
         )
+        ch, res = skip_chs[-1], resolution // factor
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):

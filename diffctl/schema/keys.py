@@ -49,7 +49,8 @@ SEED = Int(lo=0, hi=2**32 - 1)  # numpy's and Lightning's seed range (Lightning 
 PATH = Text()
 PATH_OR_NULL = Text(null=True)
 DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", what="auto, cpu, cuda, cuda:N or mps")
-COMMANDS = {"train": "train", "sample": "sample", "likelihood": "likelihood", "fid_stats": "fid-stats", "export": "export"}
+COMMANDS = {"train": "train", "sample": "sample", "likelihood": "likelihood", "fid_stats": "fid-stats", "export": "export",
+            "train_classifier": "train-classifier"}
 
 # ---------------------------------------------------------------- groups
 
@@ -200,6 +201,23 @@ def train_schema() -> dict:
     }  # fmt: skip
 
 
+CLASSIFIER = {k: v for k, v in UNET.items() if k != "out_channels"} | {"pool": Choice("adaptive", "attention")}
+
+
+@functools.cache
+def train_classifier_schema() -> dict:
+    train = train_schema()
+    shared = ("seed", "resume", "progress_bar", "nan_policy", "compile", "channels_last", "denoiser", "optim", "ema",
+              "checkpoint", "sde", "data", "trainer", "logger", "data_shape")  # the same keys as train's, the same rules
+    return {
+        **{key: train[key] for key in shared},
+        "model": ByTarget({"diffctl.networks.classifier.EncoderClassifier": CLASSIFIER}),
+        "report": {"bins": Int(lo=1), "bin_by": Choice("t", "logsnr"), "batch_size": Int(lo=1),
+                   "limit": Int(lo=1, null=True), "seed": SEED},
+        "kind": Choice("classifier"),  # written by train-classifier itself: what its checkpoints hold
+    }  # fmt: skip
+
+
 @functools.cache
 def sample_schema() -> dict:
     return {
@@ -237,7 +255,7 @@ def export_schema() -> dict:
 
 
 SCHEMAS = {"train": train_schema, "sample": sample_schema, "likelihood": likelihood_schema,
-           "fid_stats": fid_stats_schema, "export": export_schema}  # fmt: skip
+           "fid_stats": fid_stats_schema, "export": export_schema, "train_classifier": train_classifier_schema}  # fmt: skip
 
 
 def plain(cfg) -> dict:
@@ -254,7 +272,7 @@ def plain(cfg) -> dict:
 def combinations(data: dict, command: str) -> None:
     """Rules between keys that PyTorch would otherwise raise about once training started."""
     optim = data.get("optim") or {}
-    if command == "train" and optim.get("fused") is True and optim.get("foreach") is True:
+    if command in ("train", "train_classifier") and optim.get("fused") is True and optim.get("foreach") is True:
         raise ConfigError("optim.fused and optim.foreach must not both be true (PyTorch's Adam runs one kernel or the other), got true and true")
 
 
