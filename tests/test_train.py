@@ -135,7 +135,7 @@ def record_steps(monkeypatch):
     def training_step(self, batch, batch_idx):
         loss = original(self, batch, batch_idx)
         digest = lambda t: hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]  # noqa: E731
-        seen.append((self.global_step, batch_idx, digest(batch[0]), digest(torch.get_rng_state())))
+        seen.append((self.global_step, batch_idx, digest(batch["image"]), digest(torch.get_rng_state())))
         return loss
 
     monkeypatch.setattr(DiffusionModule, "training_step", training_step)
