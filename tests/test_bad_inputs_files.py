@@ -304,7 +304,7 @@ def _load_one(tmp_path, img, channels, name="img.png", **save):
 
     root = Path(tempfile.mkdtemp(dir=tmp_path))  # a folder of its own
     img.save(root / name, **save)
-    x, _ = build_dataset("imagefolder", root, resolution=img.size[0], channels=channels)[0]
+    x = build_dataset("imagefolder", root, resolution=img.size[0], channels=channels)[0]["image"]
     return x.numpy().astype(np.float64)
 
 
