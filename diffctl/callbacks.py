@@ -15,8 +15,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffctl.checkpoint import atomic_link, remove_stale_temporaries
 from diffctl.errors import DiffctlError
+from diffctl.files import atomic_link, atomic_write_json, remove_stale_temporaries
 from diffctl.images import save_grid, to_uint8
 from diffctl.module import NonFiniteLoss
 from diffctl.rng import GlobalBatchSampler, batches_consumed
@@ -375,6 +375,4 @@ class TrainSummary(L.Callback):
             records = records if isinstance(records, list) else [records]
         except (OSError, ValueError):
             records = []
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(records + [self.result], indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, records + [self.result])

@@ -32,7 +32,6 @@ the convention of score_sde (its `offset = 7 - inverse_scaler(-1)` for data cent
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from torch import Tensor
 
 from diffctl.conditioning import CLASS_LABEL, IMAGE
 from diffctl.errors import ConfigError
+from diffctl.files import create_new, json_text
 from diffctl.memory import check_likelihood
 from diffctl.rundir import claims_run_dir
 from diffctl.samplers.common import Level, denoise, sample_generators
@@ -348,19 +348,9 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
         result["conventions"] = CONVENTIONS["gmm"]
     if note:
         result["note"] = note
-    _write_new(out_path, json.dumps(result, indent=2) + "\n")
+    create_new(out_path, json_text(result), "already exists; choose another hydra.run.dir (nothing is overwritten)")
     _print_table(result, out_path)
     return result
-
-
-def _write_new(path: Path, text: str) -> None:
-    """Write `path`, which must not exist, all at once (never a partial file, never over another)."""
-    from diffctl.checkpoint import atomic_create
-
-    try:
-        atomic_create(path, lambda f: f.write(text.encode()))
-    except FileExistsError:
-        raise ConfigError(f"{path} already exists; choose another hydra.run.dir (nothing is overwritten)") from None
 
 
 def _dataset(cfg: DictConfig, data_cfg: DictConfig):

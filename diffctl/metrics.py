@@ -26,7 +26,7 @@ from diffctl.data import SPLITS, _validate, build_dataset
 from diffctl.detectors import (
     Detector, MetricsUnavailable, cache_dir, load_detector, load_detector_named, one_line,
 )
-from diffctl.checkpoint import atomic_write
+from diffctl.files import atomic_write
 from diffctl.conditioning import IMAGE
 from diffctl.errors import ConfigError
 from diffctl.filekinds import identify

@@ -29,7 +29,9 @@ class SweepSummary(Callback):
         rows = sweep_rows(sweep_dir)
         if not rows:
             return
-        (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        from diffctl.files import atomic_write_json
+
+        atomic_write_json(sweep_dir / "summary.json", rows)
         from rich.console import Console
         from rich.table import Table
 
