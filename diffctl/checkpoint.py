@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from fsspec.utils import get_protocol
 
 from diffctl.errors import CheckpointError
 from diffctl.files import DiskFullError, atomic_write
@@ -125,7 +125,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     overwritten in place, so a kill during the write leaves a truncated checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or get_protocol(str(path)) != "file":  # remote (s3://...): Lightning writes it
             return super().save_checkpoint(checkpoint, path, storage_options)
         try:
             atomic_save(checkpoint, path)

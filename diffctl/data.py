@@ -345,8 +345,10 @@ def _load_imagefolder(root: Path, transform: _Transform, limit):
 # ---------------------------------------------------------------- public helpers
 
 
-def _validate(name, root, resolution, channels, limit):
-    """Check and fill in defaults; returns (root as Path or None, resolution, channels)."""
+def check_dataset_options(name, root, resolution, channels, limit):
+    """Check a dataset's options (data.name, root, resolution, channels, limit) and fill in the
+    dataset's native resolution and channels where None; returns (root as Path or None, resolution,
+    channels). One-line DataErrors; also how metrics checks a reference split before any work."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset data.name={name!r}; use one of: {', '.join(DATASETS)}.")
     native_res, native_c = _NATIVE.get(name, (None, 3))
@@ -368,9 +370,9 @@ def _validate(name, root, resolution, channels, limit):
 def dataset_num_classes(name: str, root=None) -> int:
     """10 for the built-ins; for imagefolder the number of class subfolders (0 for a flat folder)."""
     if name == "imagefolder":
-        classes = _image_classes(_validate(name, root, 1, 3, None)[0])
+        classes = _image_classes(check_dataset_options(name, root, 1, 3, None)[0])
         return 0 if classes is None else len(classes)
-    _validate(name, root, None, None, None)
+    check_dataset_options(name, root, None, None, None)
     return 10
 
 
@@ -385,7 +387,7 @@ def build_dataset(
     limit: int | None = None,
 ) -> Dataset:
     """The dataset for one split; resolution/channels default to the dataset's native ones (imagefolder: RGB)."""
-    root, resolution, channels = _validate(name, root, resolution, channels, limit)
+    root, resolution, channels = check_dataset_options(name, root, resolution, channels, limit)
     if split not in SPLITS:
         raise DataError(f"split must be 'train' or 'test', got {split!r}.")
     transform = _Transform(resolution, channels, random_flip)
@@ -423,7 +425,7 @@ class DiffusionDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.name = name
-        self.root, self._resolution, self._channels = _validate(name, root, resolution, channels, limit)
+        self.root, self._resolution, self._channels = check_dataset_options(name, root, resolution, channels, limit)
         for key, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise DataError(f"data.{key} must be an integer >= {low}, got {value!r}.")

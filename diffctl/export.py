@@ -11,7 +11,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffctl.build import EXPORT_FORMAT, EXPORT_VERSION, _build_stored, is_export
+from diffctl.build import EXPORT_FORMAT, EXPORT_VERSION, build_stored, is_export
 from diffctl.checkpoint import checkpoint_config, denoiser_state, file_sha256, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
 from diffctl.files import create_new, json_text
@@ -63,7 +63,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(ckpt_path)
     config = checkpoint_config(ckpt, ckpt_path)
     state = denoiser_state(ckpt, cfg.use_ema)
-    _build_stored(config, state, ckpt_path, "weights")  # the export must load: config and weights fit
+    build_stored(config, state, ckpt_path, "weights")  # the export must load: config and weights fit
     state = {k: v.detach().contiguous() for k, v in state.items()}
     kind = "ema" if cfg.use_ema else "raw"
     meta = {

@@ -249,7 +249,7 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     from diffctl.checkpoint import resolve_checkpoint
-    from diffctl.sample import load_source, newest_checkpoint
+    from diffctl.source import load_source, newest_checkpoint
     from diffctl.schema import validate
 
     validate(cfg, "likelihood")  # every key's type and range, before any work

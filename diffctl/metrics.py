@@ -22,7 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor
 
-from diffctl.data import SPLITS, _validate, build_dataset
+from diffctl.data import SPLITS, check_dataset_options, build_dataset
 from diffctl.detectors import (
     Detector, MetricsUnavailable, cache_dir, load_detector, load_detector_named, one_line,
 )
@@ -245,7 +245,7 @@ def ref_source(cfg: DictConfig, data_cfg: DictConfig, split: str = "train", reso
     resolution = data_cfg.get("resolution") if resolution is None else resolution
     channels = data_cfg.get("channels") if channels is None else channels
     limit = ref_limit(cfg, num_samples)
-    root, resolution, channels = _validate(name, root, resolution, channels, limit)
+    root, resolution, channels = check_dataset_options(name, root, resolution, channels, limit)
     return dict(name=name, root=root, split=split, resolution=resolution, channels=channels,
                 download=bool(data_cfg.get("download", False)), limit=limit)  # fmt: skip
 

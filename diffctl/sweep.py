@@ -10,9 +10,9 @@ from hydra.experimental.callback import Callback
 
 
 def _results() -> tuple[str, ...]:
-    """Always shown: what the jobs are compared on. (diffctl.sample imports torch: Hydra builds this
-    callback before every `diffctl sample`, so it is imported only once a sweep has ended.)"""
-    from diffctl.sample import METRIC_COLUMNS
+    """Always shown: what the jobs are compared on. (diffctl.sample_report imports torch: Hydra builds
+    this callback before every `diffctl sample`, so it is imported only once a sweep has ended.)"""
+    from diffctl.sample_report import METRIC_COLUMNS
 
     return ("nfe_per_sample", "time_s", "images_per_s", *METRIC_COLUMNS)
 
