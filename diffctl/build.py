@@ -104,8 +104,10 @@ def check_stored_targets(config: dict[str, Any], path) -> None:
         walk(config.get(key), key)
 
 
-def _build_stored(config: dict[str, Any], state: dict[str, Any], path, what: str) -> tuple[DiffusionModel, DictConfig]:
-    """DiffusionModel from a stored run config and its weights (strict: every tensor must fit)."""
+def build_stored(config: dict[str, Any], state: dict[str, Any], path, what: str) -> tuple[DiffusionModel, DictConfig]:
+    """DiffusionModel from a stored run config and its weights (strict: every tensor must fit);
+    `what` names the weights in messages. Used by the loaders here and by `diffctl export`, which
+    checks that what it writes will load."""
     if config.get("kind"):  # `diffctl train-classifier` writes kind=classifier (diffctl.classifier.load_classifier reads those)
         raise CheckpointError(f"{path} holds a {config['kind']}, not a diffusion model (a checkpoint of `diffctl train`)")
     check_stored_targets(config, path)
@@ -155,7 +157,7 @@ def load_denoiser(path, use_ema: bool = True, key: str = "ckpt") -> tuple[Diffus
     """Rebuild a trained denoiser from a checkpoint file or run directory (`key`: the config key it
     was given as, for messages)."""
     ckpt = load_checkpoint(path, key)
-    return _build_stored(checkpoint_config(ckpt, path), denoiser_state(ckpt, use_ema), path, "weights")
+    return build_stored(checkpoint_config(ckpt, path), denoiser_state(ckpt, use_ema), path, "weights")
 
 
 # `diffctl export`: <name>.safetensors (the denoiser's tensors) next to <name>.json (EXPORT_FORMAT,
@@ -227,7 +229,7 @@ def load_export(path) -> tuple[DiffusionModel, DictConfig, str]:
     """Rebuild a denoiser from `diffctl export` output: (denoiser, run config, 'ema' | 'raw')."""
     meta, state = read_export(path)
     weights, _ = export_files(path)
-    denoiser, cfg = _build_stored(meta["config"], state, weights, "weights")
+    denoiser, cfg = build_stored(meta["config"], state, weights, "weights")
     return denoiser, cfg, str(meta.get("weights", "unknown"))
 
 

@@ -3,33 +3,27 @@
 Every load goes through `load_checkpoint`, which uses torch.load(weights_only=True): a file that
 would need arbitrary unpickling (and could run code) is refused instead of executed.
 
-Every write goes through `atomic_write` (Lightning's saves through `AtomicCheckpointIO`): the bytes
-go to a hidden temporary file in the same directory, are flushed to disk, and only then renamed over
-the target with os.replace (and the directory is synced), so a process killed at any moment
-(kill -9), a full disk or a crash leaves either the previous complete file or the new complete
-file, never a torn one. Temporary
-names are `.<name>.<pid>.tmp`: they never end in .ckpt, and `remove_stale_temporaries` deletes the
-ones a killed run left behind.
+Every write goes through `diffctl.files.atomic_write` (Lightning's saves through
+`AtomicCheckpointIO`): a hidden temporary file in the same directory, flushed, then renamed over the
+target, so a kill at any moment, a full disk or a crash leaves the previous complete file or the
+new complete file, never a torn one (see diffctl/files.py).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 import pickle
-import re
-import shutil
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from fsspec.utils import get_protocol
 
 from diffctl.errors import CheckpointError
+from diffctl.files import DiskFullError, atomic_write
+from diffctl.files import atomic_create  # noqa: F401  its former home; new code imports diffctl.files
 
 
 CHECKPOINT_HINT = "a .ckpt from `diffctl train`, a run directory, or a .safetensors from `diffctl export`"
@@ -118,137 +112,10 @@ def denoiser_state(ckpt: dict[str, Any], use_ema: bool = True) -> dict[str, torc
 
 # ---------------------------------------------------------------- writing
 
-_TEMP = re.compile(r"^\..+\.\d+\.tmp$")
-
-
-def temporary_path(path: str | Path) -> Path:
-    """Where `path` is written before it is renamed into place (same directory, hidden, not *.ckpt)."""
-    p = Path(path)
-    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms where directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class DiskFullError(CheckpointError):
-    """The device being written to has no space (or quota) left."""
-
-
-def _os_error(err: BaseException) -> OSError | None:
-    """The OSError behind a failed write. torch.save reports its file object's OSError (a full disk)
-    as a RuntimeError of its zip writer ("unexpected pos ..."), with the OSError as its context."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _write_error(target: Path, err: BaseException) -> CheckpointError | None:
-    """The one-line error for a failed write of `target` (None: not an I/O failure, re-raise it)."""
-    os_err = _os_error(err)
-    if os_err is None and not (isinstance(err, RuntimeError) and "writ" in str(err).lower()):
-        return None
-    kept = "the previous file there is intact" if target.exists() else "nothing was written"
-    if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"no space left on device while saving {target} ({kept})")
-    return CheckpointError(f"could not write {target}: {os_err or err}. {kept[0].upper()}{kept[1:]}.")
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through `write(file)` so that it appears complete or not at all.
-
-    On any failure (disk full, unwritable directory, interruption) the temporary file is removed
-    and the previous content of `path`, if any, is untouched; I/O errors become a CheckpointError
-    (DiskFullError when the device is full)."""
-    target = Path(path)
-    tmp = temporary_path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        error = _write_error(target, err)
-        if error is None:
-            raise
-        raise error from None
-    _fsync_dir(target.parent)  # make the rename itself durable
-
-
-def atomic_create(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """atomic_write of a file that must not exist: the complete temporary file gets its name by a
-    hard link, which fails (FileExistsError) if the name is taken meanwhile, so it never replaces a
-    file. On a filesystem without hard links it is renamed (the caller's check before any work stands)."""
-    target = Path(path)
-    tmp = temporary_path(target)
-    atomic_write(tmp, write)
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise
-    except OSError:
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save(obj, path), atomically."""
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_link(source: str | Path, target: str | Path) -> None:
-    """Make `target` a second name of the complete file `source` (a hard link, or a copy where the
-    filesystem has none), replacing any previous `target` atomically."""
-    src, dst = Path(source), Path(target)
-    tmp = temporary_path(dst)
-    try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        error = _write_error(dst, err) if isinstance(err, OSError) else None
-        if error is None:
-            raise
-        raise error from None
-    _fsync_dir(dst.parent)
-
-
-def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete temporary files that killed runs left in `directory`; returns what was removed.
-
-    Only call this where no other live process writes (diffctl: rank 0, before training)."""
-    d = Path(directory)
-    removed = []
-    if d.is_dir():
-        for p in d.iterdir():
-            if _TEMP.match(p.name) and p.is_file():
-                p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -258,7 +125,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     overwritten in place, so a kill during the write leaves a truncated checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or get_protocol(str(path)) != "file":  # remote (s3://...): Lightning writes it
             return super().save_checkpoint(checkpoint, path, storage_options)
         try:
             atomic_save(checkpoint, path)

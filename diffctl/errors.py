@@ -11,3 +11,7 @@ class ConfigError(DiffctlError, ValueError):
 
 class CheckpointError(DiffctlError):
     """A checkpoint that is missing, unreadable, unsafe or incompatible."""
+
+
+class DataError(ConfigError):
+    """The data config is invalid or the dataset files are missing."""

@@ -5,16 +5,16 @@ from it; loading reads tensors and JSON only (no pickle), see diffctl.build.load
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffctl.build import EXPORT_FORMAT, EXPORT_VERSION, _build_stored, is_export
-from diffctl.checkpoint import atomic_create, checkpoint_config, denoiser_state, file_sha256, load_checkpoint, resolve_checkpoint
+from diffctl.build import EXPORT_FORMAT, EXPORT_VERSION, build_stored, is_export
+from diffctl.checkpoint import checkpoint_config, denoiser_state, file_sha256, load_checkpoint, resolve_checkpoint
 from diffctl.errors import ConfigError
+from diffctl.files import create_new, json_text
 from diffctl.rundir import claims_run_dir
 from diffctl.signals import interruptible
 
@@ -36,10 +36,7 @@ def _targets(cfg: DictConfig) -> tuple[Path, Path]:
 
 
 def _write_new(path: Path, data: bytes) -> None:
-    try:
-        atomic_create(path, lambda f: f.write(data))
-    except FileExistsError:
-        raise ConfigError(f"{path} appeared while exporting (another process wrote it); choose another out= (nothing is overwritten)") from None
+    create_new(path, data, "appeared while exporting (another process wrote it); choose another out= (nothing is overwritten)")
 
 
 def _kept(cfg: DictConfig) -> str:
@@ -66,7 +63,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(ckpt_path)
     config = checkpoint_config(ckpt, ckpt_path)
     state = denoiser_state(ckpt, cfg.use_ema)
-    _build_stored(config, state, ckpt_path, "weights")  # the export must load: config and weights fit
+    build_stored(config, state, ckpt_path, "weights")  # the export must load: config and weights fit
     state = {k: v.detach().contiguous() for k, v in state.items()}
     kind = "ema" if cfg.use_ema else "raw"
     meta = {
@@ -78,9 +75,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "config": config,
     }
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(meta, indent=2) + "\n"
     # config first: an export whose .safetensors exists is complete
-    _write_new(config_path, text.encode())
+    _write_new(config_path, json_text(meta))
     try:
         _write_new(weights_path, save(state, metadata={"format": EXPORT_FORMAT, "weights": kind}))
     except BaseException:  # failed or interrupted: no config without its weights (it would block the next try)

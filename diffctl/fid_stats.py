@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffctl.checkpoint import atomic_write
+from diffctl.files import atomic_write
 from diffctl.errors import ConfigError
 from diffctl.memory import check_fid_stats
 from diffctl.metrics import load_detector, ref_source, reference

@@ -1,4 +1,4 @@
-"""Image conversion and PNG grids."""
+"""Image conversion and PNG grids (written atomically: diffctl.files)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from diffctl.files import atomic_write
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -35,8 +37,10 @@ def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2, min_tile: i
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> np.ndarray:
+    """A PNG grid of uint8 NHWC images, written atomically (a reader never sees half a PNG)."""
     grid = make_grid(images, nrow)
-    Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(path)
+    image = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
     return grid
 
 
@@ -57,4 +61,4 @@ def save_scatter(points: Tensor, path: str | Path, reference: Tensor | None = No
         pix = ((pts - centre) / half + 1) / 2 * (size - 1)
         for u, v in pix.tolist():
             draw.point((u, size - 1 - v), fill=colour)
-    image.save(path)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))

@@ -1,10 +1,6 @@
-"""FID, KID and Inception Score of generated images against a reference set, on one process or many.
-
-Formulas follow torch-fidelity's conventions (tested against it): Fréchet distance of float64
-means/covariances (ddof 1); KID = unbiased MMD² with the cubic polynomial kernel
-(x·y/d + 1)³ averaged over random subsets; IS = exp(E KL(p(y|x) ‖ p(y))) per split after a
-seeded shuffle. Standard deviations are over subsets/splits with ddof 0. Random draws use
-numpy's RandomState(seed) in torch-fidelity's order, so the same seed gives the same numbers.
+"""FID, KID and Inception Score of generated images against a reference set, on one process or many:
+the detector's features, the reference's statistics (computed once and cached) and the scores.
+The formulas are in diffctl/metric_formulas.py, the collectives in diffctl/collectives.py.
 """
 
 from __future__ import annotations
@@ -22,83 +18,21 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor
 
-from diffctl.data import SPLITS, _validate, build_dataset
+from diffctl.data import SPLITS, check_dataset_options, build_dataset
 from diffctl.detectors import (
     Detector, MetricsUnavailable, cache_dir, load_detector, load_detector_named, one_line,
 )
-from diffctl.checkpoint import atomic_write
+from diffctl.files import atomic_write
 from diffctl.conditioning import IMAGE
 from diffctl.errors import ConfigError
 from diffctl.filekinds import identify
 from diffctl.images import to_uint8
+from diffctl.collectives import broadcast, distributed, gather_rows, on_rank0, process_rank
+from diffctl.metric_formulas import feature_stats, frechet_distance, inception_score, kernel_inception_distance
 
 __all__ = ["MetricsUnavailable", "evaluate", "check_config", "reference", "ref_source", "load_detector"]
 _CACHE_VERSION = "v2"  # bump when the cached features would change (detector preprocessing, conversion);
 # v2: image folders read 16-bit files at their bit depth and composite transparency over black
-
-
-# ---------------------------------------------------------------- formulas
-
-
-def feature_stats(feats: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-    """Mean and covariance (ddof 1) in float64, two passes over row chunks: sum (x - mean)(x - mean)^T
-    without a float64 copy of all features (50,000 x 2048 would be 0.8 GB, twice over in torch.cov)."""
-    n, d = feats.shape
-    chunks = [feats[i : i + chunk] for i in range(0, n, chunk)]
-    mu = sum(c.double().sum(0) for c in chunks) / n
-    cov = torch.zeros(d, d, dtype=torch.float64)
-    for c in chunks:
-        centered = c.double() - mu
-        cov.addmm_(centered.T, centered)
-    return mu, cov / (n - 1)
-
-
-def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
-    """|mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½).
-
-    tr (S1 S2)^½ is the sum of square roots of the eigenvalues of S1 S2, which are real and >= 0
-    (S1 S2 is similar to the PSD S1^½ S2 S1^½); rounding leaves tiny imaginary parts, dropped.
-    """
-    mu1, mu2, sigma1, sigma2 = (t.double().cpu() for t in (mu1, mu2, sigma1, sigma2))
-    diff = mu1 - mu2
-    tr_sqrt = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
-    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt)
-
-
-def _mmd2_poly(x: Tensor, y: Tensor) -> float:
-    d, m = x.shape[1], x.shape[0]
-    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-    # Unbiased: same-set sums skip the diagonal (k(x, x)); the cross term keeps all m² pairs.
-    same = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    return float(same - 2 * kxy.sum() / m**2)
-
-
-def kernel_inception_distance(gen: Tensor, ref: Tensor, subsets: int, subset_size: int, seed: int, progress=None):
-    """(mean, std) of the MMD² over `subsets` draws of subset_size rows from each set, without replacement."""
-    rng = np.random.RandomState(seed)
-    gen, ref = gen.double(), ref.double()
-    values = []
-    task = progress.add_task("KID subsets", total=subsets) if progress else None
-    for _ in range(subsets):
-        x = gen[torch.from_numpy(rng.choice(len(gen), subset_size, replace=False))]
-        y = ref[torch.from_numpy(rng.choice(len(ref), subset_size, replace=False))]
-        values.append(_mmd2_poly(x, y))
-        if progress:
-            progress.advance(task)
-    return float(np.mean(values)), float(np.std(values))
-
-
-def inception_score(logits: Tensor, splits: int, seed: int) -> tuple[float, float]:
-    """(mean, std) over splits of exp(mean_x KL(p(y|x) ‖ p(y))), p(y) the split's mean prediction."""
-    n = len(logits)
-    # Shuffled first so that ordered samples (e.g. class-sorted) do not make splits unlike each other.
-    log_p = torch.log_softmax(logits.double()[torch.from_numpy(np.random.RandomState(seed).permutation(n))], dim=1)
-    scores = []
-    for i in range(splits):
-        chunk = log_p[i * n // splits : (i + 1) * n // splits]
-        log_py = chunk.exp().mean(0).log()
-        scores.append(float((chunk.exp() * (chunk - log_py)).sum(1).mean().exp()))
-    return float(np.mean(scores)), float(np.std(scores))
 
 
 # ---------------------------------------------------------------- config
@@ -122,70 +56,13 @@ def ref_limit(cfg: DictConfig, num_samples: int | None) -> int | None:
     return None if num_samples is None or num_samples >= cfg.fid_min_samples else cfg.quick_ref_limit
 
 
-# ---------------------------------------------------------------- processes
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist() else 0
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _broadcast(obj, device: torch.device):
-    if not _dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=_comm_device(device))
-    return box[0]
-
-
-def _on_rank0(fn, device: torch.device):
-    """fn() on rank 0 only (None elsewhere); an error there is raised on every rank, so none waits forever."""
-    if not _dist():
-        return fn()
-    result, err = None, None
-    if _rank() == 0:
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
-            err = e
-    message = _broadcast(None if err is None else (isinstance(err, ConfigError), str(err)), device)
-    if err is not None:
-        raise err
-    if message is not None:
-        raise (ConfigError if message[0] else MetricsUnavailable)(f"rank 0: {message[1]}")
-    return result
-
-
-def _gather_rows(x: Tensor | None, device: torch.device) -> Tensor | None:
-    """Every rank's rows concatenated in rank order (row counts may differ between ranks)."""
-    if x is None or not _dist():
-        return x
-    comm = _comm_device(device)
-    count = torch.tensor([len(x)], device=comm)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    buf = x.new_zeros((max(counts), *x.shape[1:]), device=comm)
-    buf[: len(x)] = x.to(comm)
-    parts = [torch.empty_like(buf) for _ in counts]
-    dist.all_gather(parts, buf)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
-
-
 # ---------------------------------------------------------------- features
 
 
 def _progress(enabled: bool, unit: str = "images"):
     from diffctl.console import JobProgress
 
-    return JobProgress(enabled and _rank() == 0, unit)
+    return JobProgress(enabled and process_rank() == 0, unit)
 
 
 def extract(detector: Detector, batches, total: int, shape, desc: str, progress: bool):
@@ -245,7 +122,7 @@ def ref_source(cfg: DictConfig, data_cfg: DictConfig, split: str = "train", reso
     resolution = data_cfg.get("resolution") if resolution is None else resolution
     channels = data_cfg.get("channels") if channels is None else channels
     limit = ref_limit(cfg, num_samples)
-    root, resolution, channels = _validate(name, root, resolution, channels, limit)
+    root, resolution, channels = check_dataset_options(name, root, resolution, channels, limit)
     return dict(name=name, root=root, split=split, resolution=resolution, channels=channels,
                 download=bool(data_cfg.get("download", False)), limit=limit)  # fmt: skip
 
@@ -340,14 +217,14 @@ def reference(cfg: DictConfig, src, detector: Detector, device: torch.device, pr
     the dataset. Returns the Reference on rank 0 (and on every rank after a miss), None elsewhere.
     """
     if isinstance(src, Path):
-        return _on_rank0(lambda: _from_npz(src), device)
+        return on_rank0(lambda: _from_npz(src), device)
     path, description = cache_path(cfg, src, detector), _describe(src)
-    ref = _on_rank0(lambda: _from_cache(path, description), device)
-    if _broadcast(ref is not None, device):
+    ref = on_rank0(lambda: _from_cache(path, description), device)
+    if broadcast(ref is not None, device):
         return ref
     dataset = build_dataset(**src, random_flip=False)
-    n, rank = len(dataset), _rank()
-    world = dist.get_world_size() if _dist() else 1
+    n, rank = len(dataset), process_rank()
+    world = dist.get_world_size() if distributed() else 1
     shard = torch.utils.data.Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
     loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size)
     if rank == 0:
@@ -356,7 +233,7 @@ def reference(cfg: DictConfig, src, detector: Detector, device: torch.device, pr
     batches = (to_uint8(batch[IMAGE]).permute(0, 3, 1, 2) for batch in loader)  # the same conversion as generated samples
     shape = (src["channels"], src["resolution"], src["resolution"])
     feats, _ = extract(detector, batches, len(shard), shape, "reference features", progress)
-    feats = _gather_rows(feats, device)
+    feats = gather_rows(feats, device)
     ref = Reference(description, *feature_stats(feats), feats, n, path)
     if rank == 0:
         _save_cache(path, ref)
@@ -429,15 +306,15 @@ def evaluate(images: Tensor, cfg: DictConfig, data_cfg: DictConfig, device: torc
         return {}
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ConfigError(f"metrics need uint8 [n, 1|3, H, W] images, got {images.dtype} {tuple(images.shape)}")
-    detector = _on_rank0(lambda: load_detector(cfg, device), device)
-    name = _broadcast(detector and detector.name, device)
+    detector = on_rank0(lambda: load_detector(cfg, device), device)
+    name = broadcast(detector and detector.name, device)
     if detector is None:  # other ranks: rank 0's choice (auto), after it fetched any missing files
         detector = load_detector_named(name, cfg, device)
     batches = (images[i : i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size))
     feats, logits = extract(detector, batches, len(images), images.shape[1:], "sample features", cfg.progress_bar)
-    feats, logits = _gather_rows(feats, device), _gather_rows(logits, device)
+    feats, logits = gather_rows(feats, device), gather_rows(logits, device)
     ref, n = None, len(feats)
     if "kid" in names or ("fid" in names and n >= cfg.fid_min_samples):  # a withheld FID needs no reference
         src = ref_source(cfg, data_cfg, resolution=images.shape[2], channels=images.shape[1], num_samples=n)
         ref = reference(cfg, src, detector, device, cfg.progress_bar)
-    return _broadcast(_on_rank0(lambda: _compute(names, feats, logits, ref, cfg, detector), device), device)
+    return broadcast(on_rank0(lambda: _compute(names, feats, logits, ref, cfg, detector), device), device)

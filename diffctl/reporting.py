@@ -53,10 +53,10 @@ def _sample_batching(cfg) -> tuple:
     from hydra.core.hydra_config import HydraConfig
 
     if cfg.get("resume"):
-        from diffctl.sample import _resume_config
+        from diffctl.generation import sample_resume_config
 
         try:
-            return _resume_config(cfg)
+            return sample_resume_config(cfg)
         except DiffctlError:
             pass
     return cfg, Path(HydraConfig.get().runtime.output_dir)
@@ -74,13 +74,13 @@ def _out_of_memory_advice(cfg, detail: str) -> str:
             size = cfg.metrics.batch_size
             return (f"out of memory computing metrics with metrics.batch_size={size} ({detail}); the samples are saved "
                     f"in {run}: score them with `diffctl sample resume={run} metrics.batch_size={max(size // 2, 1)}`")
-        from diffctl.sample import _batch_dependent
+        from diffctl.generation import batch_dependent
 
         size = cfg.batch_size
         head = f"out of memory sampling with batch_size={size} ({detail})"
         if size == 1:
             return f"{head}; the batch cannot be smaller: free device memory or use a device with more"
-        if _batch_dependent(cfg.sampler) or not (run / ".hydra" / "config.yaml").is_file():
+        if batch_dependent(cfg.sampler) or not (run / ".hydra" / "config.yaml").is_file():
             return f"{head}; run again with a smaller batch, e.g. batch_size={size // 2}"
         return (f"{head}; continue with a smaller batch, keeping the finished ones: "
                 f"`diffctl sample resume={run} batch_size={size // 2}`")

@@ -3,7 +3,7 @@ run's config before any new sample is made, so that a shard that does not belong
 shape, dtype, labels or sample range) or does not load is named at once, not after all the
 remaining samples were made.
 
-Shards are written atomically (diffctl.checkpoint.atomic_write), so a kill mid-write leaves a
+Shards are written atomically (diffctl.files.atomic_write), so a kill mid-write leaves a
 hidden temporary, never a torn shard-*.npz; a damaged one (a disk error, a hand copy cut short) is
 still told apart here and named.
 """

@@ -10,9 +10,9 @@ from hydra.experimental.callback import Callback
 
 
 def _results() -> tuple[str, ...]:
-    """Always shown: what the jobs are compared on. (diffctl.sample imports torch: Hydra builds this
-    callback before every `diffctl sample`, so it is imported only once a sweep has ended.)"""
-    from diffctl.sample import METRIC_COLUMNS
+    """Always shown: what the jobs are compared on. (diffctl.sample_report imports torch: Hydra builds
+    this callback before every `diffctl sample`, so it is imported only once a sweep has ended.)"""
+    from diffctl.sample_report import METRIC_COLUMNS
 
     return ("nfe_per_sample", "time_s", "images_per_s", *METRIC_COLUMNS)
 
@@ -29,7 +29,9 @@ class SweepSummary(Callback):
         rows = sweep_rows(sweep_dir)
         if not rows:
             return
-        (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        from diffctl.files import atomic_write_json
+
+        atomic_write_json(sweep_dir / "summary.json", rows)
         from rich.console import Console
         from rich.table import Table
 

@@ -25,7 +25,7 @@ from diffctl.build import (
     same_sde,
     state_mismatch,
 )
-from diffctl.callbacks import DataPosition, SampleGrid, StepCheckpoint, TrainSummary
+from diffctl.callbacks import DataPosition, StepCheckpoint
 from diffctl.console import ParamSummary, StepProgressBar, route_library_logs
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import CheckpointError, ConfigError
@@ -37,6 +37,7 @@ from diffctl.module import DiffusionModule
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
 from diffctl.rundir import claims_run_dir
 from diffctl.sharding import check_resume, check_sharding, is_sharded, sharded_trainer_kwargs
+from diffctl.train_outputs import SampleGrid, TrainSummary
 
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
 MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout")

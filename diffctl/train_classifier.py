@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from diffctl.build import build_sde, plain
-from diffctl.callbacks import TrainSummary
+from diffctl.train_outputs import TrainSummary
 from diffctl.classifier import KIND, ClassifierObjective, build_classifier
 from diffctl.classifier_report import accuracy_report, print_report, write_report
 from diffctl.console import print_paths, route_library_logs

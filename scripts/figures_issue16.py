@@ -58,7 +58,7 @@ def guidance_figure(n: int) -> dict:
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(grid, p, "k-", lw=1, label="p(x)")
     ax.plot(grid, component, "C1-", lw=1.5, label=f"component k={k}")
-    ax.plot(grid, tilted, "C3--", lw=1.5, label=f"p(x) p(k|x)^3, normalized")
+    ax.plot(grid, tilted, "C3--", lw=1.5, label="p(x) p(k|x)^3, normalized")
     for (name, x), color in zip(runs.items(), ("0.6", "C1", "C3")):
         ax.hist(x.reshape(-1).numpy(), bins=90, range=(-4.5, 4.5), density=True, histtype="step", color=color, lw=1.2, label=f"ddpm, {name}")
     ax.set(xlabel="x", ylabel="density", title="Classifier guidance with the exact classifier (1-D mixture, vp, ddpm 200 steps)")

@@ -207,7 +207,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_last_one_and_resume_conti
     # The first checkpoint is written normally; writing the second fills the disk after 4 KiB.
     hook = """
         import builtins, errno, io, os
-        import diffctl.checkpoint
+        import diffctl.files
 
         saves = [0]
 
@@ -224,7 +224,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_last_one_and_resume_conti
                     return FullDisk(path, mode)
             return builtins.open(path, mode, *args, **kwargs)
 
-        diffctl.checkpoint.open = open_  # the module's own name for open: only checkpoint writes see it
+        diffctl.files.open = open_  # the module's own name for open: only atomic writes see it (.ckpt. ones here)
     """
     args = ["train", *tiny_overrides("unet"), "checkpoint.every_n_steps=1", f"hydra.run.dir={run_dir}"]
     out = _run_with_hook(hook, args, tmp_path)

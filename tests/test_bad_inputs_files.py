@@ -420,12 +420,13 @@ GMM = ["model=gmm", "model.conditional=true", "model.num_components=3", "steps=2
 
 def _interrupted(run, overrides, batches, monkeypatch):
     """`run` as `diffctl sample` leaves it when stopped after `batches` finished batches."""
+    import diffctl.generation as generation  # where sample() calls the sampler
     import diffctl.sample as sample_mod
 
     cfg = compose_train(run, ["progress_bar=false", *overrides], config_name="sample")
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    real, made = sample_mod.generate, [0]
+    real, made = generation.generate, [0]
 
     def generate(*args, **kwargs):
         if made[0] == batches:
@@ -433,26 +434,26 @@ def _interrupted(run, overrides, batches, monkeypatch):
         made[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sample_mod, "generate", generate)
+    monkeypatch.setattr(generation, "generate", generate)
     with pytest.raises(KeyboardInterrupt):
         sample_mod.sample(cfg)
-    monkeypatch.setattr(sample_mod, "generate", real)
+    monkeypatch.setattr(generation, "generate", real)
     return sorted((run / "partial").glob("shard-*.npz"))
 
 
 def _no_sampling(monkeypatch):
-    import diffctl.sample as sample_mod
+    import diffctl.generation as generation  # where sample() calls the sampler
 
     def generate(*args, **kwargs):
         raise AssertionError("a new sample was made before the shards were checked")
 
-    real = sample_mod.generate
-    monkeypatch.setattr(sample_mod, "generate", generate)
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", generate)
     return real
 
 
 def test_resume_checks_every_shard_before_making_a_sample(tmp_path, monkeypatch):
-    import diffctl.sample as sample_mod
+    import diffctl.generation as generation  # where sample() calls the sampler
 
     run = tmp_path / "run"
     shards = _interrupted(run, GMM, 2, monkeypatch)
@@ -475,7 +476,7 @@ def test_resume_checks_every_shard_before_making_a_sample(tmp_path, monkeypatch)
         real = _no_sampling(monkeypatch)
         with pytest.raises(ConfigError) as err:
             run_sample(tmp_path / "log", [f"resume={run}"])
-        monkeypatch.setattr(sample_mod, "generate", real)
+        monkeypatch.setattr(generation, "generate", real)
         assert f"resume: shard {shards[1]} {fragment}" in str(err.value), str(err.value)
         assert "delete that file to have its samples made again" in str(err.value)
         shards[1].write_bytes(second)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from helpers import load_ckpt, run_train, tiny_overrides
 
-from diffctl.checkpoint import atomic_create, atomic_save, load_checkpoint
+from diffctl.checkpoint import atomic_save, load_checkpoint
+from diffctl.files import atomic_create
 
 CKPT_NAME = re.compile(r"^(step_\d{7}|last)\.ckpt$")
 TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")

@@ -10,7 +10,8 @@ from helpers import compose_train, run_cli, tiny_overrides
 
 from diffctl.denoiser import Prediction
 from diffctl.errors import ConfigError
-from diffctl.likelihood import _divergence, bits_per_dim, dequantize, likelihood, log_likelihood
+from diffctl.likelihood import likelihood
+from diffctl.ode_likelihood import bits_per_dim, dequantize, divergence, log_likelihood
 from diffctl.networks.gmm import GaussianMixture, MixtureModel
 from diffctl.samplers.common import sample_generators
 from diffctl.sde import VESDE, SubVPSDE, VPSDE, broadcast
@@ -95,7 +96,7 @@ def test_exact_divergence_of_a_network_is_the_jacobian_trace(tmp_path):
     torch.manual_seed(0)
     y = torch.randn(2, 1, 8, 8, requires_grad=True)
     t = torch.full((2,), 0.3)
-    div = _divergence(net(y, t).eps, y, None)
+    div = divergence(net(y, t).eps, y, None)
     for i in range(2):
         jac = torch.autograd.functional.jacobian(lambda z: net(z[None], t[:1]).eps[0], y[i].detach())
         assert torch.allclose(div[i], jac.reshape(64, 64).trace(), rtol=1e-4, atol=1e-4)

@@ -177,12 +177,13 @@ def test_a_run_from_before_counter_noise_resumes_with_its_own_noise(tmp_path, mo
     before) resumes with noise version 1: its samples are the old diffctl's."""
     from omegaconf import OmegaConf
 
+    import diffctl.generation as generation  # where sample() calls the sampler
     import diffctl.sample as sample_mod
     from helpers import compose_train
 
     run = tmp_path / "old"
     cfg = compose_train(run, ["progress_bar=false", *OLD_RUN, "batch_size=2", "noise=1"], config_name="sample")
-    real, count = sample_mod.generate, [0]
+    real, count = generation.generate, [0]
 
     def stop_after_one_batch(*a, **k):
         if count[0] == 1:
@@ -190,10 +191,10 @@ def test_a_run_from_before_counter_noise_resumes_with_its_own_noise(tmp_path, mo
         count[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(sample_mod, "generate", stop_after_one_batch)
+    monkeypatch.setattr(generation, "generate", stop_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
         sample_mod.sample(cfg)
-    monkeypatch.setattr(sample_mod, "generate", real)
+    monkeypatch.setattr(generation, "generate", real)
     OmegaConf.set_struct(cfg, False)
     del cfg["noise"]  # what the old diffctl stored: no noise key in the config or the manifest
     (run / ".hydra").mkdir(parents=True, exist_ok=True)
@@ -211,16 +212,16 @@ def test_a_run_from_before_counter_noise_resumes_with_its_own_noise(tmp_path, mo
 
 
 def test_a_new_run_records_the_counter_noise_in_its_manifest(tmp_path, monkeypatch):
-    import diffctl.sample as sample_mod
+    import diffctl.generation as generation  # where sample() calls the sampler
 
     written = {}
-    real = sample_mod.generate
+    real = generation.generate
 
     def spy(*a, **k):
         written.update(json.loads((tmp_path / "run" / "partial" / "manifest.json").read_text()))
         return real(*a, **k)
 
-    monkeypatch.setattr(sample_mod, "generate", spy)
+    monkeypatch.setattr(generation, "generate", spy)
     result = run_sample(tmp_path / "run", OLD_RUN)
     assert written["noise"] == 2 and result["noise"] == 2
     with np.load(tmp_path / "run" / "samples.npz") as z:

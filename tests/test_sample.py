@@ -214,12 +214,13 @@ def _interrupted_run(run, overrides, after_batches, monkeypatch):
     from helpers import compose_train
     from omegaconf import OmegaConf
 
+    import diffctl.generation as generation  # where sample() calls the sampler
     import diffctl.sample as sample_mod
 
     cfg = compose_train(run, ["progress_bar=false", *overrides], config_name="sample")
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    real, count = sample_mod.generate, [0]
+    real, count = generation.generate, [0]
 
     def generate(*a, **k):
         if count[0] == after_batches:
@@ -227,10 +228,10 @@ def _interrupted_run(run, overrides, after_batches, monkeypatch):
         count[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(sample_mod, "generate", generate)
+    monkeypatch.setattr(generation, "generate", generate)
     with pytest.raises(KeyboardInterrupt):
         sample_mod.sample(cfg)
-    monkeypatch.setattr(sample_mod, "generate", real)
+    monkeypatch.setattr(generation, "generate", real)
 
 
 def test_resume_with_another_batch_size_keeps_the_samples(trained, tmp_path, monkeypatch):

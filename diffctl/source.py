@@ -1,0 +1,61 @@
+"""What a command samples from: a trained checkpoint (or its export), or the analytic mixture
+(model=gmm), with what the commands need to know about it (shape of one sample, training data,
+which weights)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from diffctl.build import build_sde, is_export, load_denoiser, load_export
+from diffctl.errors import CheckpointError, ConfigError
+from diffctl.networks.gmm import GaussianMixture, MixtureModel
+from diffctl.sde import VPSDE
+
+
+@dataclass
+class Source:
+    """What is sampled: a trained checkpoint or the analytic mixture (model=gmm). What it can do is
+    `denoiser.capabilities` (diffctl.denoiser.Capabilities)."""
+
+    denoiser: Any  # the composed model (diffctl.denoiser protocol)
+    shape: tuple[int, ...]  # one sample
+    data: DictConfig | None = None  # training data config: the metrics' reference
+    mixture: GaussianMixture | None = None
+    description: str = ""
+    weights: str = "exact"  # ema | raw | exact (model=gmm)
+
+
+def load_source(cfg: DictConfig, ckpt: str | None) -> Source:
+    """The model of `ckpt` (a training checkpoint or an export; cfg.use_ema picks the weights), or
+    with ckpt None the analytic mixture cfg.model under cfg.sde (VP when none is given)."""
+    if ckpt is None:
+        mixture = GaussianMixture.from_config(cfg.model)
+        sde = build_sde(cfg) if cfg.get("sde") is not None else VPSDE()
+        denoiser = MixtureModel(mixture, sde, conditional=cfg.model.get("conditional", False))
+        return Source(denoiser, mixture.shape, mixture=mixture, description="model=gmm")
+    if is_export(ckpt):  # `diffctl export` output: the weights it holds (EMA unless exported with use_ema=false)
+        denoiser, train_cfg, weights = load_export(ckpt)
+        if cfg.get("use_ema") is False and weights == "ema":
+            raise ConfigError(f"{ckpt} holds EMA weights only; for the raw weights export with `diffctl export use_ema=false`")
+    else:
+        denoiser, train_cfg = load_denoiser(ckpt, use_ema=cfg.use_ema)
+        weights = "ema" if cfg.use_ema else "raw"
+    shape = train_cfg.data_shape
+    return Source(
+        denoiser,
+        (shape.channels, shape.resolution, shape.resolution),
+        data=train_cfg.data,
+        description=ckpt,
+        weights=weights,
+    )
+
+
+def newest_checkpoint(root: Path = Path("outputs")) -> Path:
+    candidates = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint found under {root.resolve()}; train one with `diffctl train` or pass ckpt=")
+    return candidates[-1]
