@@ -38,7 +38,7 @@ from diffctl.noise import NOISE_VERSION, NOISE_VERSIONS
 from diffctl.performance import sampling_autocast, speed_up, use_channels_last
 from diffctl.resume_check import check_shards, read_manifest, read_run_config
 from diffctl.rundir import claims_run_dir
-from diffctl.samplers import check_sampler, generate
+from diffctl.samplers import check_fits, check_sampler, generate
 from diffctl.sde import VPSDE
 from diffctl.signals import interruptible
 
@@ -116,11 +116,7 @@ def _check_options(cfg: DictConfig) -> None:
 def _check_fits(cfg: DictConfig, source: Source) -> None:
     """Checks of the sampler options against the checkpoint."""
     can = source.denoiser.capabilities
-    if can.one_step != (cfg.sampler.name == "consistency"):
-        raise ConfigError(
-            "consistency checkpoints sample with sampler=consistency, and sampler=consistency needs a consistency checkpoint "
-            f"(this checkpoint predicts {can.prediction!r}, sampler is {cfg.sampler.name!r})"
-        )
+    check_fits(cfg.sampler.name, can)  # what the sampler needs of the model (its registration)
     num_classes = can.num_classes
     if cfg.class_label is not None:
         if num_classes == 0:
