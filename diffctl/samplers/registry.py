@@ -12,7 +12,8 @@ the two cannot drift. Everything that checks a sampler config (check_sampler, th
 sampler.* and sample_grid.sampler.* nodes) reads this registry.
 
 Adding a sampler is one file in diffctl/samplers/ (imported by `discover`, from diffctl/samplers/__init__.py)
-plus conf/sampler/<name>.yaml. This module imports no torch; the sampler modules do.
+plus conf/sampler/<name>.yaml. The sampler modules import torch, so the CLI's torch-free first check
+leaves sampler nodes to the command unless the command line sets one (diffctl/cli.py).
 """
 
 from __future__ import annotations
