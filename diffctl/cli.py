@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -76,12 +77,33 @@ def config_groups() -> dict[str, list[str]]:
     return groups
 
 
+OUR_SOURCES = ("hydra", "main", "schema")  # Hydra's config sources that are conf/ and Hydra's own
+
+
+def sets_sampler(overrides, sources=OUR_SOURCES) -> bool:
+    """Whether a sampler node (sampler, sample_grid.sampler) may differ from what conf/ ships: a
+    command-line override names one (`sampler=ddim`, `sampler.eta=2`, `+sample_grid.sampler.x=1`,
+    `sample_grid={...}`), or configs come from elsewhere (--config-dir, hydra.searchpath)."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "sample_grid" or "sampler" in re.split(r"[.@/]", key):
+            return True
+    return any(provider not in OUR_SOURCES for provider in sources)
+
+
 def _validated(cfg, command: str) -> None:
     """The schema check each command starts with (diffctl/schema), here before the command's module
-    and with it torch and Lightning are imported: a config error then costs a fraction of a second."""
+    and with it torch and Lightning are imported: a config error then costs a fraction of a second.
+    The samplers declare their options where they are defined, in modules that import torch
+    (diffctl/samplers/registry.py), so their nodes are checked here only when the command line may have
+    changed them; conf/'s own are valid (tests/test_sampler_registry.py), and the command validates
+    the whole config again, samplers included, once it imported torch."""
+    from hydra.core.hydra_config import HydraConfig
+
     from diffctl.schema import validate
 
-    validate(cfg, command)
+    hydra = HydraConfig.get()
+    validate(cfg, command, samplers=sets_sampler(hydra.overrides.task, [s.provider for s in hydra.runtime.config_sources]))
 
 
 def _train_task(cfg):

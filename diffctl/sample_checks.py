@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from diffctl.errors import ConfigError
 from diffctl.networks.gmm import is_mixture
+from diffctl.samplers import check_fits as sampler_fits
 from diffctl.samplers import check_sampler
 from diffctl.source import Source
 
@@ -38,11 +39,7 @@ def check_options(cfg: DictConfig) -> None:
 def check_fits(cfg: DictConfig, source: Source) -> None:
     """Checks of the sampler options against the checkpoint."""
     can = source.denoiser.capabilities
-    if can.one_step != (cfg.sampler.name == "consistency"):
-        raise ConfigError(
-            "consistency checkpoints sample with sampler=consistency, and sampler=consistency needs a consistency checkpoint "
-            f"(this checkpoint predicts {can.prediction!r}, sampler is {cfg.sampler.name!r})"
-        )
+    sampler_fits(cfg.sampler.name, can)  # what the sampler needs of the model (its registration)
     num_classes = can.num_classes
     if cfg.class_label is not None:
         if num_classes == 0:

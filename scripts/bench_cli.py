@@ -9,7 +9,9 @@ Rows, each the real console script in a fresh process, in an empty working direc
 - `diffctl --help`: the commands and config groups (goal: <= 1 s on 2 idle cores);
 - `diffctl train --help`: Hydra composes train's config and prints its groups (goal <= 3 s);
 - `diffctl train optim.lr=-1`: a config error, one line and exit 1 (goal <= 3 s);
-- `diffctl train +no_such_key=1`: an unknown key, one line and exit 1 (goal <= 3 s).
+- `diffctl train +no_such_key=1`: an unknown key, one line and exit 1 (goal <= 3 s);
+- `diffctl sample steps=0`: a config error of sample (its sampler nodes unchecked until torch: goal <= 3 s);
+- `diffctl sample sampler=ddim sampler.eta=2`: a sampler option error, which imports torch (goal <= 3 s).
 Each run's exit status and its first stderr line are checked against what the row expects, so a run
 that failed another way is reported rather than timed. Wall time from start to exit (perf_counter
 around the child); the median of --runs after --warmup runs, min and max beside it. With --against,
@@ -39,6 +41,9 @@ ROWS = [
     ("train --help", ["train", "--help"], 0, None, 3.0),
     ("train optim.lr=-1", ["train", "optim.lr=-1"], 1, "error: optim.lr must be > 0, got -1", 3.0),
     ("train +no_such_key=1", ["train", "+no_such_key=1"], 1, "error: no_such_key: no such config key", 3.0),
+    ("sample steps=0", ["sample", "steps=0"], 1, "error: steps must be a positive integer, got 0", 3.0),
+    # a sampler key: the samplers declare their options in modules that import torch (diffctl/samplers/registry.py)
+    ("sample sampler.eta=2", ["sample", "sampler=ddim", "sampler.eta=2"], 1, "error: sampler.eta must be in [0, 1]", 3.0),
 ]
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import statistics
 import sys
@@ -121,7 +122,7 @@ def ours(denoiser, shape, sampler: dict, steps: int, batch: int, precision="32-t
         name = sampler["name"]
         original = SAMPLERS[name]
         if grad != "inference_mode":  # the undecorated sampler under the requested autograd mode
-            SAMPLERS[name] = original.__wrapped__
+            SAMPLERS[name] = dataclasses.replace(original, fn=original.fn.__wrapped__)
         try:
             mode = torch.no_grad() if grad == "no_grad" else torch.enable_grad() if grad == "autograd" else contextlib.nullcontext()
             with mode, sampling_autocast(precision, device):

@@ -1,8 +1,12 @@
 """What the CLI imports before it answers (diffctl/cli.py, diffctl/_compat.py, diffctl/schema/choices.py).
 
 `diffctl --help` imports none of torch, Lightning, Hydra; a command's --help and a config error import no
-torch or Lightning: the config is composed by Hydra and checked by the schema first. These tests look
-at sys.modules in a fresh interpreter and time nothing (scripts/bench_cli.py times the commands)."""
+torch or Lightning: the config is composed by Hydra and checked by the schema first. The samplers'
+options are declared by the samplers (diffctl/samplers/registry.py), which import torch: an error in a
+sampler key given on the command line imports torch but not Lightning nor the command's module, and
+one elsewhere imports no torch (the samplers' nodes are checked when the command line may have changed
+them). These tests look at sys.modules in a fresh interpreter and time nothing (scripts/bench_cli.py
+times the commands)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from diffctl.schema import SCHEMAS
 
@@ -62,7 +67,7 @@ def test_command_help_imports_no_torch_or_lightning(tmp_path, command):
     [
         (["train", "optim.lr=-1"], "error: optim.lr must be > 0, got -1"),
         (["train", "+optim.lrr=1"], "error: optim.lrr: no such config key of diffctl train; close matches: optim.lr"),
-        (["sample", "sampler=ddim", "sampler.eta=2"], "error: sampler.eta must be in [0, 1] (0 = deterministic DDIM"),
+        (["sample", "steps=0"], "error: steps must be a positive integer, got 0"),
         (["fid-stats", "metrics.detector=no-such"], "error: metrics.detector must be one of auto, inception"),
     ],
 )
@@ -70,6 +75,48 @@ def test_config_error_is_reported_before_torch_is_imported(tmp_path, args, messa
     code, _, err, loaded = _cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert code == 1 and len(err) == 1 and err[0].startswith(message), err
     assert loaded == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "sampler=ddim", "sampler.eta=2"], "error: sampler.eta must be in [0, 1] (0 = deterministic DDIM"),
+        (["sample", "sampler=pc", "sampler.variance=large"], "error: sampler.variance=large is the ancestral predictor's"),
+        (["sample", "sampler=dpm"], "error: sampler=dpm: there is no config 'sampler/dpm'; choose one of: consistency, ddim"),
+        (["train", "sample_grid.sampler={name: ddpm, eta: 1}"], "error: sample_grid.sampler=ddpm has no option eta"),
+        (["train", "sample_grid.sampler=dpm"], "error: sample_grid.sampler must be one of consistency, ddim, ddpm, ode, pc, got 'dpm'"),
+    ],
+)
+def test_a_sampler_error_is_reported_before_lightning_and_the_command_are_imported(tmp_path, args, message):
+    probe = (*HEAVY, "diffctl.sample", "diffctl.train")
+    code, _, err, loaded = _cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, probe=probe)
+    assert code == 1 and len(err) == 1 and err[0].startswith(message), err
+    # the samplers' rules import torch; Hydra itself refuses a sampler without a YAML, before the schema
+    assert loaded == ([] if "no config" in message else ["torch"])
+
+
+def test_the_first_check_skips_the_samplers_only_where_the_command_line_cannot_have_changed_them():
+    from diffctl.cli import sets_sampler
+
+    for override in ("sampler=ddim", "sampler.eta=2", "+sampler.x=1", "~sampler.eta", "++sample_grid.sampler.eta=1",
+                     "sample_grid.sampler=ddpm", "sample_grid={num: 4}", "sampler@sample_grid.sampler=ddim"):  # fmt: skip
+        assert sets_sampler(["steps=3", override]), override
+    assert not sets_sampler(["steps=3", "sample_grid.steps=4", "optim.lr=1", "experiment=quickstart", "samplers_dir=x"])
+    assert sets_sampler([], ["hydra", "main", "command-line"])  # --config-dir: the user's configs may hold samplers
+    assert sets_sampler([], ["hydra", "main", "hydra.searchpath in command-line"])
+
+
+def test_a_bad_sampler_in_an_unchecked_config_is_still_refused_by_the_command(tmp_path):
+    """samplers=False (the CLI's first check) leaves the sampler nodes to the command's own validation."""
+    from diffctl.config import compose_config
+    from diffctl.errors import ConfigError
+    from diffctl.schema import validate
+
+    data = OmegaConf.to_container(compose_config("sample", ["sampler=ddim"], tmp_path))
+    data["sampler"]["eta"] = 2
+    validate(data, "sample", samplers=False)
+    with pytest.raises(ConfigError, match=r"^sampler.eta must be in \[0, 1\]"):
+        validate(data, "sample")
 
 
 def test_a_trainer_value_outside_the_known_names_is_checked_against_lightning(tmp_path):
@@ -86,7 +133,9 @@ def test_a_trainer_value_outside_the_known_names_is_checked_against_lightning(tm
 
 def test_every_preset_config_is_validated_without_torch(tmp_path):
     """The schema accepts each command's config, with every trainer preset, without importing torch or
-    Lightning (a trainer value in conf/ outside the names known without Lightning would import it)."""
+    Lightning (a trainer value in conf/ outside the names known without Lightning would import it).
+    The sampler nodes, which the CLI's first check skips for them, are the samplers' own YAMLs
+    (tests/test_sampler_registry.py) and presets (validated whole in tests/test_bad_inputs_schema.py)."""
     from diffctl.cli import config_groups
 
     configs = [("train", [f"trainer={t}"]) for t in config_groups()["trainer"]]
@@ -96,8 +145,8 @@ import json, os, sys
 from diffctl.config import compose_config
 from diffctl.schema import validate
 for command, overrides in {configs!r}:
-    validate(compose_config(command, overrides, {str(tmp_path)!r}), command)
-print(json.dumps(sorted(m for m in {list(HEAVY)!r} if m in sys.modules)), file=sys.stderr)
+    validate(compose_config(command, overrides, {str(tmp_path)!r}), command, samplers=False)
+print(json.dumps(sorted(m for m in {[*HEAVY, "diffctl.samplers"]!r} if m in sys.modules)), file=sys.stderr)
 """
     out, loaded = _run(code, [], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -136,14 +185,6 @@ def test_a_second_import_diffctl_installs_no_second_hook():
     before = list(sys.meta_path)
     install_torchvision_shim()
     assert sys.meta_path == before
-
-
-def test_sampler_names_the_schema_checks_are_the_samplers_own():
-    """diffctl/schema/choices.py declares the samplers' names and options for the torch-free check; they
-    must be what the samplers implement (their signatures and dispatch tables)."""
-    from diffctl.samplers import undeclared
-
-    assert undeclared() == []
 
 
 def test_lightning_names_known_without_lightning_are_registered_by_it():

@@ -31,7 +31,7 @@ from diffusers import (  # noqa: E402
 from diffctl.networks.gmm import GaussianMixture, MixtureModel  # noqa: E402
 from diffctl.samplers import ddim, ode  # noqa: E402
 from diffctl.noise import SampleNoise  # noqa: E402
-from diffctl.samplers.stochastic import _posterior  # noqa: E402
+from diffctl.samplers.common import posterior  # noqa: E402
 from diffctl.sde import SDE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def test_ddpm_posterior_equals_ddpm_scheduler_step():
     for t, prev in zip(ts, ts[1:] + [-1]):
         now, nxt = _discrete_level(sched, t), _discrete_level(sched, prev)
         x0 = (x - now.sigma * eps) / now.alpha
-        mean, std = _posterior(x / now.alpha, x0, now, nxt)
+        mean, std = posterior(x / now.alpha, x0, now, nxt)
         noise = torch.randn(B, D, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
         ours = nxt.alpha * (mean + (std * noise if t > 0 else 0.0))
         theirs = sched.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample

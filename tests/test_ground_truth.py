@@ -24,7 +24,7 @@ from diffctl.networks.gmm import GaussianMixture, MixtureModel
 from diffctl.noise import GeneratorNoise, SampleNoise
 from diffctl.samplers import generate, noise_levels
 from diffctl.samplers.ode import ode
-from diffctl.samplers.stochastic import ddim, ddpm, pc
+from diffctl.samplers import ddim, ddpm, pc
 from diffctl.sde import SubVPSDE, VESDE, VPSDE, ddpm_alphas_cumprod, ddpm_betas
 
 D = 3

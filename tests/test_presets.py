@@ -4,6 +4,7 @@ dataset's own on-disk format, writes its sample grid with its own grid sampler, 
 once from the checkpoint with that sampler. Only the network's size, the batch, the step counts and the
 device are shrunk; the SDE, objective, dataset format, resolution, channels and sampler stay the preset's."""
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -58,14 +59,14 @@ def write_tiny_data(name: str, root, resolution: int, channels: int) -> None:
 def sampler_calls(monkeypatch):
     """(name, options) of the sampler functions run, in order (wrapped in place, so generate() still checks options)."""
     calls = []
-    for name, fn in list(diffctl.samplers.SAMPLERS.items()):
+    for name, sampler in list(diffctl.samplers.SAMPLERS.items()):
 
-        @functools.wraps(fn)
-        def record(*args, _name=name, _fn=fn, **kwargs):
+        @functools.wraps(sampler.fn)
+        def record(*args, _name=name, _fn=sampler.fn, **kwargs):
             calls.append((_name, {k: v for k, v in kwargs.items() if k not in ("cond", "noise")}))
             return _fn(*args, **kwargs)
 
-        monkeypatch.setitem(diffctl.samplers.SAMPLERS, name, record)
+        monkeypatch.setitem(diffctl.samplers.SAMPLERS, name, dataclasses.replace(sampler, fn=record))
     return calls
 
 

@@ -14,7 +14,7 @@ from diffctl.noise import SampleNoise
 from diffctl.samplers import check_sampler, generate, noise_levels, sampler_options
 from diffctl.samplers.common import Level, ratio_levels
 from diffctl.samplers.ode import ode
-from diffctl.samplers.stochastic import CORRECTORS
+from diffctl.samplers.pc import CORRECTORS
 from diffctl.sde import SubVPSDE, VESDE, VPSDE, broadcast
 
 SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(sigma_max=20.0)}

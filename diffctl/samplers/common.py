@@ -18,6 +18,7 @@ from diffctl.errors import ConfigError
 from diffctl.rng import mix_seed
 
 SPACINGS = ("uniform", "quadratic", "trailing", "leading", "karras", "logsnr")
+VARIANCES = ("small", "large")  # of an ancestral step (ddpm, pc's ancestral predictor)
 
 
 def sample_generators(seed: int, indices) -> list[torch.Generator]:
@@ -165,3 +166,24 @@ def ratio_levels(sde, steps: int, spacing: str, s_max: float | None = None, s_mi
     if s_min is None and steps > 1:
         t[-1] = sde.sample_eps
     return t
+
+
+def posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, float]:
+    """Mean and std of q(y_s | y_t, x0) for the VE process in y (s = nxt.s < t's now.s).
+
+    In x variables this is DDPM's posterior with variance beta-tilde for VP, and the SMLD
+    ancestral rule sigma'^2 (sigma^2 - sigma'^2) / sigma^2 for VE (Song et al. 2021, App. F).
+    """
+    ratio = (nxt.s / now.s) ** 2
+    return ratio * y + (1.0 - ratio) * x0, nxt.s * math.sqrt(1.0 - ratio)
+
+
+def ancestral_step(y: Tensor, x0: Tensor, now: Level, nxt: Level, variance: str, noise) -> Tensor:
+    """One ancestral step from `now` to `nxt`: the posterior mean of q(y_s | y_t, x0) plus noise of
+    variance small = the posterior's (DDPM's beta-tilde, "fixed small") or large = the forward
+    transition's: x_t | x_s has variance v = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2 (DDPM's beta_t,
+    "fixed large", for VP; sigma_t^2 - sigma_s^2 for VE), which is (alpha_t/alpha_s)^2 (s_t^2 - s_s^2) in y."""
+    mean, std = posterior(y, x0, now, nxt)
+    if variance == "large":
+        std = now.alpha / nxt.alpha * math.sqrt(now.s**2 - nxt.s**2)
+    return mean + std * noise.randn_like(y)

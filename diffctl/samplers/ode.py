@@ -13,7 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, ratio_levels, start
+from diffctl.samplers.common import SPACINGS, Level, denoise, levels_of, noise_levels, ratio_levels, start
+from diffctl.samplers.registry import below, register_sampler
+from diffctl.schema.rules import Bool, Choice, Float
 
 SOLVERS = ("euler", "heun", "rk4", "dpmpp_2m", "adaptive")
 
@@ -84,6 +86,15 @@ def _adaptive(model, y, levels, cond, rtol: float, atol: float):
 _STEPS = {"euler": _euler_step, "heun": _heun_step, "rk4": _rk4_step}
 
 
+SIGMA = "s = sigma/alpha; null = the SDE's own end"
+
+
+@register_sampler(
+    "ode",
+    solver=Choice(*SOLVERS), spacing=Choice(*SPACINGS, "auto"), rtol=Float(gt=0), atol=Float(gt=0),
+    lower_order_final=Bool(), sigma_min=Float(gt=0, null=True, hint=SIGMA), sigma_max=Float(gt=0, null=True, hint=SIGMA),
+    checks=(below("sigma_min", "sigma_max"),),
+)  # fmt: skip
 @torch.inference_mode()
 def ode(
     model,
@@ -91,6 +102,7 @@ def ode(
     steps: int,
     cond=None,
     noise=None,
+    *,
     solver: str = "dpmpp_2m",
     spacing: str = "auto",
     rtol: float = 1e-5,

@@ -6,9 +6,9 @@ sample, likelihood, fid-stats, export and train-classifier.
 """
 
 from diffctl.schema.keys import SCHEMAS, validate, validate_group
-from diffctl.schema.nodes import ByTarget, Passthrough, SamplerNode, check_node, check_sampler_node, unknown_key
+from diffctl.schema.nodes import ByTarget, Passthrough, SamplerNode, check_node, fail, unknown_key
 from diffctl.schema.rules import AnyOf, Bool, Choice, Float, Int, Numbers, Pattern, Rule, Seq, Text, show
 
 __all__ = ["SCHEMAS", "validate", "validate_group", "ByTarget", "Passthrough", "SamplerNode", "check_node",
-           "check_sampler_node", "unknown_key", "AnyOf", "Bool", "Choice", "Float", "Int", "Numbers",
+           "fail", "unknown_key", "AnyOf", "Bool", "Choice", "Float", "Int", "Numbers",
            "Pattern", "Rule", "Seq", "Text", "show"]  # fmt: skip

@@ -3,15 +3,14 @@ a whole config with them before torch or Lightning is imported, so `diffctl trai
 answers before the seconds those imports take (diffctl/cli.py; tests/test_cli_startup.py).
 
 The modules that implement the choices import their names from here (data, detectors, metrics,
-likelihood, export, module, performance). The samplers' options are their function signatures and
-their predictors and correctors dispatch tables; tests/test_cli_startup.py checks that those equal
-the names below, so a sampler option added there without its entry here fails the tests.
+likelihood, export, module, performance). The samplers and their options are not here: each sampler
+declares them where it is defined (diffctl/samplers/registry.py), and the CLI checks them only once
+it imports torch anyway, or earlier when the command line sets a sampler key (diffctl/cli.py).
 """
 
 from __future__ import annotations
 
-from diffctl.schema.nodes import SamplerNode
-from diffctl.schema.rules import Bool, Choice, Float, Int, Rule
+from diffctl.schema.rules import Choice, Rule
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")  # diffctl/data.py
 SPLITS = ("train", "test")
@@ -50,48 +49,3 @@ class Registered(Rule):
 
     def out_of_range(self):
         return ["not-a-choice"]
-
-
-# ---------------------------------------------------------------- samplers (diffctl/samplers)
-
-# Each sampler's options: the parameters of its function after (denoiser, x, steps, labels, generators).
-SAMPLER_OPTIONS = {
-    "ddpm": ("variance", "spacing"),
-    "ddim": ("eta", "spacing"),
-    "pc": ("predictor", "corrector", "snr", "corrector_steps", "variance", "spacing"),
-    "ode": ("solver", "spacing", "rtol", "atol", "lower_order_final", "sigma_min", "sigma_max"),
-    "consistency": ("spacing",),
-}
-SPACINGS = ("uniform", "quadratic", "trailing", "leading", "karras", "logsnr")  # samplers/common.py
-SOLVERS = ("euler", "heun", "rk4", "dpmpp_2m", "adaptive")  # samplers/ode.py
-PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")  # samplers/stochastic.py
-CORRECTORS = ("langevin", "ald", "none")
-VARIANCES = ("small", "large")
-
-# Every sampler option's type and range, declared once: check_sampler and the config schema
-# (diffctl/schema/keys.py: sampler.*, sample_grid.sampler.*) both read them. (sampler, option) entries
-# override the option's rule for one sampler.
-OPTION_RULES: dict = {
-    "spacing": Choice(*SPACINGS),
-    "solver": Choice(*SOLVERS),
-    "predictor": Choice(*PREDICTORS),
-    "corrector": Choice(*CORRECTORS),
-    "variance": Choice(*VARIANCES),
-    "eta": Float(ge=0, le=1, hint="0 = deterministic DDIM, 1 = DDPM"),
-    "snr": Float(gt=0),
-    "rtol": Float(gt=0),
-    "atol": Float(gt=0),
-    "lower_order_final": Bool(),
-    "sigma_min": Float(gt=0, null=True, hint="s = sigma/alpha; null = the SDE's own end"),
-    "sigma_max": Float(gt=0, null=True, hint="s = sigma/alpha; null = the SDE's own end"),
-    "corrector_steps": Int(lo=0),
-    ("ode", "spacing"): Choice(*SPACINGS, "auto"),
-}
-
-
-def option_rules(name: str) -> dict:
-    """The rule of each option sampler `name` accepts (KeyError: an option without a declared rule)."""
-    return {key: OPTION_RULES.get((name, key)) or OPTION_RULES[key] for key in SAMPLER_OPTIONS[name]}
-
-
-SAMPLER_NODE = SamplerNode(tuple(SAMPLER_OPTIONS), option_rules)

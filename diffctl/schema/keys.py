@@ -1,5 +1,6 @@
 """The config schema of every command: each key's type, range and choices, in one place (the rules
-are in diffctl/schema/rules.py; the names keys choose from and the sampler options in choices.py).
+are in diffctl/schema/rules.py, the names keys choose from in choices.py; the samplers' options are
+declared by each sampler, diffctl/samplers/registry.py).
 `validate(cfg, command)` is the first thing each command does; a key added to conf/ without an entry
 here is refused (tests/test_bad_inputs_schema.py composes every config and checks this). It imports
 neither torch nor Lightning for the usual configs (only Lightning's registries and Trainer, for a
@@ -27,12 +28,11 @@ from diffctl.schema.choices import (
     NAN_POLICIES,
     PROBES,
     SAMPLE_PRECISIONS,
-    SAMPLER_NODE,
     SPLITS,
     TRACES,
     Registered,
 )
-from diffctl.schema.nodes import ByTarget, Passthrough, check_node
+from diffctl.schema.nodes import ByTarget, Passthrough, SamplerNode, check_node
 from diffctl.schema.rules import (
     AnyOf,
     Bool,
@@ -49,6 +49,15 @@ SEED = Int(lo=0, hi=2**32 - 1)  # numpy's and Lightning's seed range (Lightning 
 PATH = Text()
 PATH_OR_NULL = Text(null=True)
 DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", what="auto, cpu, cuda, cuda:N or mps")
+
+
+def _check_sampler(data, key: str) -> None:
+    from diffctl.samplers.registry import check_config_node  # imports the samplers, and torch
+
+    check_config_node(data, key)
+
+
+SAMPLER_NODE = SamplerNode(_check_sampler)  # sampler, sample_grid.sampler
 COMMANDS = {"train": "train", "sample": "sample", "likelihood": "likelihood", "fid_stats": "fid-stats", "export": "export",
             "train_classifier": "train-classifier"}
 
@@ -276,13 +285,14 @@ def combinations(data: dict, command: str) -> None:
         raise ConfigError("optim.fused and optim.foreach must not both be true (PyTorch's Adam runs one kernel or the other), got true and true")
 
 
-def validate(cfg: DictConfig | dict, command: str, where: str | None = None) -> None:
+def validate(cfg: DictConfig | dict, command: str, where: str | None = None, samplers: bool = True) -> None:
     """Check a command's config (`command` as in conf/: train, sample, likelihood, fid_stats, export)
     against its schema; ConfigError naming the first bad key. `where`: appended to the message (a
-    config that came from a file, e.g. the checkpoint a resumed run takes its model from)."""
+    config that came from a file, e.g. the checkpoint a resumed run takes its model from).
+    samplers=False: all but the sampler nodes, whose check imports torch (the CLI's first check)."""
     data = plain(cfg)
     try:
-        check_node(data, SCHEMAS[command](), "", COMMANDS[command])
+        check_node(data, SCHEMAS[command](), "", COMMANDS[command], samplers)
         combinations(data, command)
     except ConfigError as err:
         if where is None:

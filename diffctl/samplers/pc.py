@@ -1,7 +1,7 @@
-"""Stochastic samplers: DDPM ancestral, DDIM (any eta) and score-SDE predictor-corrector.
+"""Score-SDE predictor-corrector sampling (Song et al. 2021), NCSN's annealed Langevin dynamics among it.
 
-Each walks the noise levels of `noise_levels` in y = x/alpha, s = sigma/alpha variables (see
-common.py) and ends by returning the x0 prediction at the last level.
+It walks the noise levels of `noise_levels` in y = x/alpha, s = sigma/alpha variables (see common.py)
+and ends by returning the x0 prediction at the last level.
 """
 
 from __future__ import annotations
@@ -12,65 +12,10 @@ import math
 import torch
 from torch import Tensor
 
-from diffctl.samplers.common import Level, denoise, levels_of, noise_levels, start
+from diffctl.samplers.common import SPACINGS, VARIANCES, Level, ancestral_step, denoise, levels_of, noise_levels, start
+from diffctl.samplers.registry import only_with, register_sampler
+from diffctl.schema.rules import Choice, Float, Int
 
-
-def _posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, float]:
-    """Mean and std of q(y_s | y_t, x0) for the VE process in y (s = nxt.s < t's now.s).
-
-    In x variables this is DDPM's posterior with variance beta-tilde for VP, and the SMLD
-    ancestral rule sigma'^2 (sigma^2 - sigma'^2) / sigma^2 for VE (Song et al. 2021, App. F).
-    """
-    ratio = (nxt.s / now.s) ** 2
-    return ratio * y + (1.0 - ratio) * x0, nxt.s * math.sqrt(1.0 - ratio)
-
-
-VARIANCES = ("small", "large")
-
-
-def _ancestral_step(y: Tensor, x0: Tensor, now: Level, nxt: Level, variance: str, noise) -> Tensor:
-    """One ancestral step from `now` to `nxt`: the posterior mean of q(y_s | y_t, x0) plus noise of
-    variance small = the posterior's (DDPM's beta-tilde, "fixed small") or large = the forward
-    transition's: x_t | x_s has variance v = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2 (DDPM's beta_t,
-    "fixed large", for VP; sigma_t^2 - sigma_s^2 for VE), which is (alpha_t/alpha_s)^2 (s_t^2 - s_s^2) in y."""
-    mean, std = _posterior(y, x0, now, nxt)
-    if variance == "large":
-        std = now.alpha / nxt.alpha * math.sqrt(now.s**2 - nxt.s**2)
-    return mean + std * noise.randn_like(y)
-
-
-@torch.inference_mode()
-def ddpm(model, x: Tensor, steps: int, cond=None, noise=None, variance: str = "small", spacing: str = "trailing") -> Tensor:
-    """Ancestral sampling: draw x_s ~ q(x_s | x_t, x0 = predicted x0) level by level (Ho et al. 2020),
-    with the posterior's variance (variance=small) or the forward step's (variance=large)."""
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
-    levels = levels_of(model.sde, noise_levels(model.sde, steps, spacing))
-    y = start(x, model.sde, levels[0])
-    for now, nxt in zip(levels, levels[1:]):
-        y = _ancestral_step(y, denoise(model, y, now, cond).x0, now, nxt, variance, noise)
-    return denoise(model, y, levels[-1], cond).x0
-
-
-@torch.inference_mode()
-def ddim(model, x: Tensor, steps: int, cond=None, noise=None, eta: float = 0.0, spacing: str = "trailing") -> Tensor:
-    """DDIM (Song et al. 2021): y_s = x0 + sqrt(s'^2 - c^2) eps + c z with c = eta * posterior std.
-
-    eta = 0 is deterministic (an Euler step of the probability-flow ODE in y, s); eta = 1 is exactly
-    DDPM's ancestral step.
-    """
-    levels = levels_of(model.sde, noise_levels(model.sde, steps, spacing))
-    y = start(x, model.sde, levels[0])
-    for now, nxt in zip(levels, levels[1:]):
-        pred = denoise(model, y, now, cond)
-        c = eta * nxt.s * math.sqrt(1.0 - (nxt.s / now.s) ** 2)
-        y = pred.x0 + math.sqrt(max(nxt.s**2 - c * c, 0.0)) * pred.eps
-        if c > 0:
-            y = y + c * noise.randn_like(y)
-    return denoise(model, y, levels[-1], cond).x0
-
-
-# ------------------------------------------------------------------ predictor-corrector
 # A predictor moves y from level `now` to level `nxt`; a corrector runs Langevin steps at `now`.
 # Both return the new y; `score` of x at a level is -eps / sigma.
 
@@ -102,7 +47,7 @@ def _reverse_diffusion(model, y, now: Level, nxt: Level, cond, noise):
 def _ancestral(model, y, now: Level, nxt: Level, cond, noise, variance: str = "small"):
     """`ddpm`'s step. score_sde's AncestralSamplingPredictor is variance=large for VP (beta_i) and
     variance=small for VE (sigma_{i-1}^2 (sigma_i^2 - sigma_{i-1}^2) / sigma_i^2)."""
-    return _ancestral_step(y, denoise(model, y, now, cond).x0, now, nxt, variance, noise)
+    return ancestral_step(y, denoise(model, y, now, cond).x0, now, nxt, variance, noise)
 
 
 def _no_predictor(model, y, now, nxt, cond, noise):
@@ -152,6 +97,12 @@ def _annealed_langevin(model, y, now: Level, nxt: Level | None, cond, noise, snr
 CORRECTORS = {"langevin": _langevin, "ald": _annealed_langevin, "none": None}
 
 
+@register_sampler(
+    "pc",
+    predictor=Choice(*PREDICTORS), corrector=Choice(*CORRECTORS), snr=Float(gt=0), corrector_steps=Int(lo=0),
+    variance=Choice(*VARIANCES), spacing=Choice(*SPACINGS),
+    checks=(only_with("variance", "small", "predictor", "ancestral"),),
+)  # fmt: skip
 @torch.inference_mode()
 def pc(
     model,
@@ -159,6 +110,7 @@ def pc(
     steps: int,
     cond=None,
     noise=None,
+    *,
     predictor: str = "reverse_diffusion",
     corrector: str = "ald",
     snr: float = 0.16,
