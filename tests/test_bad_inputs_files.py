@@ -496,6 +496,8 @@ def test_shards_are_whole_or_absent_and_a_bad_one_is_one_line_from_the_cli(tmp_p
 
     run = tmp_path / "run"
     _interrupted(run, GMM, 1, monkeypatch)
+    import diffctl.indexjob as indexjob  # where the shards are written
+
     real_savez = np.savez
 
     def killed_mid_write(file, **arrays):  # the process dies with half a shard written
@@ -503,10 +505,10 @@ def test_shards_are_whole_or_absent_and_a_bad_one_is_one_line_from_the_cli(tmp_p
         file.truncate(file.tell() // 2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sample_mod.np, "savez", killed_mid_write)
+    monkeypatch.setattr(indexjob.np, "savez", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         run_sample(tmp_path / "log", [f"resume={run}"])
-    monkeypatch.setattr(sample_mod.np, "savez", real_savez)
+    monkeypatch.setattr(indexjob.np, "savez", real_savez)
     assert sorted(p.name for p in (run / "partial").iterdir()) == ["manifest.json", "shard-0000000000-0000000002.npz"]
     shard = run / "partial" / "shard-0000000000-0000000002.npz"
     _cut(shard)  # damaged anyway (a disk error, a copy cut short): named, nothing made
