@@ -10,6 +10,7 @@ which equals c_skip x + c_out F up to rounding (tests/test_denoiser_objectives.p
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ def split(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> tu
     raise ValueError(f"unknown prediction type {kind!r}; choose one of eps, x0, v, score")
 
 
-class Parameterization:
+class Parameterization(ABC):
     """Base: input scaling (c_in) and noise label (c_noise) shared by all kinds.
 
     scale_input: x_t is divided by its marginal std sqrt(alpha^2 sigma_data^2 + sigma^2) so the network
@@ -77,9 +78,9 @@ class Parameterization:
     def c_noise(self, t: Tensor) -> Tensor:
         return 1000.0 * t
 
+    @abstractmethod
     def c_skip_out(self, t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """(c_skip, c_out) with x0 = c_skip x_t + c_out F."""
-        raise NotImplementedError
+        """(c_skip, c_out) with x0 = c_skip x_t + c_out F (each kind has its own)."""
 
     def predict(self, out: Tensor, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(x0, eps) from the network output; alpha and sigma broadcast against x, t is [B]."""
