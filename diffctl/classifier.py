@@ -17,7 +17,7 @@ from diffctl.conditioning import CLASS_LABEL, IMAGE, ClassConditioner
 from diffctl.errors import CheckpointError, ConfigError
 from diffctl.objectives import Objective, sample_times
 from diffctl.rng import BatchRandom
-from diffctl.parameterization import Parameterization
+from diffctl.parameterization import NetworkInputs
 from diffctl.sde import SDE, broadcast
 
 KIND = "classifier"  # the run config's `kind` in a `diffctl train-classifier` checkpoint
@@ -46,7 +46,7 @@ class NoisyClassifier(nn.Module):
                  data_shape: dict[str, int] | None = None):  # fmt: skip
         super().__init__()
         self.net, self.sde = net, sde
-        self.inputs = Parameterization(sde, sigma_data, scale_input)  # c_in, c_noise only: no prediction
+        self.inputs = NetworkInputs(sde, sigma_data, scale_input)  # c_in, c_noise only: no prediction
         self.conditioner = ClassConditioner(int(net.num_classes), dropout=0.0)
         self.data_shape = dict(data_shape or {})  # {channels, resolution, num_classes} it was trained on
 

@@ -52,16 +52,14 @@ def split(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> tu
     raise ValueError(f"unknown prediction type {kind!r}; choose one of eps, x0, v, score")
 
 
-class Parameterization(ABC):
-    """Base: input scaling (c_in) and noise label (c_noise) shared by all kinds.
+class NetworkInputs:
+    """How a network sees x_t and t: input scaling (c_in) and noise label (c_noise), shared by every
+    parameterization and by noisy classifiers (which predict no x0, so have no c_skip/c_out).
 
     scale_input: x_t is divided by its marginal std sqrt(alpha^2 sigma_data^2 + sigma^2) so the network
     sees unit-variance inputs for every SDE (essential for VE, whose sigma_max is tens; EDM's c_in).
     Off reproduces DDPM/score_sde, which feed x_t unscaled. c_noise = 1000 t for every SDE (t is
     log-sigma-like for VE and DDPM's step index for VP)."""
-
-    name = ""
-    one_step = False  # a consistency function: maps any x_t straight to x0, has no PF-ODE of its own
 
     def __init__(self, sde: SDE, sigma_data: float = 0.5, scale_input: bool = True):
         self.sde, self.sigma_data, self.scale_input = sde, float(sigma_data), bool(scale_input)
@@ -77,6 +75,13 @@ class Parameterization(ABC):
 
     def c_noise(self, t: Tensor) -> Tensor:
         return 1000.0 * t
+
+
+class Parameterization(NetworkInputs, ABC):
+    """Base of the kinds: NetworkInputs plus how the raw output F becomes (x0, eps)."""
+
+    name = ""
+    one_step = False  # a consistency function: maps any x_t straight to x0, has no PF-ODE of its own
 
     @abstractmethod
     def c_skip_out(self, t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
