@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from diffctl.conditioning import class_labels
 from diffctl.denoiser import ClippedModel, GuidedModel
+from diffctl.guidance import ClassifierGuided
 from diffctl.images import to_uint8
 from diffctl.performance import sampling_autocast, speed_up, use_channels_last
 from diffctl.resume import resume_config
@@ -22,8 +23,13 @@ from diffctl.resume_check import check_shards
 from diffctl.samplers import generate
 from diffctl.source import Source
 
-# What a shard must hold to be used; "labels" too for a class-conditional model.
+# What a shard must hold to be used; "labels" too for a class-conditional model, "classifier_calls"
+# with classifier guidance (shard_keys).
 SHARD_KEYS = ("samples", "calls")
+
+
+def shard_keys(cfg: DictConfig) -> tuple[str, ...]:
+    return (*SHARD_KEYS, "classifier_calls") if cfg.get("classifier") else SHARD_KEYS
 
 
 def batch_dependent(sampler) -> bool:
@@ -39,21 +45,45 @@ def sample_resume_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     return resume_config(cfg, "sample", lambda stored: batch_dependent(stored.sampler))
 
 
-def sample_cond(cfg: DictConfig, source: Source, first: int, n: int, device) -> dict:
-    """The cond of samples first..first+n-1: sample i gets class_label, or class i mod num_classes
-    (balanced) when class_label is null (the model's conditioner decides)."""
-    return source.denoiser.conditioner.for_samples(first, n, device, cfg.class_label)
+def sample_cond(cfg: DictConfig, model, first: int, n: int, device) -> dict:
+    """The cond of samples first..first+n-1 for `model` (guided_model's): sample i gets class_label,
+    or class i mod num_classes (balanced) when class_label is null (the model's conditioner decides;
+    with a classifier on an unconditional model, the classifier's classes)."""
+    return model.conditioner.for_samples(first, n, device, cfg.class_label)
+
+
+def clips(cfg: DictConfig, can) -> bool:
+    """Whether x0 predictions are clipped: clip_denoised, or when null, for bounded (image) data only."""
+    return bool(cfg.clip_denoised) or (cfg.clip_denoised is None and can.data_range is not None)
+
+
+def guided_model(cfg: DictConfig, source: Source, denoiser=None):
+    """What the sampler calls: the denoiser (default the source's), with classifier-free guidance,
+    clipping and classifier guidance as cfg asks, in that order. The classifier tilts the clipped
+    prediction, as guided-diffusion's condition_score/condition_mean act on the clipped x0.
+    ConfigError when the classifier cannot guide this model (diffctl.guidance.check_classifier)."""
+    model = denoiser if denoiser is not None else source.denoiser
+    can = model.capabilities
+    if float(cfg.guidance) != 1.0:
+        model = GuidedModel(model, cfg.guidance)
+    if clips(cfg, can):
+        model = ClippedModel(model, *(can.data_range or (-1.0, 1.0)))
+    if source.classifier is not None:
+        model = ClassifierGuided(model, source.classifier, cfg.classifier_scale)
+    return model
 
 
 @dataclass
 class SamplingModel:
-    model: Any  # what the sampler calls: the denoiser, guided and/or clipped
+    model: Any  # what the sampler calls: guided_model's
     channels_last: bool
     calls: list[int]  # network calls so far (a forward hook counts them)
+    clipped: bool
 
     @property
-    def clipped(self) -> bool:
-        return isinstance(self.model, ClippedModel)
+    def classifier_calls(self) -> int:
+        """Classifier evaluations so far (each a batched forward and backward); 0 without a classifier."""
+        return getattr(self.model, "classifier_calls", 0)
 
 
 def sampling_model(cfg: DictConfig, source: Source, device: torch.device) -> SamplingModel:
@@ -65,10 +95,7 @@ def sampling_model(cfg: DictConfig, source: Source, device: torch.device) -> Sam
         speed_up(denoiser.backbone, channels_last, cfg.get("compile", False))
     calls = [0]
     denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    model = GuidedModel(denoiser, cfg.guidance) if float(cfg.guidance) != 1.0 else denoiser
-    if cfg.clip_denoised or (cfg.clip_denoised is None and can.data_range is not None):  # null: clip bounded data only
-        model = ClippedModel(model, *(can.data_range or (-1.0, 1.0)))
-    return SamplingModel(model, channels_last, calls)
+    return SamplingModel(guided_model(cfg, source, denoiser).to(device), channels_last, calls, clips(cfg, can))
 
 
 def batch_maker(cfg: DictConfig, source: Source, sampling: SamplingModel, device: torch.device) -> Callable[[int, int], dict]:
@@ -77,13 +104,15 @@ def batch_maker(cfg: DictConfig, source: Source, sampling: SamplingModel, device
     data_range = source.denoiser.capabilities.data_range
 
     def make(first: int, n: int) -> dict[str, torch.Tensor]:
-        cond = sample_cond(cfg, source, first, n, device)
+        cond = sample_cond(cfg, sampling.model, first, n, device)
         y = class_labels(cond)
-        before = sampling.calls[0]
+        before, classifier_before = sampling.calls[0], sampling.classifier_calls
         with sampling_autocast(cfg.get("precision", "32-true"), device):
             x = generate(sampling.model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, cond, device, first, cfg.noise)
         x = to_uint8(x) if data_range is not None else x.float().cpu()  # unbounded (model=gmm): raw floats
         batch = {"samples": x, "calls": torch.tensor(sampling.calls[0] - before, dtype=torch.int64)}
+        if source.classifier is not None:
+            batch["classifier_calls"] = torch.tensor(sampling.classifier_calls - classifier_before, dtype=torch.int64)
         if y is not None:
             batch["labels"] = y.cpu()
         return batch
@@ -98,7 +127,7 @@ def check_resume_shards(cfg: DictConfig, source: Source, partial: Path) -> int:
         shape, dtype = (*source.shape[1:], source.shape[0]), np.uint8
     else:
         shape, dtype = tuple(source.mixture.shape), np.float32
-    labels = None
-    if source.denoiser.capabilities.num_classes > 0:
-        labels = lambda first, n: class_labels(sample_cond(cfg, source, first, n, "cpu")).numpy()  # noqa: E731
+    labels, model = None, guided_model(cfg, source)
+    if model.capabilities.num_classes > 0:
+        labels = lambda first, n: class_labels(sample_cond(cfg, model, first, n, "cpu")).numpy()  # noqa: E731
     return check_shards(partial, cfg.num_samples, shape, dtype, labels)

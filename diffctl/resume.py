@@ -85,23 +85,32 @@ def run_noise_version(recorded: dict | None) -> int:
     return version
 
 
-def manifest(out_dir: Path, ckpt: str | None, resuming: bool, noise: int) -> None:
-    """On resume: the checkpoint of the interrupted run (checked unchanged). Else: record it and
-    the noise version."""
+def manifest(out_dir: Path, ckpt: str | None, resuming: bool, noise: int, classifier: str | None = None) -> None:
+    """On resume: the checkpoint (and classifier checkpoint) of the interrupted run, checked
+    unchanged. Else: record them and the noise version."""
     path = out_dir / PARTIAL / MANIFEST
     if resuming and path.is_file():
         recorded = read_manifest(path)
-        if recorded.get("ckpt") is not None:
-            if not Path(recorded["ckpt"]).is_file():
-                raise CheckpointError(f"resume: the run's checkpoint {recorded['ckpt']} no longer exists")
-            if file_sha256(recorded["ckpt"]) != recorded["sha256"]:
-                raise CheckpointError(
-                    f"resume: {recorded['ckpt']} changed since the run started (sha256 differs; was training still writing it?); "
-                    "its samples would not match: start a new run"
-                )
+        _check_unchanged(recorded.get("ckpt"), recorded.get("sha256"), "checkpoint")
+        _check_unchanged(recorded.get("classifier"), recorded.get("classifier_sha256"), "classifier checkpoint")
         return
     if int(os.environ.get("RANK", "0") or 0) == 0:
-        atomic_write_json(path, {"ckpt": ckpt, "sha256": file_sha256(ckpt) if ckpt else None, "noise": noise})
+        record = {"ckpt": ckpt, "sha256": file_sha256(ckpt) if ckpt else None, "noise": noise}
+        if classifier is not None:
+            record.update(classifier=classifier, classifier_sha256=file_sha256(classifier))
+        atomic_write_json(path, record)
+
+
+def _check_unchanged(file: str | None, sha256: str | None, what: str) -> None:
+    if file is None:
+        return
+    if not Path(file).is_file():
+        raise CheckpointError(f"resume: the run's {what} {file} no longer exists")
+    if file_sha256(file) != sha256:
+        raise CheckpointError(
+            f"resume: {file} changed since the run started (sha256 differs; was training still writing it?); "
+            "its samples would not match: start a new run"
+        )
 
 
 def kept(run: Path, command: str) -> str:

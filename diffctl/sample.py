@@ -24,8 +24,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffctl.build import resolve_weights
+from diffctl.checkpoint import resolve_checkpoint
 from diffctl.errors import ConfigError, DiffctlError
-from diffctl.generation import SHARD_KEYS, batch_maker, check_resume_shards, sample_resume_config, sampling_model
+from diffctl.generation import batch_maker, check_resume_shards, sample_resume_config, sampling_model, shard_keys
 from diffctl.indexjob import PARTIAL, run_job
 from diffctl.launch import device, launch, sum_over_processes
 from diffctl.memory import check_sample
@@ -74,12 +75,19 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         ckpt = str(resolve_weights(cfg.ckpt).resolve() if cfg.ckpt else newest_checkpoint().resolve())
         if not cfg.ckpt:
             print(f"Using the newest checkpoint: {ckpt}")
+    classifier = None  # a trained classifier's checkpoint file, as the worker processes and a resume read it
+    if cfg.get("classifier") and cfg.classifier != "exact":
+        if recorded is not None and recorded.get("classifier"):
+            classifier = recorded["classifier"]
+        else:
+            classifier = str(resolve_checkpoint(cfg.classifier, "classifier").resolve())
+        cfg.classifier = classifier
     source = load_source(cfg, ckpt)
     check_fits(cfg, source)  # before any process is started
     check_sample(cfg, source, device(None, cfg.trainer.accelerator))  # memory, before any process is started
     if resuming:  # every finished shard fits this run, before any new sample is made
         done = check_resume_shards(cfg, source, partial)
-    manifest(out_dir, ckpt, resuming, int(cfg.get("noise", NOISE_VERSION)))
+    manifest(out_dir, ckpt, resuming, int(cfg.get("noise", NOISE_VERSION)), classifier)
     if resuming:
         print(f"Resuming {out_dir}: {done} of {cfg.num_samples} samples already made")
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -97,7 +105,7 @@ def sample_share(fabric, cfg: dict, ckpt: str | None, out_dir: str, source: Sour
     sampling = sampling_model(cfg, source, dev)
     partial = out_dir / PARTIAL
     make = batch_maker(cfg, source, sampling, dev)
-    job = run_job(fabric, cfg.num_samples, cfg.batch_size, partial, make, progress=cfg.progress_bar, required=SHARD_KEYS)
+    job = run_job(fabric, cfg.num_samples, cfg.batch_size, partial, make, progress=cfg.progress_bar, required=shard_keys(cfg))
     all_images, all_labels = job.arrays["samples"], job.arrays.get("labels")
 
     result = {
@@ -107,11 +115,14 @@ def sample_share(fabric, cfg: dict, ckpt: str | None, out_dir: str, source: Sour
         **{f"sampler.{k}": v for k, v in cfg.sampler.items() if k != "name"},
         "steps": cfg.steps,
         "guidance": float(cfg.guidance),
+        **({"classifier": cfg.classifier, "classifier_scale": float(cfg.classifier_scale)} if cfg.get("classifier") else {}),
         "clip_denoised": sampling.clipped,
         "precision": cfg.get("precision", "32-true"),
         "compile": cfg.get("compile", False),
         "channels_last": sampling.channels_last,
-        "nfe_per_sample": round(sum(job.per_batch["calls"]) / job.batches, 2),
+        "nfe_per_sample": round(sum(job.per_batch["calls"]) / job.batches, 2),  # network calls
+        **({"classifier_calls_per_sample": round(sum(job.per_batch["classifier_calls"]) / job.batches, 2)}
+           if cfg.get("classifier") else {}),  # fmt: skip
         "num_samples": cfg.num_samples,
         "devices": world,
         "seed": cfg.seed,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from diffctl.errors import ConfigError
+from diffctl.generation import guided_model
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_fits as sampler_fits
 from diffctl.samplers import check_sampler
@@ -32,6 +33,9 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError("sde= applies to model=gmm only; a checkpoint is sampled with the SDE it was trained with")
     if model is not None and cfg.ckpt:
         raise ConfigError("model=gmm is the analytic model and needs no checkpoint; drop ckpt= (or model=gmm)")
+    if not cfg.get("classifier") and float(cfg.get("classifier_scale", 1.0)) != 1.0:
+        raise ConfigError("classifier_scale applies to classifier guidance only; give classifier=<train-classifier run> "
+                          "(or classifier=exact for model=gmm), or drop classifier_scale")  # fmt: skip
     if model is not None and cfg.clip_denoised:
         raise ConfigError("clip_denoised clips to the image range [-1, 1]; model=gmm data is unbounded, use clip_denoised=null or false")
 
@@ -41,11 +45,6 @@ def check_fits(cfg: DictConfig, source: Source) -> None:
     can = source.denoiser.capabilities
     sampler_fits(cfg.sampler.name, can)  # what the sampler needs of the model (its registration)
     num_classes = can.num_classes
-    if cfg.class_label is not None:
-        if num_classes == 0:
-            raise ConfigError(f"class_label was given, but {source.description} is unconditional")
-        if not 0 <= int(cfg.class_label) < num_classes:
-            raise ConfigError(f"class_label must be in [0, {num_classes - 1}], got {cfg.class_label}")
     if float(cfg.guidance) != 1.0:
         if num_classes == 0:
             raise ConfigError(
@@ -57,3 +56,11 @@ def check_fits(cfg: DictConfig, source: Source) -> None:
                 "guidance needs a checkpoint trained with label_dropout > 0 (its null class was never trained); "
                 "use guidance=1 or retrain with e.g. label_dropout=0.1"
             )
+    # the model as sampled: a classifier guides an unconditional model over its own classes
+    guided = guided_model(cfg, source).capabilities
+    if cfg.class_label is not None:
+        if guided.num_classes == 0:
+            raise ConfigError(f"class_label was given, but {source.description} is unconditional "
+                              "(classifier=<train-classifier run> guides it towards a class)")  # fmt: skip
+        if not 0 <= int(cfg.class_label) < guided.num_classes:
+            raise ConfigError(f"class_label must be in [0, {guided.num_classes - 1}], got {cfg.class_label}")

@@ -13,7 +13,8 @@ from diffctl.files import atomic_write, atomic_write_json
 from diffctl.images import save_grid, save_scatter, to_uint8
 from diffctl.networks.gmm import GaussianMixture
 
-TABLE_COLUMNS = ("sampler", "steps", "nfe_per_sample", "num_samples", "time_s", "images_per_s", "weights")
+TABLE_COLUMNS = ("sampler", "steps", "classifier", "classifier_scale", "nfe_per_sample", "classifier_calls_per_sample",
+                 "num_samples", "time_s", "images_per_s", "weights")  # fmt: skip
 METRIC_COLUMNS = ("fid", "kid_mean", "is_mean", "sw2", "sw2_floor", "mean_error", "cov_error", "weights_tv")
 
 

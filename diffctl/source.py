@@ -27,11 +27,44 @@ class Source:
     mixture: GaussianMixture | None = None
     description: str = ""
     weights: str = "exact"  # ema | raw | exact (model=gmm)
+    classifier: Any = None  # classifier guidance's p(y | x_t) (diffctl.guidance.NoiseClassifier), if any
 
 
 def load_source(cfg: DictConfig, ckpt: str | None) -> Source:
     """The model of `ckpt` (a training checkpoint or an export; cfg.use_ema picks the weights), or
-    with ckpt None the analytic mixture cfg.model under cfg.sde (VP when none is given)."""
+    with ckpt None the analytic mixture cfg.model under cfg.sde (VP when none is given); with
+    cfg.classifier, the classifier that guides it."""
+    source = _load_model(cfg, ckpt)
+    if cfg.get("classifier"):
+        source.classifier = load_guide(str(cfg.classifier), source)
+    return source
+
+
+def load_guide(spec: str, source: Source):
+    """The classifier of `classifier=`: `exact` (model=gmm: the mixture's exact posterior under its
+    SDE) or a `diffctl train-classifier` checkpoint, which must have been trained on samples of the
+    model's shape (its SDE and class count are checked where it is attached: diffctl.guidance)."""
+    if spec == "exact":
+        if source.mixture is None:
+            raise ConfigError("classifier=exact is the exact posterior of model=gmm; for a checkpoint give a "
+                              "`diffctl train-classifier` checkpoint or run directory")  # fmt: skip
+        from diffctl.guidance import ExactMixtureClassifier
+
+        return ExactMixtureClassifier(source.mixture, source.denoiser.sde)
+    if source.mixture is not None:
+        raise ConfigError(f"model=gmm is guided by its exact classifier: use classifier=exact, not classifier={spec}")
+    from diffctl.classifier import load_classifier
+
+    classifier = load_classifier(spec)
+    shape = classifier.data_shape
+    mine = (shape.get("channels"), shape.get("resolution"), shape.get("resolution"))
+    if mine != tuple(source.shape):
+        raise ConfigError(f"the classifier {spec} was trained on {mine[0]}x{mine[1]}x{mine[2]} images, "
+                          f"the model makes {'x'.join(map(str, source.shape))}; train one on the model's data")  # fmt: skip
+    return classifier
+
+
+def _load_model(cfg: DictConfig, ckpt: str | None) -> Source:
     if ckpt is None:
         mixture = GaussianMixture.from_config(cfg.model)
         sde = build_sde(cfg) if cfg.get("sde") is not None else VPSDE()

@@ -233,6 +233,8 @@ def sample_schema() -> dict:
         **COMMON, "steps": Int(lo=1), "num_samples": Int(lo=1), "batch_size": Int(lo=1), "seed": SEED,
         "noise": Choice(1, 2, what="1 (per-sample generators, before issue 15) or 2 (counter-based)"),
         "class_label": Int(lo=0, null=True), "guidance": Float(ge=0, hint="1 = no guidance"), "clip_denoised": Bool(null=True),
+        "classifier": Text(what="a `diffctl train-classifier` checkpoint or run directory, or exact (model=gmm)", null=True),
+        "classifier_scale": Float(ge=0, hint="1 = the classifier's own p(y | x_t)"),
         "precision": Choice(*SAMPLE_PRECISIONS, sep=" | ", as_text=True), "compile": Bool(), "memory_check": Bool(),
         "channels_last": Choice(True, False, "auto", what="true, false or auto"),
         "resume": Text(what="a `diffctl sample` run directory", null=True),
