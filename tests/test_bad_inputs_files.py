@@ -492,8 +492,6 @@ def test_resume_checks_every_shard_before_making_a_sample(tmp_path, monkeypatch)
 
 
 def test_shards_are_whole_or_absent_and_a_bad_one_is_one_line_from_the_cli(tmp_path, monkeypatch):
-    import diffctl.sample as sample_mod
-
     run = tmp_path / "run"
     _interrupted(run, GMM, 1, monkeypatch)
     import diffctl.indexjob as indexjob  # where the shards are written
