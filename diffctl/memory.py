@@ -261,13 +261,28 @@ def check_sample(cfg, source, device: torch.device) -> None:
     procs = _procs(cfg, device)
     batch = min(cfg.batch_size, -(-cfg.num_samples // procs))  # no batch is larger than a process's share
 
+    classifier = _classifier_forward(getattr(source, "classifier", None))
+
     def parts(b: int) -> dict[str, int]:
         act = network_bytes(source.denoiser.backbone, b * guided, shape, k, None) or 0
-        return {"network activations": act * procs, "sampler state": 6 * b * dim * 4 * procs}  # x, eps, x0, history
+        out = {"network activations": act * procs, "sampler state": 6 * b * dim * 4 * procs}  # x, eps, x0, history
+        if classifier is not None:  # classifier guidance: a forward and a gradient in x per call
+            out["classifier activations"] = (network_bytes(classifier, b, shape, 0, "input") or 0) * procs
+        return out
 
     host = {"samples": 3 * cfg.num_samples * dim}  # uint8: per batch, concatenated, gathered for the file
     total = lambda b: sum(parts(b).values()) + (sum(host.values()) if device.type == "cpu" else 0)  # noqa: E731
     _split(parts(batch), device, host, f"sampling with batch_size={batch}", _batch_fits(total, "batch_size", batch))
+
+
+def _classifier_forward(classifier) -> Callable | None:
+    """A trained noisy classifier's network as network_bytes runs it (x, noise label) on meta; None
+    for none or the exact mixture classifier (closed form, no network)."""
+    net = getattr(classifier, "net", None)
+    if not isinstance(net, torch.nn.Module):
+        return None
+    forward = _on_meta(net)
+    return lambda x, t, _labels: forward(x, t)
 
 
 def check_likelihood(cfg, source, device: torch.device) -> None:

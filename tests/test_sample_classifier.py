@@ -145,3 +145,31 @@ def test_cli_error_is_one_line(tmp_path, trained):
     proc = run_cli(["sample", f"ckpt={run_dir}", "classifier=exact", "steps=2", "num_samples=2", "metrics.names=[]"], tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "classifier=exact is the exact posterior of model=gmm" in proc.stderr + proc.stdout
+
+
+def test_memory_estimate_counts_the_classifier(tmp_path, trained, classifier_run, monkeypatch):
+    """Guidance runs the classifier forward and back to x at every call: its activations are part of
+    the sampling estimate, and more than its inference forward alone (the backward keeps them)."""
+    import torch
+
+    import diffctl.memory as memory
+    from diffctl.config import compose_config
+    from diffctl.source import load_source
+
+    _, run_dir = trained
+    seen = {}
+    monkeypatch.setattr(memory, "_split", lambda parts, *rest: seen.update(parts))
+    cfg = compose_config("sample", [f"ckpt={run_dir}", f"classifier={classifier_run}", "batch_size=8"], tmp_path)
+    source = load_source(cfg, str(run_dir))
+    memory.check_sample(cfg, source, torch.device("cpu"))
+    class Forward(torch.nn.Module):  # the classifier's network with network_bytes' (x, t, labels) call
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, _labels):
+            return self.net(x, t)
+
+    inference = memory.network_bytes(Forward(source.classifier.net), 8, (1, 8, 8), 0, None)
+    assert seen["classifier activations"] > 0 and inference is not None
+    assert seen["classifier activations"] > inference
