@@ -173,3 +173,21 @@ def test_memory_estimate_counts_the_classifier(tmp_path, trained, classifier_run
     inference = memory.network_bytes(Forward(source.classifier.net), 8, (1, 8, 8), 0, None)
     assert seen["classifier activations"] > 0 and inference is not None
     assert seen["classifier activations"] > inference
+
+
+@pytest.mark.parametrize("classifier_overrides, message", [
+    (["sde=ve"], "the classifier was made for"),  # trained under another SDE
+    (["data.resolution=16"], r"was trained on 1x16x16 images, the model makes 1x8x8"),
+])  # fmt: skip
+def test_classifier_of_another_sde_or_size_is_refused(tmp_path, trained, classifier_overrides, message):
+    from diffctl.train_classifier import train_classifier
+
+    run = tmp_path / "clf"
+    run.mkdir()
+    overrides = [*(o for o in TINY_RUN if not o.startswith("sample_grid.")), "model.base_channels=8", "report.bins=1",
+                 "report.limit=4", "trainer.max_steps=1", *classifier_overrides]  # fmt: skip
+    train_classifier(compose_train(run, overrides, config_name="train_classifier"))
+    _, run_dir = trained
+    with pytest.raises(ConfigError, match=message):
+        run_sample(tmp_path / "s", [f"ckpt={run_dir}", f"classifier={run}", "steps=2", "num_samples=2", *NO_METRICS])
+    assert not (tmp_path / "s" / "samples.npz").exists()
