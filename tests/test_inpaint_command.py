@@ -190,3 +190,42 @@ def test_a_consistency_model_is_refused_before_any_work(trained, tmp_path):
     one_step = SimpleNamespace(capabilities=dataclasses.replace(source.denoiser.capabilities, one_step=True))
     with pytest.raises(ConfigError, match="is a consistency model .*inpainting needs a diffusion model"):
         prepare(cfg, dataclasses.replace(source, denoiser=one_step))
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    from helpers import run_train, tiny_overrides
+
+    run_dir = tmp_path_factory.mktemp("cond") / "run"
+    run_train(run_dir, [*tiny_overrides("unet"), "trainer.max_steps=2", "conditional=true", "label_dropout=0.2"])
+    return run_dir
+
+
+def _conds(monkeypatch):
+    """The class labels every batch is inpainted with, by first index."""
+    import diffctl.inpaint_job as job
+
+    real, seen = job.inpaint, {}
+
+    def inpaint(model, known, mask, steps, method, seed, first, cond, *a, **k):
+        seen[first] = cond["class_label"].cpu().tolist()
+        return real(model, known, mask, steps, method, seed, first, cond, *a, **k)
+
+    monkeypatch.setattr(job, "inpaint", inpaint)
+    return seen
+
+
+@pytest.mark.parametrize("images,class_label", [("digits:test", None), ("digits:test", 3), ("NOLABELS", None)])
+def test_a_conditional_model_gets_the_images_own_labels(conditional, tmp_path, monkeypatch, images, class_label):
+    seen = _conds(monkeypatch)
+    path = tmp_path / "nolabels.npz"
+    np.savez(path, samples=to_uint8(read_images("digits:test", limit=12).images).numpy())
+    run_inpaint(tmp_path / "out", [f"ckpt={conditional}", *FAST, "limit=12", "batch_size=5",
+                                   f"images={str(path) if images == 'NOLABELS' else images}", f"class_label={'null' if class_label is None else class_label}"])  # fmt: skip
+    got = [label for first in sorted(seen) for label in seen[first]]
+    if class_label is not None:
+        assert got == [3] * 12
+    elif images == "NOLABELS":  # no labels to take: image i gets class i mod 10, as in `diffctl sample`
+        assert got == [i % 10 for i in range(12)]
+    else:
+        assert got == read_images("digits:test", limit=12).labels.tolist() != [i % 10 for i in range(12)]
