@@ -129,6 +129,13 @@ def _sample_task(cfg):
     return sample(cfg)
 
 
+def _inpaint_task(cfg):
+    _validated(cfg, "inpaint")
+    from diffctl.inpaint_command import inpaint_command
+
+    return inpaint_command(cfg)
+
+
 def _fid_stats_task(cfg):
     _validated(cfg, "fid_stats")
     from diffctl.fid_stats import fid_stats
@@ -155,6 +162,7 @@ SUBCOMMANDS = {
     "train": (_train_task, "train", "train a diffusion model"),
     "train-classifier": (_train_classifier_task, "train_classifier", "train a noise-conditional classifier for classifier guidance"),
     "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
+    "inpaint": (_inpaint_task, "inpaint", "fill masked regions of images with a checkpoint (RePaint; inpainted.npz, grid, metrics)"),
     "fid-stats": (_fid_stats_task, "fid_stats", "precompute reference statistics for FID/KID"),
     "likelihood": (_likelihood_task, "likelihood", "negative log-likelihood (bits/dim) via the probability-flow ODE"),
     "export": (_export_task, "export", "write a checkpoint's EMA (or raw) weights as .safetensors + config JSON"),
@@ -177,6 +185,7 @@ def _usage() -> str:
         "  diffctl train model=dit sde=ve objective=ncsn trainer.max_steps=2000",
         "  diffctl train --multirun model=unet,dit sde=vp,ve",
         "  diffctl sample sampler=ode steps=50           # sample from the newest checkpoint under outputs/",
+        "  diffctl inpaint mask=center                   # RePaint the middle of 16 test digits (inpainted.npz)",
         "  diffctl fid-stats data=cifar10 data.root=data # cache FID/KID reference statistics",
         "  diffctl likelihood num_batches=4              # bits/dim of the test split (PF-ODE, Hutchinson trace)",
         "  diffctl train --help                          # every config key of train",

@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from diffctl.errors import ConfigError
 
 LOCK = ".diffctl.lock"
+INDEX_JOBS = ("sample", "inpaint")  # resumable index jobs (diffctl.indexjob): resume=<run dir> continues in place
 _held: dict[Path, int] = {}  # directory -> fd of its lock, held by this process
 _pending: set[Path] = set()  # claimed by ClaimRunDir for the task about to start in this process
 
@@ -82,7 +83,7 @@ def _resumes_in_place(directory: Path, command: str, resume: Any) -> bool:
 
 def _refusal(directory: Path, command: str, found: list[str], key: str) -> str:
     shown = ", ".join(found)
-    if command == "sample" and any((directory / "partial").glob("*.npz")):
+    if command in INDEX_JOBS and any((directory / "partial").glob("*.npz")):
         return f"{directory} holds unfinished samples of an interrupted run; continue it with resume={directory}, or choose a new {key}"
     if command == "train" and (directory / "checkpoints" / "last.ckpt").is_file():
         return (f"{directory} already holds a training run ({shown}); nothing is overwritten: continue it with "
@@ -122,7 +123,7 @@ def release(directory: str | Path) -> None:
 
 
 def claims_run_dir(command: str):
-    """Decorator of a command's task function: its run directory (and, for `sample resume=`, the
+    """Decorator of a command's task function: its run directory (and, for `sample`/`inpaint resume=`, the
     resumed run's) is claimed for the call and released after it, so in-process callers
     (scripts, tests, a --multirun sweep's jobs) hold only the directory they are writing."""
 
@@ -132,7 +133,7 @@ def claims_run_dir(command: str):
             from hydra.core.hydra_config import HydraConfig
 
             dirs = [Path(HydraConfig.get().runtime.output_dir).resolve()]
-            if command == "sample" and cfg.get("resume") and Path(str(cfg.resume)).expanduser().is_dir():
+            if command in INDEX_JOBS and cfg.get("resume") and Path(str(cfg.resume)).expanduser().is_dir():
                 dirs.append(Path(str(cfg.resume)).expanduser().resolve())
             mine = []
             try:

@@ -59,7 +59,7 @@ def _check_sampler(data, key: str) -> None:
 
 SAMPLER_NODE = SamplerNode(_check_sampler)  # sampler, sample_grid.sampler
 COMMANDS = {"train": "train", "sample": "sample", "likelihood": "likelihood", "fid_stats": "fid-stats", "export": "export",
-            "train_classifier": "train-classifier"}
+            "train_classifier": "train-classifier", "inpaint": "inpaint"}
 
 # ---------------------------------------------------------------- groups
 
@@ -265,8 +265,22 @@ def export_schema() -> dict:
     return {"ckpt": COMMON["ckpt"], "use_ema": Bool(), "format": Choice(*FORMATS), "out": PATH_OR_NULL}
 
 
+@functools.cache
+def inpaint_schema() -> dict:
+    sample = sample_schema()
+    return {
+        **COMMON, "images": Text(what="<dataset>:<split>, a folder of images or an .npz"), "images_root": PATH_OR_NULL,
+        "limit": Int(lo=1, null=True), "mask": Text(what="center, box:x0,y0,x1,y1, random, a mask PNG or a folder of them"),
+        "method": Choice("repaint", "replace"), "steps": Int(lo=1), "jump_length": Int(lo=1), "resample": Int(lo=1),
+        "spacing": Choice("uniform", "quadratic", "trailing", "leading", "karras", "logsnr"),
+        **{key: sample[key] for key in ("batch_size", "seed", "noise", "class_label", "clip_denoised", "trainer")},
+        "resume": Text(what="a `diffctl inpaint` run directory", null=True),
+    }  # fmt: skip
+
+
 SCHEMAS = {"train": train_schema, "sample": sample_schema, "likelihood": likelihood_schema,
-           "fid_stats": fid_stats_schema, "export": export_schema, "train_classifier": train_classifier_schema}  # fmt: skip
+           "fid_stats": fid_stats_schema, "export": export_schema, "train_classifier": train_classifier_schema,
+           "inpaint": inpaint_schema}  # fmt: skip
 
 
 def plain(cfg) -> dict:
