@@ -50,7 +50,7 @@ def resume_config(cfg: DictConfig, command: str, batch_dependent: Callable[[Dict
     if stored.get("resume"):
         raise ConfigError(f"{run} is the log directory of an earlier resume; resume {stored.resume} itself")
     if is_complete(run):
-        raise ConfigError(f"{run} is already complete (samples.npz and metrics.json are there); nothing to resume")
+        raise ConfigError(f"{run} is already complete (its metrics.json is written and no unfinished batches are left); nothing to resume")
     merged = stored.copy()
     OmegaConf.set_struct(merged, False)
     batch_free = not batch_dependent(stored)
