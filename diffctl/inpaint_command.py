@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffctl.build import resolve_weights
 from diffctl.errors import ConfigError
-from diffctl.generation import sampling_model
+from diffctl.generation import SHARD_KEYS, sampling_model
 from diffctl.indexjob import PARTIAL, run_job
 from diffctl.inpaint_job import Inputs, batch_maker, prepare, report, settings, write_outputs
 from diffctl.launch import device, launch, sum_over_processes
@@ -33,9 +33,6 @@ from diffctl.resume_check import check_shards, read_manifest
 from diffctl.rundir import claims_run_dir
 from diffctl.signals import interruptible
 from diffctl.source import Source, load_source, newest_checkpoint
-
-SHARD_KEYS = ("samples", "calls")  # what a finished shard must hold to be used
-
 
 def _kept(run: Path | DictConfig) -> str:
     """What an interrupted run (its directory, or the command's config) left, for the line that ends it."""
