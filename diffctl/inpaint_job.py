@@ -21,6 +21,7 @@ from diffctl.image_sources import ImageSet, read_images
 from diffctl.images import save_grid, to_uint8
 from diffctl.inpaint import inpaint, jump_schedule
 from diffctl.inpaint_report import inpaint_grid, region_metrics
+from diffctl.lpips import LPIPS
 from diffctl.masks import Masks, parse_masks
 from diffctl.source import Source
 
@@ -31,6 +32,7 @@ GRID_ROWS = 16  # images shown in inpaint_grid.png (one row each: input with the
 class Inputs:
     images: ImageSet  # the originals, float [-1, 1] NCHW
     masks: Masks  # 1 = known
+    lpips: LPIPS | None = None  # loaded (and its file checked) before any work; None: no LPIPS
 
     def __len__(self) -> int:
         return len(self.images)
@@ -57,7 +59,11 @@ def prepare(cfg: DictConfig, source: Source) -> Inputs:
         raise ConfigError(f"images={cfg.images} has label {int(images.labels.max())}, the model knows classes "
                           f"0..{can.num_classes - 1}; set class_label=")  # fmt: skip
     jump_schedule(cfg.steps, cfg.jump_length, 1 if cfg.method == "replace" else cfg.resample)  # its ConfigError, now
-    return Inputs(images, masks)
+    lpips = None
+    if cfg.get("lpips"):
+        lpips = LPIPS(cfg.lpips, cfg.get("lpips_resize", 64))
+        lpips.check_size(h, w)
+    return Inputs(images, masks, lpips)
 
 
 def batch_cond(cfg: DictConfig, source: Source, inputs: Inputs, first: int, n: int, device) -> dict:
@@ -97,11 +103,16 @@ def write_outputs(out_dir: Path, inputs: Inputs, samples: torch.Tensor, seed: in
     original = inputs.images.images
     shown = original[:GRID_ROWS] * masks[:GRID_ROWS] + (1 - masks[:GRID_ROWS]) * -1.0  # the hole black
     save_grid(inpaint_grid(shown, masks[:GRID_ROWS], result[:GRID_ROWS])[None], out_dir / "inpaint_grid.png", nrow=1)
-    return region_metrics(result, original, masks)
+    metrics = region_metrics(result, original, masks, inputs.lpips)
+    if inputs.lpips is None:
+        metrics["notes"] = "LPIPS not computed: give lpips=<torchvision alexnet/vgg16/squeezenet1_1 weights file> (nothing is downloaded)"
+    else:
+        metrics["lpips_backbone"] = inputs.lpips.backbone
+    return metrics
 
 
 TABLE = ("method", "steps", "jump_length", "resample", "nfe_per_sample", "num_images", "psnr_masked", "ssim_masked",
-         "time_s", "images_per_s", "weights")  # fmt: skip
+         "lpips", "lpips_masked", "time_s", "images_per_s", "weights")  # fmt: skip
 
 
 def report(out_dir: Path, result: dict[str, Any]) -> None:
@@ -120,10 +131,13 @@ def report(out_dir: Path, result: dict[str, Any]) -> None:
             table.add_row(key, f"{result[key]:.4g}" if isinstance(result[key], float) else str(result[key]))
     console = Console()
     console.print(table)
+    if result.get("notes"):
+        console.print(f"note: {result['notes']}")
     print_paths({"inpainted": out_dir / "inpainted.npz", "grid": out_dir / "inpaint_grid.png", "metrics": out_dir / "metrics.json"}, console)
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
     """The config keys metrics.json records."""
-    keys = ("images", "mask", "method", "steps", "jump_length", "resample", "spacing", "seed", "noise", "class_label")
+    keys = ("images", "mask", "method", "steps", "jump_length", "resample", "spacing", "seed", "noise", "class_label", "lpips",
+            "lpips_resize")  # fmt: skip
     return {key: OmegaConf.select(cfg, key) for key in keys}

@@ -9,7 +9,9 @@ the input exactly and would only inflate the scores. Images are in [-1, 1] (data
   K2 = 0.03, reflection padding at the borders (torchmetrics' convention), averaged over each
   image's unknown pixels and channels; then over images. For images under 6 pixels a side the window
   shrinks to what reflection padding allows.
-LPIPS needs network weights and is not computed here.
+- LPIPS (diffctl/lpips.py, backbone weights from a local file): `lpips` over the whole image, as
+  RePaint reports it (the known pixels are equal, so it scores the fill in its context), and
+  `lpips_masked`, its spatial map averaged over the unknown pixels.
 """
 
 from __future__ import annotations
@@ -68,10 +70,16 @@ def masked_ssim(result: Tensor, original: Tensor, mask: Tensor) -> Tensor:
     return (m * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1)
 
 
-def region_metrics(result: Tensor, original: Tensor, mask: Tensor) -> dict[str, float]:
-    """{"psnr_masked", "ssim_masked"}: the means over images, for metrics.json."""
-    return {"psnr_masked": float(masked_psnr(result, original, mask).mean()),
-            "ssim_masked": float(masked_ssim(result, original, mask).mean())}  # fmt: skip
+def region_metrics(result: Tensor, original: Tensor, mask: Tensor, lpips=None) -> dict[str, float | None]:
+    """{"psnr_masked", "ssim_masked", "lpips", "lpips_masked"}: the means over images, for metrics.json.
+    lpips: a diffctl.lpips.LPIPS, or None (the LPIPS entries are then None)."""
+    out = {"psnr_masked": float(masked_psnr(result, original, mask).mean()),
+           "ssim_masked": float(masked_ssim(result, original, mask).mean()), "lpips": None, "lpips_masked": None}  # fmt: skip
+    if lpips is not None:
+        result = result.to(original.dtype)
+        out["lpips"] = float(lpips.scores(result, original).mean())
+        out["lpips_masked"] = float(lpips.scores(result, original, (mask == 0).to(original.dtype)).mean())
+    return out
 
 
 def inpaint_grid(inputs: Tensor, mask: Tensor, result: Tensor) -> Tensor:

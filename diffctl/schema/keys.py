@@ -275,6 +275,7 @@ def inpaint_schema() -> dict:
         "spacing": Choice("uniform", "quadratic", "trailing", "leading", "karras", "logsnr"),
         **{key: sample[key] for key in ("batch_size", "seed", "noise", "class_label", "clip_denoised", "trainer")},
         "resume": Text(what="a `diffctl inpaint` run directory", null=True),
+        "lpips": PATH_OR_NULL, "lpips_resize": Int(lo=1, null=True),
     }  # fmt: skip
 
 
