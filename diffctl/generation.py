@@ -1,6 +1,6 @@
-"""`diffctl sample`'s generation: the model as the sampler sees it (speed switches, guidance,
-clipping, a count of network calls), the batch of samples first..first+n-1 in the form
-diffctl.indexjob stores it, and what a finished shard of such a run must hold."""
+"""`diffctl sample`'s generation: the model as the sampler sees it (speed switches, precision,
+guidance, clipping, a count of network calls; `diffctl inpaint` uses it too), the batch of samples
+first..first+n-1 in the form diffctl.indexjob stores it, and what a finished shard of such a run must hold."""
 
 from __future__ import annotations
 
@@ -58,14 +58,16 @@ def clips(cfg: DictConfig, can) -> bool:
 
 
 def guided_model(cfg: DictConfig, source: Source, denoiser=None):
-    """What the sampler calls: the denoiser (default the source's), with classifier-free guidance,
-    clipping and classifier guidance as cfg asks, in that order. The classifier tilts the clipped
-    prediction, as guided-diffusion's condition_score/condition_mean act on the clipped x0.
+    """What the sampler calls: the denoiser (default the source's), with classifier-free guidance
+    (none without a `guidance` key, as inpaint's), clipping and classifier guidance as cfg asks, in
+    that order. The classifier tilts the clipped prediction, as guided-diffusion's
+    condition_score/condition_mean act on the clipped x0.
     ConfigError when the classifier cannot guide this model (diffctl.guidance.check_classifier)."""
     model = denoiser if denoiser is not None else source.denoiser
     can = model.capabilities
-    if float(cfg.guidance) != 1.0:
-        model = GuidedModel(model, cfg.guidance)
+    guidance = float(cfg.get("guidance", 1.0))
+    if guidance != 1.0:
+        model = GuidedModel(model, guidance)
     if clips(cfg, can):
         model = ClippedModel(model, *(can.data_range or (-1.0, 1.0)))
     if source.classifier is not None:
@@ -79,6 +81,12 @@ class SamplingModel:
     channels_last: bool
     calls: list[int]  # network calls so far (a forward hook counts them)
     clipped: bool
+    precision: str = "32-true"  # the network's arithmetic (cfg.precision), applied by autocast()
+    compile: bool = False  # cfg.compile: torch.compile the network (model=gmm has none; recorded as asked)
+
+    def autocast(self, device: torch.device):
+        """The context every batch runs in: the network at `precision`, the sampler's own updates in float32."""
+        return sampling_autocast(self.precision, device)
 
     @property
     def classifier_calls(self) -> int:
@@ -87,7 +95,8 @@ class SamplingModel:
 
 
 def sampling_model(cfg: DictConfig, source: Source, device: torch.device) -> SamplingModel:
-    """The source's denoiser on `device` with the speed switches, guidance and clipping of cfg."""
+    """The source's denoiser on `device` with the speed switches (channels_last, compile, precision;
+    absent keys: off, 32-true), guidance and clipping of cfg."""
     denoiser = source.denoiser.to(device)
     can = denoiser.capabilities
     channels_last = denoiser.backbone is not None and use_channels_last(cfg.get("channels_last", False), device.type)
@@ -95,7 +104,8 @@ def sampling_model(cfg: DictConfig, source: Source, device: torch.device) -> Sam
         speed_up(denoiser.backbone, channels_last, cfg.get("compile", False))
     calls = [0]
     denoiser.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return SamplingModel(guided_model(cfg, source, denoiser).to(device), channels_last, calls, clips(cfg, can))
+    return SamplingModel(guided_model(cfg, source, denoiser).to(device), channels_last, calls, clips(cfg, can),
+                         str(cfg.get("precision", "32-true")), cfg.get("compile", False))  # fmt: skip
 
 
 def batch_maker(cfg: DictConfig, source: Source, sampling: SamplingModel, device: torch.device) -> Callable[[int, int], dict]:
@@ -107,7 +117,7 @@ def batch_maker(cfg: DictConfig, source: Source, sampling: SamplingModel, device
         cond = sample_cond(cfg, sampling.model, first, n, device)
         y = class_labels(cond)
         before, classifier_before = sampling.calls[0], sampling.classifier_calls
-        with sampling_autocast(cfg.get("precision", "32-true"), device):
+        with sampling.autocast(device):
             x = generate(sampling.model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, cond, device, first, cfg.noise)
         x = to_uint8(x) if data_range is not None else x.float().cpu()  # unbounded (model=gmm): raw floats
         batch = {"samples": x, "calls": torch.tensor(sampling.calls[0] - before, dtype=torch.int64)}

@@ -27,6 +27,7 @@ from diffctl.generation import SHARD_KEYS, sampling_model
 from diffctl.indexjob import PARTIAL, run_job
 from diffctl.inpaint_job import Inputs, batch_maker, prepare, report, settings, write_outputs
 from diffctl.launch import device, launch, sum_over_processes
+from diffctl.memory import check_batches
 from diffctl.noise import NOISE_VERSION
 from diffctl.resume import MANIFEST, kept, manifest, resume_config, run_noise_version
 from diffctl.resume_check import check_shards, read_manifest
@@ -78,6 +79,9 @@ def inpaint_command(cfg: DictConfig) -> dict[str, Any]:
         c, h, w = source.shape
         done = check_shards(partial, len(inputs), (h, w, c), np.uint8, None)
         print(f"Resuming {out_dir}: {done} of {len(inputs)} images already inpainted")
+    # memory, before any process is started: sample's estimate (one batch through the network, its
+    # state, the images held until inpainted.npz); RePaint's jumps keep nothing more per step
+    check_batches(cfg, source, device(None, cfg.trainer.accelerator), len(inputs), "inpainting", outputs="inpainted images")
     manifest(out_dir, ckpt, resuming, int(cfg.get("noise", NOISE_VERSION)))
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     return launch(plain_cfg["trainer"], inpaint_share, (plain_cfg, ckpt, str(out_dir)), lambda: _kept(out_dir),
@@ -93,8 +97,8 @@ def inpaint_share(fabric, cfg: dict, ckpt: str, out_dir: str, source: Source | N
     inputs = inputs or prepare(cfg, source)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     dev = device(fabric, cfg.trainer.accelerator)
-    # sample's model wrapper (clip_denoised as there, no guidance) with its count of network calls
-    sampling = sampling_model(OmegaConf.create({"guidance": 1.0, "clip_denoised": cfg.clip_denoised}), source, dev)
+    # sample's model wrapper (clip_denoised, compile and precision as there, no guidance) with its count of network calls
+    sampling = sampling_model(cfg, source, dev)
     partial = out_dir / PARTIAL
     make = batch_maker(cfg, source, inputs, sampling, dev)
     job = run_job(fabric, len(inputs), cfg.batch_size, partial, make, progress=cfg.progress_bar, what="inpainting",
@@ -106,6 +110,8 @@ def inpaint_share(fabric, cfg: dict, ckpt: str, out_dir: str, source: Source | N
         **settings(cfg),
         "resample": 1 if cfg.method == "replace" else cfg.resample,  # replace never jumps back
         "clip_denoised": sampling.clipped,
+        "precision": sampling.precision,
+        "compile": sampling.compile,
         "nfe_per_sample": round(sum(job.per_batch["calls"]) / job.batches, 2) if job.batches else 0,
         "num_images": num,
         "devices": world,

@@ -82,9 +82,10 @@ def batch_maker(cfg: DictConfig, source: Source, inputs: Inputs, sampling: Sampl
         known = inputs.images.images[first : first + n].to(device)
         mask = inputs.masks.get(range(first, first + n), cfg.seed)
         before = sampling.calls[0]
-        result = inpaint(sampling.model, known, mask, cfg.steps, cfg.method, cfg.seed, first,
-                         batch_cond(cfg, source, inputs, first, n, device), cfg.jump_length, cfg.resample,
-                         cfg.spacing, device, cfg.noise)  # fmt: skip
+        with sampling.autocast(device):  # precision= for the network only: the known pixels are put back exactly
+            result = inpaint(sampling.model, known, mask, cfg.steps, cfg.method, cfg.seed, first,
+                             batch_cond(cfg, source, inputs, first, n, device), cfg.jump_length, cfg.resample,
+                             cfg.spacing, device, cfg.noise)  # fmt: skip
         return {"samples": to_uint8(result.images), "calls": torch.tensor(sampling.calls[0] - before, dtype=torch.int64)}
 
     return make

@@ -251,28 +251,38 @@ def _procs(cfg, device: torch.device) -> int:
     return devices if device.type == "cpu" and isinstance(devices, int) and devices > 0 else 1
 
 
-def check_sample(cfg, source, device: torch.device) -> None:
-    """`diffctl sample`: one batch through the network (twice with guidance), the sampler's state, and
-    every sample held on the host until samples.npz is written."""
+def check_batches(cfg, source, device: torch.device, num: int, what: str, copies: int = 1,
+                  extra: Callable[[int], dict[str, int]] | None = None, outputs: str = "samples") -> None:
+    """A command that makes `num` images in batches of cfg.batch_size (sample, inpaint): one batch
+    through the network (`copies` of it at once), the batch's state (x, eps, x0, history; RePaint's
+    known images and mask are no larger), extra(b)'s parts per process, and every image held on the
+    host until its file is written. `what` names the work in the refusal ("sampling")."""
     if _skip(cfg) or source.denoiser.backbone is None:
         return
     shape, dim, k = tuple(source.shape), math.prod(source.shape), source.denoiser.capabilities.num_classes
-    guided = 2 if float(cfg.guidance) != 1.0 else 1
     procs = _procs(cfg, device)
-    batch = min(cfg.batch_size, -(-cfg.num_samples // procs))  # no batch is larger than a process's share
-
-    classifier = _classifier_forward(getattr(source, "classifier", None))
+    batch = min(cfg.batch_size, -(-num // procs))  # no batch is larger than a process's share
 
     def parts(b: int) -> dict[str, int]:
-        act = network_bytes(source.denoiser.backbone, b * guided, shape, k, None) or 0
+        act = network_bytes(source.denoiser.backbone, b * copies, shape, k, None) or 0
         out = {"network activations": act * procs, "sampler state": 6 * b * dim * 4 * procs}  # x, eps, x0, history
-        if classifier is not None:  # classifier guidance: a forward and a gradient in x per call
-            out["classifier activations"] = (network_bytes(classifier, b, shape, 0, "input") or 0) * procs
-        return out
+        return {**out, **{key: v * procs for key, v in (extra(b) if extra else {}).items()}}
 
-    host = {"samples": 3 * cfg.num_samples * dim}  # uint8: per batch, concatenated, gathered for the file
+    host = {outputs: 3 * num * dim}  # uint8: per batch, concatenated, gathered for the file
     total = lambda b: sum(parts(b).values()) + (sum(host.values()) if device.type == "cpu" else 0)  # noqa: E731
-    _split(parts(batch), device, host, f"sampling with batch_size={batch}", _batch_fits(total, "batch_size", batch))
+    _split(parts(batch), device, host, f"{what} with batch_size={batch}", _batch_fits(total, "batch_size", batch))
+
+
+def check_sample(cfg, source, device: torch.device) -> None:
+    """`diffctl sample`: check_batches with two network batches under guidance and, with classifier
+    guidance, the classifier's forward and gradient in x per call."""
+    classifier = _classifier_forward(getattr(source, "classifier", None))
+
+    def extra(b: int) -> dict[str, int]:
+        return {"classifier activations": network_bytes(classifier, b, tuple(source.shape), 0, "input") or 0}
+
+    guided = 2 if float(cfg.guidance) != 1.0 else 1
+    check_batches(cfg, source, device, cfg.num_samples, "sampling", guided, extra if classifier is not None else None)
 
 
 def _classifier_forward(classifier) -> Callable | None:

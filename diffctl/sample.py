@@ -117,8 +117,8 @@ def sample_share(fabric, cfg: dict, ckpt: str | None, out_dir: str, source: Sour
         "guidance": float(cfg.guidance),
         **({"classifier": cfg.classifier, "classifier_scale": float(cfg.classifier_scale)} if cfg.get("classifier") else {}),
         "clip_denoised": sampling.clipped,
-        "precision": cfg.get("precision", "32-true"),
-        "compile": cfg.get("compile", False),
+        "precision": sampling.precision,
+        "compile": sampling.compile,
         "channels_last": sampling.channels_last,
         "nfe_per_sample": round(sum(job.per_batch["calls"]) / job.batches, 2),  # network calls
         **({"classifier_calls_per_sample": round(sum(job.per_batch["classifier_calls"]) / job.batches, 2)}

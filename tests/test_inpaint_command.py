@@ -2,6 +2,7 @@
 batch size and number of processes, resume, the NFE against RePaint's schedule, and bad inputs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +152,7 @@ def _npz_16x16(tmp_path):
         ("images=BIG", r"has 16x16 images, 8x8 are needed"),
         ("class_label=3", r"class_label=3, but .* is unconditional"),
         ("jump_length=4", r"jump_length=4 must be below steps=4"),
+        ("precision=fp8", r"precision must be one of 32-true \| 32 \| bf16-mixed \| 16-mixed, got 'fp8'"),
     ],
 )
 def test_bad_inputs_are_one_line_errors_before_any_work(trained, tmp_path, override, message):
@@ -229,3 +231,100 @@ def test_a_conditional_model_gets_the_images_own_labels(conditional, tmp_path, m
         assert got == [i % 10 for i in range(12)]
     else:
         assert got == read_images("digits:test", limit=12).labels.tolist() != [i % 10 for i in range(12)]
+
+
+# --- what `diffctl sample` offers: memory check, precision, compile, sweeps ------------------------
+
+
+def test_a_batch_that_cannot_fit_is_refused_in_one_line_before_any_output(trained, tmp_path, monkeypatch):
+    """sample's memory check (diffctl.memory) on a faked small budget, as tests/test_bad_inputs_signals.py
+    fakes a large one; the batch it says fits then runs under the same budget."""
+    import diffctl.memory as memory
+    from diffctl.rundir import used_files
+
+    _, run_dir = trained
+    monkeypatch.setattr(memory, "available", lambda device: (256 * 2**10, "free in this test"))
+    common = [f"ckpt={run_dir}", *FAST, "limit=16"]
+    with pytest.raises(memory.MemoryRefused) as err:
+        run_inpaint(tmp_path / "big", [*common, "batch_size=1000000"])
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("inpainting with batch_size=16 needs about")  # a batch is at most the 16 images
+    assert "network activations" in line and "0.25 MiB free in this test" in line and "memory_check=false skips" in line
+    assert used_files(tmp_path / "big") == []  # nothing written, not even partial/manifest.json (only the run's lock)
+    fits = int(line.split("at most batch_size=")[1].split()[0])
+    assert 1 <= fits < 16
+    run_inpaint(tmp_path / "fits", [*common, f"batch_size={fits}"])  # what it says fits is not refused
+    run_inpaint(tmp_path / "off", [*common, "batch_size=16", "memory_check=false"])  # and the check can be skipped
+    assert (tmp_path / "fits" / "inpainted.npz").is_file() and (tmp_path / "off" / "inpainted.npz").is_file()
+
+
+def test_bf16_changes_the_inpainted_region_slightly_and_keeps_the_known_pixels(tmp_path, monkeypatch):
+    """On the golden tests' 40-step network (tests/golden/tiny.safetensors, an export): the 2-step one's
+    outputs are ~1e-3, too small for bf16's rounding to reach a uint8 level."""
+    import torch
+
+    common = [f"ckpt={Path(__file__).parent / 'golden' / 'tiny.safetensors'}", *FAST, "limit=8", "mask=center"]
+    convs = []  # the dtype the network's convolutions compute in
+    real_conv = torch.nn.Conv2d._conv_forward
+
+    def conv(self, x, weight, bias):
+        out = real_conv(self, x, weight, bias)
+        convs.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", conv)
+    run_inpaint(tmp_path / "fp32", common)
+    assert set(convs) == {torch.float32}
+    convs.clear()
+    run_inpaint(tmp_path / "bf16", [*common, "precision=bf16-mixed"])
+    assert torch.bfloat16 in convs
+    (fp32, m32), (bf16, m16) = _load(tmp_path / "fp32"), _load(tmp_path / "bf16")
+    assert (m32["precision"], m16["precision"]) == ("32-true", "bf16-mixed") and m16["compile"] is False
+    original = to_uint8(read_images("digits:test", limit=8).images).numpy()
+    keep = fp32["masks"][..., None].astype(bool)
+    for arrays in (fp32, bf16):
+        np.testing.assert_array_equal(arrays["samples"][keep], original[keep])  # bit for bit, whatever the precision
+    diff = np.abs(fp32["samples"].astype(int) - bf16["samples"].astype(int))[~keep]
+    assert 0 < diff.max() <= 2, diff.max()  # bf16 has 8 mantissa bits: close (measured: 1 level), not equal
+
+
+def test_compile_is_passed_to_the_network_and_recorded(trained, tmp_path, monkeypatch):
+    """The config path only: torch.compile itself is tested against eager in tests/test_performance.py
+    (compiling here would cost more than this file's other tests)."""
+    import torch
+
+    _, run_dir = trained
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    result = run_inpaint(tmp_path, [f"ckpt={run_dir}", *FAST, "limit=2", "compile=true"])
+    assert compiled == ["UNet"] and result["compile"] is True and _load(tmp_path)[1]["compile"] is True
+
+
+def test_resume_refuses_another_precision(trained, tmp_path, monkeypatch):
+    _, run_dir = trained
+    run = tmp_path / "run"
+    _interrupted_run(run, [f"ckpt={run_dir}", *FAST, "limit=4", "batch_size=2"], 1, monkeypatch)
+    with pytest.raises(ConfigError, match=r"resume: precision is '32-true' in .* but 'bf16-mixed' here, which changes") as err:
+        run_inpaint(tmp_path / "log", [f"resume={run}", "precision=bf16-mixed"])
+    assert "\n" not in str(err.value) and len(list((run / "partial").glob("shard-*.npz"))) == 1
+
+
+def test_multirun_writes_one_summary_with_a_row_per_job(trained, tmp_path):
+    root, run_dir = trained
+    sweep = tmp_path / "sweep"
+    out = run_cli(["inpaint", "--multirun", f"ckpt={run_dir}", "method=repaint,replace", *FAST, "limit=2",
+                   "progress_bar=false", f"hydra.sweep.dir={sweep}"], cwd=root)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [(r["method"], r["resample"]) for r in rows] == [("repaint", 2), ("replace", 1)]
+    for job, row in enumerate(rows):  # the jobs' own metrics, gathered
+        assert row == json.loads((sweep / str(job) / "metrics.json").read_text())
+    assert rows[0]["nfe_per_sample"] > rows[1]["nfe_per_sample"] == 4  # replace: one call per level
+    assert out.stdout.count("diffctl inpaint sweep (2 jobs)") == 1
+    table = out.stdout[out.stdout.index("diffctl inpaint sweep (2 jobs)"):]
+    header = table.splitlines()[2]
+    names = ("method", "steps", "jump_length", "resample", "nfe_per_sample", "psnr_masked", "ssim_masked", "time_s")
+    # the columns in this order; rich may wrap a long name over two lines, so the first letters
+    assert [header.index(n[:4]) for n in names] == sorted(header.index(n[:4]) for n in names), header
+    assert "images_per_s" not in table and "repaint" in table and "replace" in table
+    assert f"summary: {sweep / 'summary.json'}" in out.stdout.replace("\n", "")

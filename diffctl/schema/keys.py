@@ -273,7 +273,8 @@ def inpaint_schema() -> dict:
         "limit": Int(lo=1, null=True), "mask": Text(what="center, box:x0,y0,x1,y1, random, a mask PNG or a folder of them"),
         "method": Choice("repaint", "replace"), "steps": Int(lo=1), "jump_length": Int(lo=1), "resample": Int(lo=1),
         "spacing": Choice("uniform", "quadratic", "trailing", "leading", "karras", "logsnr"),
-        **{key: sample[key] for key in ("batch_size", "seed", "noise", "class_label", "clip_denoised", "trainer")},
+        **{key: sample[key] for key in ("batch_size", "seed", "noise", "class_label", "clip_denoised", "precision",
+                                        "compile", "memory_check", "trainer")},
         "resume": Text(what="a `diffctl inpaint` run directory", null=True),
         "lpips": PATH_OR_NULL, "lpips_resize": Int(lo=1, null=True),
     }  # fmt: skip
