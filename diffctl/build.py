@@ -17,6 +17,7 @@ from diffctl.denoiser import DiffusionModel, compose
 from diffctl.errors import CheckpointError, ConfigError
 from diffctl.filekinds import describe, identify
 from diffctl.objectives import Objective
+from diffctl.prediction import model_prediction
 from diffctl.sde import SDE
 
 
@@ -64,8 +65,10 @@ def build_objective(cfg: DictConfig, sde: SDE) -> Objective:
 
 def build_denoiser(cfg: DictConfig, sde: SDE, objective: Objective, shape: dict[str, int]) -> DiffusionModel:
     """The composed model of a run config. shape: {'channels', 'resolution', 'num_classes'} of the data
-    the network models (num_classes 0: unconditional). The parameterization is the one the objective
-    trains (objective.prediction); label dropout (the null class) is the run's label_dropout."""
+    the network models (num_classes 0: unconditional). The parameterization is the config's
+    (denoiser.prediction, else the older objective.prediction, else the objective's own:
+    diffctl.prediction.model_prediction); label dropout (the null class) is the run's label_dropout."""
+    prediction = model_prediction(cfg, fallback=objective.prediction)  # fallback: an objective class not diffctl's
     net = instantiate_config(
         cfg.model,
         "model",
@@ -74,7 +77,7 @@ def build_denoiser(cfg: DictConfig, sde: SDE, objective: Objective, shape: dict[
         num_classes=shape["num_classes"],
     )
     dropout = float(cfg.get("label_dropout", 0.0) or 0.0) if shape["num_classes"] else 0.0
-    return compose(net, sde, objective.prediction, sigma_data=cfg.denoiser.sigma_data, scale_input=cfg.denoiser.scale_input,
+    return compose(net, sde, prediction, sigma_data=cfg.denoiser.sigma_data, scale_input=cfg.denoiser.scale_input,
                    num_classes=shape["num_classes"], label_dropout=dropout)  # fmt: skip
 
 

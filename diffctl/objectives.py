@@ -1,7 +1,8 @@
 """Training objectives: a loss from a model, clean data x0 and sampled times.
 
-Each objective names the network parameterization it trains (`prediction`) and whether it needs
-an EMA target network (consistency models). Losses are per-sample means over pixels, averaged
+Each objective names the network parameterization it trains when denoiser.prediction is null
+(`prediction`; the run's own is diffctl.prediction.model_prediction) and whether it needs an EMA
+target network (consistency models). Losses are per-sample means over pixels, averaged
 over the batch.
 """
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from diffctl.denoiser import DiffusionModel
+from diffctl.prediction import own_prediction
 from diffctl.rng import BatchRandom, same_global_draws
 from diffctl.sde import SDE, broadcast
 
@@ -23,7 +25,7 @@ def sample_times(sde: SDE, rng: BatchRandom, n: int) -> Tensor:
 
 
 class Objective:
-    prediction = "eps"
+    prediction = "eps"  # for an objective class outside diffctl; diffctl's own are in diffctl/prediction.py
     needs_target = False
 
     def __init__(self, sde: SDE):
@@ -35,17 +37,20 @@ class DDPMObjective(Objective):
 
     weighting="likelihood" multiplies by g(t)^2 / sigma(t)^2, which turns the loss into the
     score-matching bound on negative log-likelihood (Song et al. 2021, "likelihood weighting").
-    `prediction` may be eps, x0 or v: the loss stays in eps-space, only the network's output changes.
+    The loss stays in eps-space, so any parameterization of the network trains (denoiser.prediction).
+    `prediction` (eps, x0 or v; None: not given) is the key older configs and checkpoints name it
+    with; the model reads it from the config (diffctl.prediction.model_prediction), not from here.
     """
 
-    def __init__(self, sde: SDE, weighting: str = "simple", prediction: str = "eps"):
+    prediction = own_prediction("ddpm")
+
+    def __init__(self, sde: SDE, weighting: str = "simple", prediction: str | None = None):
         super().__init__(sde)
         if weighting not in ("simple", "likelihood"):
             raise ValueError(f"objective.weighting must be 'simple' or 'likelihood', got {weighting!r}")
-        if prediction not in ("eps", "x0", "v"):
-            raise ValueError(f"objective.prediction for ddpm must be eps, x0 or v, got {prediction!r}")
+        if prediction not in (None, "eps", "x0", "v"):
+            raise ValueError(f"objective.prediction for ddpm must be null, eps, x0 or v, got {prediction!r}")
         self.weighting = weighting
-        self.prediction = prediction
 
     def loss(self, model: DiffusionModel, x0: Tensor, cond: dict | None, rng: BatchRandom, **_) -> Tensor:
         t = sample_times(self.sde, rng, x0.shape[0]).to(x0.dtype)
@@ -63,7 +68,7 @@ class NCSNObjective(Objective):
     sigma^2 || s(x_t) - grad log p(x_t | x0) ||^2 with grad log p = -noise/sigma, i.e. || sigma s + noise ||^2.
     """
 
-    prediction = "score"
+    prediction = own_prediction("ncsn")
 
     def loss(self, model: DiffusionModel, x0: Tensor, cond: dict | None, rng: BatchRandom, **_) -> Tensor:
         t = sample_times(self.sde, rng, x0.shape[0]).to(x0.dtype)
@@ -90,7 +95,7 @@ class ConsistencyObjective(Objective):
     The target network sees the dropout masks the online network drew (same global RNG state).
     """
 
-    prediction = "consistency"
+    prediction = own_prediction("consistency")
     needs_target = True
 
     def __init__(

@@ -186,6 +186,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
             )
         objective.teacher = teacher
     denoiser = build_denoiser(cfg, sde, objective, shape)
+    with open_dict(cfg):  # the parameterization the run used, in the config its checkpoints store
+        cfg.denoiser.prediction = denoiser.capabilities.prediction
     if getattr(objective, "teacher", None) is not None and objective.init_from_teacher:
         init_from_teacher(denoiser, objective.teacher)
 

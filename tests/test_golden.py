@@ -133,15 +133,16 @@ def _objective_losses() -> dict[str, torch.Tensor]:
     x0 = torch.from_numpy(np.load(GOLDEN / "digits8.npy")).float()  # 8 digits, 1x8x8 in [-1, 1]
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 10])  # the last: the null class
     out = {}
-    cases = [("ddpm-simple-eps", "vp", lambda s: DDPMObjective(s)), ("ddpm-likelihood-v", "vpsub", lambda s: DDPMObjective(s, "likelihood", "v")),
-             ("ddpm-x0", "ve", lambda s: DDPMObjective(s, prediction="x0")), ("ncsn-ve", "ve", NCSNObjective), ("ncsn-vp", "vp", NCSNObjective),
-             ("ct-ve", "ve", lambda s: ConsistencyObjective(s, num_scales_end=20, total_steps=10)),
-             ("ct-vp-huber", "vp", lambda s: ConsistencyObjective(s, num_scales_end=20, total_steps=10, metric="pseudo_huber"))]  # fmt: skip
-    for name, sde_name, make in cases:
+    # (id, sde, objective, the network's parameterization: denoiser.prediction, no longer the objective's)
+    cases = [("ddpm-simple-eps", "vp", lambda s: DDPMObjective(s), "eps"), ("ddpm-likelihood-v", "vpsub", lambda s: DDPMObjective(s, "likelihood"), "v"),
+             ("ddpm-x0", "ve", lambda s: DDPMObjective(s), "x0"), ("ncsn-ve", "ve", NCSNObjective, "score"), ("ncsn-vp", "vp", NCSNObjective, "score"),
+             ("ct-ve", "ve", lambda s: ConsistencyObjective(s, num_scales_end=20, total_steps=10), "consistency"),
+             ("ct-vp-huber", "vp", lambda s: ConsistencyObjective(s, num_scales_end=20, total_steps=10, metric="pseudo_huber"), "consistency")]  # fmt: skip
+    for name, sde_name, make, prediction in cases:
         sde = _sde(sde_name)
         objective = make(sde)
         net = UNet(in_channels=1, resolution=8, num_classes=10, base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4])
-        den = DiffusionModel(net, sde, make_parameterization(objective.prediction, sde), ClassConditioner(10))
+        den = DiffusionModel(net, sde, make_parameterization(prediction, sde), ClassConditioner(10))
         den.load_state_dict(_net_state())
         rng = BatchRandom(7, 3, 0, 0, 1, 8, "cpu")
         target = None

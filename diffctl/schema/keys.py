@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffctl.errors import ConfigError
+from diffctl.prediction import PREDICTIONS, model_prediction
 from diffctl.schema.choices import (
     DATASETS,
     DETECTORS,
@@ -92,7 +93,7 @@ VE = {"sigma_min": Float(gt=0), "sigma_max": Float(gt=0), **_TIMES}
 SDE = {"diffctl.sde.VPSDE": VP, "diffctl.sde.SubVPSDE": VP, "diffctl.sde.VESDE": VE}
 
 OBJECTIVE = {
-    "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood"), "prediction": Choice("eps", "x0", "v")},
+    "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood"), "prediction": Choice("eps", "x0", "v", null=True)},
     "diffctl.objectives.NCSNObjective": {},
     "diffctl.objectives.ConsistencyObjective": {
         "num_scales_start": Int(lo=2), "num_scales_end": Int(lo=2), "target_decay_start": Float(ge=0, lt=1),
@@ -194,7 +195,7 @@ def train_schema() -> dict:
         "nan_policy": Choice(*NAN_POLICIES, sep=" | "), "compile": Bool(), "memory_check": Bool(),
         "channels_last": Choice(True, False, "auto", what="true, false or auto"),
         "optimized_metric": Choice("train/loss", null=True),
-        "denoiser": {"sigma_data": Float(gt=0), "scale_input": Bool()},
+        "denoiser": {"sigma_data": Float(gt=0), "scale_input": Bool(), "prediction": Choice(*PREDICTIONS, null=True)},
         "optim": {"name": Choice("adam", "adamw"), "lr": Float(gt=0),
                   "betas": Seq(Float(ge=0, lt=1), what="a list of two numbers in [0, 1)", length=2),
                   "eps": Float(gt=0), "weight_decay": Float(ge=0), "warmup_steps": Int(lo=0),
@@ -216,10 +217,11 @@ CLASSIFIER = {k: v for k, v in UNET.items() if k != "out_channels"} | {"pool": C
 @functools.cache
 def train_classifier_schema() -> dict:
     train = train_schema()
-    shared = ("seed", "resume", "progress_bar", "nan_policy", "compile", "channels_last", "denoiser", "optim", "ema",
+    shared = ("seed", "resume", "progress_bar", "nan_policy", "compile", "channels_last", "optim", "ema",
               "checkpoint", "sde", "data", "trainer", "logger", "data_shape")  # the same keys as train's, the same rules
     return {
         **{key: train[key] for key in shared},
+        "denoiser": {k: v for k, v in train["denoiser"].items() if k != "prediction"},  # a classifier predicts no x0
         "model": ByTarget({"diffctl.networks.classifier.EncoderClassifier": CLASSIFIER}),
         "report": {"bins": Int(lo=1), "bin_by": Choice("t", "logsnr"), "batch_size": Int(lo=1),
                    "limit": Int(lo=1, null=True), "seed": SEED},
@@ -301,6 +303,8 @@ def combinations(data: dict, command: str) -> None:
     optim = data.get("optim") or {}
     if command in ("train", "train_classifier") and optim.get("fused") is True and optim.get("foreach") is True:
         raise ConfigError("optim.fused and optim.foreach must not both be true (PyTorch's Adam runs one kernel or the other), got true and true")
+    if command == "train":
+        model_prediction(data)  # denoiser.prediction against objective (and its older objective.prediction)
 
 
 def validate(cfg: DictConfig | dict, command: str, where: str | None = None, samplers: bool = True) -> None:

@@ -1,0 +1,49 @@
+"""Which parameterization a run's network has (what it outputs): one resolver that every reader uses.
+
+`denoiser.prediction` chooses it, as part of the composed model; null takes the objective's own
+(ddpm: eps, ncsn: score, consistency: consistency). The denoising losses work in their own space
+through the model's conversions (DDPMObjective compares pred.eps with the noise, NCSN uses
+pred.score), so they train any of eps, x0, v and score; consistency needs its own c_skip/c_out.
+`objective.prediction` (ddpm) is where configs and checkpoints before denoiser.prediction named it;
+it still counts, and must agree with denoiser.prediction when both are given. Torch-free: the
+schema (diffctl/schema/keys.py) runs it before torch is imported.
+"""
+
+from __future__ import annotations
+
+from diffctl.errors import ConfigError
+
+DENOISING = ("eps", "x0", "v", "score")  # what the ddpm and ncsn losses train
+# objective class (the `_target_` of conf/objective/*.yaml) -> (its name there, its own
+# parameterization, the parameterizations its loss can train)
+OBJECTIVE_PREDICTIONS = {
+    "diffctl.objectives.DDPMObjective": ("ddpm", "eps", DENOISING),
+    "diffctl.objectives.NCSNObjective": ("ncsn", "score", DENOISING),
+    "diffctl.objectives.ConsistencyObjective": ("consistency", "consistency", ("consistency",)),
+}
+PREDICTIONS = (*DENOISING, "consistency")  # every value denoiser.prediction may take (besides null)
+
+
+def own_prediction(objective: str) -> str:
+    """The parameterization an objective (by its conf/objective name) trains when denoiser.prediction is null."""
+    return next(own for name, own, _ in OBJECTIVE_PREDICTIONS.values() if name == objective)
+
+
+def _either(values) -> str:
+    values = ["null", *values]
+    return f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def model_prediction(config, fallback: str = "eps") -> str:
+    """The parameterization of the network a run config (plain dict or DictConfig, live or stored in a
+    checkpoint) composes. ConfigError (one line) for a combination that cannot train. `fallback`: the
+    own parameterization of an objective class that is not diffctl's (the user's; its `prediction`)."""
+    objective = config.get("objective") or {}
+    chosen = (config.get("denoiser") or {}).get("prediction")
+    older = objective.get("prediction")  # ddpm's key before denoiser.prediction (old configs, checkpoints)
+    name, own, trains = OBJECTIVE_PREDICTIONS.get(objective.get("_target_"), (None, fallback, None))
+    if chosen is not None and older is not None and chosen != older:
+        raise ConfigError(f"denoiser.prediction must be null or {older} when objective.prediction={older} (its older key) is given, got {chosen}")
+    if chosen is not None and trains is not None and chosen not in trains:
+        raise ConfigError(f"denoiser.prediction must be {_either(trains)} with objective={name}, got {chosen}")
+    return chosen or older or own
