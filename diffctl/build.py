@@ -63,28 +63,59 @@ def build_objective(cfg: DictConfig, sde: SDE) -> Objective:
     return instantiate_config(cfg.objective, "objective", sde=sde)
 
 
+def class_conditional(cfg: DictConfig) -> bool:
+    """Class conditioning: conditional=true, or condition=class (the same thing in the condition group)."""
+    return bool(cfg.get("conditional")) or _condition_name(cfg) == "class"
+
+
+def _condition_name(cfg: DictConfig) -> str:
+    node = cfg.get("condition")
+    return str(node.get("name", "none")) if node else "none"
+
+
+def build_conditioner(cfg: DictConfig, shape: dict[str, int]):
+    """The image condition of a run config (condition=sr | colorize | inpaint), else None (class or no
+    condition: compose's class conditioner)."""
+    node = cfg.get("condition")
+    if not node or not node.get("_target_"):
+        return None
+    if shape["num_classes"]:
+        raise ConfigError(f"condition={_condition_name(cfg)} with class labels (conditional=true) is not supported: "
+                          "train an image-to-image model without class labels")  # fmt: skip
+    fields = {k: v for k, v in node.items() if k != "name"}
+    return instantiate_config(OmegaConf.create(fields), "condition", channels=shape["channels"], resolution=shape["resolution"])
+
+
 def build_denoiser(cfg: DictConfig, sde: SDE, objective: Objective, shape: dict[str, int]) -> DiffusionModel:
     """The composed model of a run config. shape: {'channels', 'resolution', 'num_classes'} of the data
     the network models (num_classes 0: unconditional). The parameterization is the config's
     (denoiser.prediction, else the older objective.prediction, else the objective's own:
-    diffctl.prediction.model_prediction); label dropout (the null class) is the run's label_dropout."""
+    diffctl.prediction.model_prediction); label dropout (the null class) is the run's label_dropout; an
+    image condition adds its channels to the network's input (its output keeps the data's channels)."""
     prediction = model_prediction(cfg, fallback=objective.prediction)  # fallback: an objective class not diffctl's
+    conditioner = build_conditioner(cfg, shape)
+    extra = {}
+    if conditioner is not None:
+        out = cfg.model.get("out_channels")
+        if out is not None and int(out) != shape["channels"]:
+            raise ConfigError(f"model.out_channels={out}: an image-to-image network outputs the data's {shape['channels']} channels; leave it null")
+        extra = {"in_channels": shape["channels"] + conditioner.extra_channels, "out_channels": shape["channels"]}
     net = instantiate_config(
         cfg.model,
         "model",
-        in_channels=shape["channels"],
+        **{"in_channels": shape["channels"], **extra},
         resolution=shape["resolution"],
         num_classes=shape["num_classes"],
     )
     dropout = float(cfg.get("label_dropout", 0.0) or 0.0) if shape["num_classes"] else 0.0
     return compose(net, sde, prediction, sigma_data=cfg.denoiser.sigma_data, scale_input=cfg.denoiser.scale_input,
-                   num_classes=shape["num_classes"], label_dropout=dropout)  # fmt: skip
+                   num_classes=shape["num_classes"], label_dropout=dropout, conditioner=conditioner)  # fmt: skip
 
 
 # A stored config (checkpoint or export) is data from someone else's file: its `_target_`s are
 # instantiated, so they may only name diffctl's own classes (env DIFFCTL_TRUSTED_TARGETS adds
 # comma-separated prefixes for your own networks), else a config could call any function on load.
-STORED_CONFIG_KEYS = ("model", "sde", "objective", "data")
+STORED_CONFIG_KEYS = ("model", "sde", "objective", "data", "condition")
 
 
 def check_stored_targets(config: dict[str, Any], path) -> None:

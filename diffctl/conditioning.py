@@ -24,9 +24,16 @@ class Conditioner:
     keys: frozenset[str] = frozenset()
     num_classes = 0
     dropout = 0.0  # probability a condition is replaced by the null one in training (trains the null condition)
+    extra_channels = 0  # input channels it adds to the network's (image conditions, diffctl/image_conditions.py)
 
-    def from_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def from_batch(self, batch: Mapping[str, Tensor], rng=None) -> dict[str, Tensor]:
+        """The cond of a training batch; rng: the step's random draws (diffctl.rng.BatchRandom), for
+        conditions made at random from the batch (inpainting masks)."""
         return {}
+
+    def network_input(self, x: Tensor, cond: Mapping[str, Tensor] | None) -> Tensor:
+        """What the backbone sees, from its scaled input x: x itself, or x with condition channels."""
+        return x
 
     def null(self, cond: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {}
@@ -55,7 +62,7 @@ class ClassConditioner(Conditioner):
             raise ValueError(f"a class conditioner needs num_classes >= 1, got {num_classes}")
         self.num_classes, self.dropout = int(num_classes), float(dropout)
 
-    def from_batch(self, batch):
+    def from_batch(self, batch, rng=None):
         return {CLASS_LABEL: batch[CLASS_LABEL]}
 
     def null(self, cond):

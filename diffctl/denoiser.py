@@ -74,7 +74,7 @@ class DiffusionModel(nn.Module):
         """Network output F for x_t at times t [B] (no conversion)."""
         alpha, sigma = broadcast(self.sde.alpha(t), x), broadcast(self.sde.sigma(t), x)
         p = self.parameterization
-        return self.net(p.network_input(x, alpha, sigma), p.c_noise(t), class_labels(cond))
+        return self.net(self.conditioner.network_input(p.network_input(x, alpha, sigma), cond), p.c_noise(t), class_labels(cond))
 
     def forward(self, x: Tensor, t: Tensor, cond: dict | None = None) -> Prediction:
         t = _times(t, x)
@@ -158,11 +158,14 @@ class ClippedModel(ModelWrapper):
 
 
 def compose(net: nn.Module, sde: SDE, prediction: str = "eps", *, sigma_data: float = 0.5, scale_input: bool = True,
-            num_classes: int | None = None, label_dropout: float = 0.0) -> DiffusionModel:  # fmt: skip
+            num_classes: int | None = None, label_dropout: float = 0.0, conditioner: Conditioner | None = None) -> DiffusionModel:  # fmt: skip
     """A DiffusionModel from its pieces by name: the network predicts `prediction` (eps | x0 | v |
-    score | consistency); num_classes None takes the network's own (0: unconditional)."""
+    score | consistency); num_classes None takes the network's own (0: unconditional); a given
+    conditioner (an image condition) replaces the class one."""
     from diffctl.conditioning import make_conditioner
     from diffctl.parameterization import make_parameterization
 
     k = int(getattr(net, "num_classes", 0)) if num_classes is None else int(num_classes)
-    return DiffusionModel(net, sde, make_parameterization(prediction, sde, sigma_data, scale_input), make_conditioner(k, label_dropout))
+    if conditioner is None:
+        conditioner = make_conditioner(k, label_dropout)
+    return DiffusionModel(net, sde, make_parameterization(prediction, sde, sigma_data, scale_input), conditioner)

@@ -19,6 +19,7 @@ from diffctl.files import atomic_write, atomic_write_json
 from diffctl.generation import SamplingModel
 from diffctl.image_sources import ImageSet, read_images
 from diffctl.images import save_grid, to_uint8
+from diffctl.image_conditions import refuse_source_models
 from diffctl.inpaint import inpaint, jump_schedule
 from diffctl.inpaint_report import inpaint_grid, region_metrics
 from diffctl.lpips import LPIPS
@@ -42,6 +43,7 @@ def prepare(cfg: DictConfig, source: Source) -> Inputs:
     """Every check that can fail, before any process is started: the model, the images against its
     shape, the mask against the images, the class labels and the schedule (ConfigError, one line)."""
     can = source.denoiser.capabilities
+    refuse_source_models(can, source.description, "inpaint")
     if can.one_step:  # a consistency function's output at a level is not a posterior mean E[x0 | x_t]
         raise ConfigError(f"{source.description} is a consistency model (one step); inpainting needs a diffusion model")
     if can.data_range is None or len(source.shape) != 3:

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from diffctl.image_conditions import refuse_source_models
 from diffctl.conditioning import CLASS_LABEL, IMAGE
 from diffctl.errors import ConfigError
 from diffctl.files import create_new, json_text
@@ -86,6 +87,7 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
             print(f"Using the newest checkpoint: {ckpt}")
     source = load_source(cfg, ckpt)
     can = source.denoiser.capabilities
+    refuse_source_models(can, source.description, "likelihood")  # its log-likelihood is of x given a source
     mixture = source.mixture if can.analytic else None  # exact answers to compare with
     dim = math.prod(source.shape)
     if not can.pf_ode:

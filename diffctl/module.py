@@ -108,7 +108,7 @@ class DiffusionModule(L.LightningModule):
             x = torch.where(flip, x.flip(-1), x)
         rng = BatchRandom(self.seed, *keyed)
         conditioner = self.denoiser.conditioner  # label dropout (CFG's null class) drawn before the objective's noise
-        cond = conditioner.drop(conditioner.from_batch(batch), rng)
+        cond = conditioner.drop(conditioner.from_batch(batch, rng), rng)
         loss = self.objective.loss(self.denoiser, x, cond, rng, target=self.target, step=step)
         self._track_finite(loss.detach(), step, micro)
         if self._loss_is_read_at(step):

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from diffctl.errors import ConfigError
 from diffctl.generation import guided_model
+from diffctl.image_conditions import refuse_source_models
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_fits as sampler_fits
 from diffctl.samplers import check_sampler
@@ -43,6 +44,7 @@ def check_options(cfg: DictConfig) -> None:
 def check_fits(cfg: DictConfig, source: Source) -> None:
     """Checks of the sampler options against the checkpoint."""
     can = source.denoiser.capabilities
+    refuse_source_models(can, source.description, "sample")
     sampler_fits(cfg.sampler.name, can)  # what the sampler needs of the model (its registration)
     num_classes = can.num_classes
     if float(cfg.guidance) != 1.0:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffctl.build import (
     build_denoiser,
+    class_conditional,
     build_objective,
     build_sde,
     check_stored_targets,
@@ -40,7 +41,7 @@ from diffctl.sharding import check_resume, check_sharding, is_sharded, sharded_t
 from diffctl.train_outputs import SampleGrid, TrainSummary
 
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
-MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout")
+MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout", "condition")
 # Keys of a data config that are hints for other groups, not DataModule arguments.
 DATA_HINT_KEYS = ("ve_sigma_max",)
 
@@ -62,6 +63,8 @@ def apply_resume(cfg: DictConfig, command: str = "train", keys: tuple[str, ...] 
         for key in keys:
             if key in stored:
                 cfg[key] = stored[key]
+            elif key == "condition" and key in cfg:  # checkpoints from before the condition group: none
+                cfg[key] = {"name": "none"}
     shown = "/".join(k for k in keys[:4])
     validate(cfg, command, where=f"in the config of {path}, which resume= takes {shown} from")
     print(f"Resuming from {path} ({shown} taken from the checkpoint)")
@@ -156,7 +159,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build_datamodule(cfg)
-    if cfg.conditional and datamodule.num_classes == 0:
+    if class_conditional(cfg) and datamodule.num_classes == 0:
         raise ConfigError(
             f"conditional=true needs class labels, but data={cfg.data.name} has none; "
             "use a dataset with classes or set conditional=false"
@@ -164,7 +167,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     shape = {
         "channels": datamodule.channels,
         "resolution": datamodule.resolution,
-        "num_classes": datamodule.num_classes if cfg.conditional else 0,
+        "num_classes": datamodule.num_classes if class_conditional(cfg) else 0,
     }
     with open_dict(cfg):
         cfg.data_shape = shape

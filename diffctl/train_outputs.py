@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffctl.callbacks import check_finite
 from diffctl.files import atomic_write_json
+from diffctl.image_conditions import triplets
 from diffctl.images import save_grid, to_uint8
 from diffctl.samplers import NonFiniteSamples, generate
 from diffctl.sharding import strategy_is_sharded
@@ -50,11 +52,17 @@ class SampleGrid(L.Callback):
         if not (trainer.is_global_zero or everyone):
             return
         dm = trainer.datamodule
-        cond = pl_module.ema.conditioner.for_samples(0, self.num, pl_module.device)  # class i mod K
+        conditioner = pl_module.ema.conditioner
+        targets, num = None, self.num
+        if conditioner.extra_channels:  # image-to-image: sources made from the first test images
+            targets = _first_images(dm, self.num).to(pl_module.device)
+            cond, num = conditioner.preview(targets, self.seed), len(targets)
+        else:
+            cond = conditioner.for_samples(0, self.num, pl_module.device)  # class i mod K
         try:
             images = generate(
                 pl_module.ema,
-                self.num,
+                num,
                 (dm.channels, dm.resolution, dm.resolution),
                 self.sampler,
                 self.steps,
@@ -70,10 +78,24 @@ class SampleGrid(L.Callback):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{trainer.global_step:07d}.png"
-        grid = save_grid(to_uint8(images), path)
+        if targets is None:
+            grid = save_grid(to_uint8(images), path)
+        else:  # source | output | target, four images a row
+            grid = save_grid(to_uint8(triplets(conditioner.shown(cond), images, targets)), path, nrow=12)
         self.last_path = path
         for logger in trainer.loggers:
             _log_image(logger, grid, trainer.global_step)
+
+
+def _first_images(dm, n: int):
+    """The first n images of the test split (unaugmented; the train split if the dataset has none), [n, C, H, W]."""
+    from diffctl.conditioning import IMAGE
+
+    try:
+        data = dm.dataset("test")
+    except Exception:  # noqa: BLE001  a dataset without a test split
+        data = dm.dataset("train")
+    return torch.stack([data[i][IMAGE] for i in range(min(n, len(data)))])
 
 
 def _log_image(logger, grid, step: int) -> None:

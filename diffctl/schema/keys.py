@@ -205,6 +205,9 @@ def train_schema() -> dict:
         "sample_grid": {"every_n_steps": Int(lo=0), "num": Int(lo=1), "sampler": SAMPLER_NODE, "steps": Int(lo=1),
                         "consistency_steps": Int(lo=1), "seed": SEED},
         "model": ByTarget(MODEL), "sde": ByTarget(SDE), "objective": ByTarget(OBJECTIVE), "data": _data(),
+        "condition": {"name": Choice("none", "class", "sr", "colorize", "inpaint"), "_target_": Text(what="a class path"),
+                      "factor": Int(lo=2), "filter": Choice("bicubic", "area"),
+                      "dropout": Float(ge=0, lt=1, hint="1 would never show the source")},
         "trainer": _trainer(), "logger": _logger(),
         # written by train itself (the data's shape, stored in checkpoints); a second train() of one config sees it
         "data_shape": {"channels": Choice(1, 3), "resolution": Int(lo=1), "num_classes": Int(lo=0)},
