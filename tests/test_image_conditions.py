@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_RUN, TINY_UNET, run_cli, run_train
+from helpers import run_cli, run_train, tiny_overrides
 from PIL import Image
 
 from diffctl.conditioning import IMAGE
@@ -95,16 +95,16 @@ def test_the_network_sees_the_source():
         model(x, t, {})
 
 
-def _tiny(extra):
-    return [*TINY_RUN, *TINY_UNET, "trainer.max_steps=2", "sample_grid.num=4", "sample_grid.steps=2", *extra]
+def _tiny(extra, model="unet"):
+    return [*tiny_overrides(model), "trainer.max_steps=2", "sample_grid.num=4", "sample_grid.steps=2", *extra]
 
 
-@pytest.mark.parametrize("condition", ["sr", "inpaint"])
-def test_train_an_image_to_image_model(tmp_path, condition):
+@pytest.mark.parametrize("condition,model", [("sr", "unet"), ("inpaint", "dit")])
+def test_train_an_image_to_image_model(tmp_path, condition, model):
     from diffctl.build import load_denoiser
 
     run = tmp_path / "run"
-    run_train(run, _tiny([f"condition={condition}"]))
+    run_train(run, _tiny([f"condition={condition}"], model))
     model, cfg = load_denoiser(run / "checkpoints" / "last.ckpt")
     assert cfg.condition.name == condition and SOURCE in model.capabilities.conditions
     assert model.conditioner.extra_channels == {"sr": 1, "inpaint": 2}[condition]
