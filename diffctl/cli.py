@@ -143,6 +143,13 @@ def _fid_stats_task(cfg):
     return fid_stats(cfg)
 
 
+def _metrics_task(cfg):
+    _validated(cfg, "metrics_command")
+    from diffctl.metrics_command import metrics_command
+
+    return metrics_command(cfg)
+
+
 def _export_task(cfg):
     _validated(cfg, "export")
     from diffctl.export import export
@@ -164,6 +171,7 @@ SUBCOMMANDS = {
     "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
     "inpaint": (_inpaint_task, "inpaint", "fill masked regions of images with a checkpoint (RePaint; inpainted.npz, grid, metrics)"),
     "fid-stats": (_fid_stats_task, "fid_stats", "precompute reference statistics for FID/KID"),
+    "metrics": (_metrics_task, "metrics_command", "FID/KID/IS of any images (folder, .npz, run dir) against a reference"),
     "likelihood": (_likelihood_task, "likelihood", "negative log-likelihood (bits/dim) via the probability-flow ODE"),
     "export": (_export_task, "export", "write a checkpoint's EMA (or raw) weights as .safetensors + config JSON"),
 }
@@ -187,6 +195,7 @@ def _usage() -> str:
         "  diffctl sample sampler=ode steps=50           # sample from the newest checkpoint under outputs/",
         "  diffctl inpaint mask=center                   # RePaint the middle of 16 test digits (inpainted.npz)",
         "  diffctl fid-stats data=cifar10 data.root=data # cache FID/KID reference statistics",
+        "  diffctl metrics images=outputs/sample/<date>/<time> ref=digits:train  # score any images (FID/KID/IS)",
         "  diffctl likelihood num_batches=4              # bits/dim of the test split (PF-ODE, Hutchinson trace)",
         "  diffctl train --help                          # every config key of train",
     ]

@@ -1,5 +1,5 @@
-"""A set of input images named on the command line (`images=` of `diffctl inpaint`; meant for
-`source=` and `diffctl metrics` too): `<dataset>:<split>` (diffctl/data.py's datasets, e.g.
+"""A set of input images named on the command line (`images=` of `diffctl inpaint` and `diffctl metrics`,
+an .npz `ref=` of the latter; meant for `source=` too): `<dataset>:<split>` (diffctl/data.py's datasets, e.g.
 digits:test), a folder of image files, or an .npz such as the samples.npz `diffctl sample` writes
 (uint8 NHWC under `samples`, optional `labels`).
 

@@ -57,6 +57,18 @@ def metric_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def print_reference_and_notes(result: dict[str, Any], console) -> None:
+    """The lines under a metrics table (`diffctl sample`, `diffctl metrics`): the reference set and
+    detector, not in the table because an .npz or folder reference is a path, which a cell would cut;
+    then the notes (withheld or biased FID, clamped KID subsets ...)."""
+    if result.get("ref"):
+        images = f"{result['ref_num_images']} images" if result.get("ref_num_images") else "mu/sigma only"
+        console.print(f"reference: {result['ref']} ({images}), {result['detector']} detector", soft_wrap=True, highlight=False, markup=False)
+    if result.get("notes"):
+        for note in result["notes"].split("; "):
+            console.print(f"note: {note}", soft_wrap=True, highlight=False, markup=False)
+
+
 def print_table(result: dict[str, Any], out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -75,10 +87,5 @@ def print_table(result: dict[str, Any], out_dir: Path) -> None:
         table.add_row(*row)
     console = Console()
     console.print(table)
-    if result.get("ref"):  # not in the table: an .npz reference is a path, which a cell would cut
-        images = f"{result['ref_num_images']} images" if result.get("ref_num_images") else "mu/sigma only"
-        console.print(f"reference: {result['ref']} ({images}), {result['detector']} detector", soft_wrap=True, highlight=False, markup=False)
-    if result.get("notes"):
-        for note in result["notes"].split("; "):
-            console.print(f"note: {note}", soft_wrap=True, highlight=False, markup=False)
+    print_reference_and_notes(result, console)
     print_paths({"samples": out_dir / "samples.npz", "grid": out_dir / "samples.png", "metrics": out_dir / "metrics.json"}, console)

@@ -39,9 +39,10 @@ def _variants() -> list[tuple[str, list[str]]]:
     out = []
     for command in COMMANDS:
         out.append((command, []))
-        for group in _groups_of(command):
+        for entry in _groups_of(command):  # a group placed elsewhere (metrics@_global_) is chosen by its entry
+            group = entry.split("@")[0]
             for choice in config_groups()[group]:
-                override = f"{group}={choice}"
+                override = f"{entry}={choice}"
                 out.append((command, [override, *EXTRA.get(override, [])]))
                 if group == "sde" and "model" in _groups_of(command) and command != "train":
                     out[-1][1].insert(0, "model=gmm")  # sde= goes with the analytic model outside train

@@ -69,6 +69,7 @@ def test_command_help_imports_no_torch_or_lightning(tmp_path, command):
         (["train", "+optim.lrr=1"], "error: optim.lrr: no such config key of diffctl train; close matches: optim.lr"),
         (["sample", "steps=0"], "error: steps must be a positive integer, got 0"),
         (["fid-stats", "metrics.detector=no-such"], "error: metrics.detector must be one of auto, inception"),
+        (["metrics", "names=[fid,lpips]"], "error: names must be a list of distinct names from fid, kid, is"),
     ],
 )
 def test_config_error_is_reported_before_torch_is_imported(tmp_path, args, message):
@@ -139,7 +140,8 @@ def test_every_preset_config_is_validated_without_torch(tmp_path):
     from diffctl.cli import config_groups
 
     configs = [("train", [f"trainer={t}"]) for t in config_groups()["trainer"]]
-    configs += [("sample", []), ("likelihood", []), ("fid_stats", []), ("export", []), ("train", ["model=dit"])]
+    configs += [("sample", []), ("likelihood", []), ("fid_stats", []), ("export", []), ("train", ["model=dit"]),
+                ("metrics_command", [])]
     code = f"""
 import json, os, sys
 from diffctl.config import compose_config

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import edm_detector, run_cli
 from omegaconf import OmegaConf
 
-from diffctl import detectors, metrics
+from diffctl import detectors, metrics, references
 from diffctl.cli import config_dir
 from diffctl.errors import ConfigError
 from diffctl.metrics import MetricsUnavailable, evaluate
@@ -199,7 +199,7 @@ def test_reference_cache_miss_then_hit(tmp_path, nets, capsys):
     assert "computing reference statistics for digits:train" in capsys.readouterr().out
     cached = list((tmp_path / "cache" / "fid_refs").iterdir())
     assert len(cached) == 1 and not [p for p in cached[0].parent.iterdir() if ".tmp" in p.name]
-    with mock.patch.object(metrics, "build_dataset", side_effect=AssertionError("dataset pass on a cache hit")):
+    with mock.patch.object(references, "build_dataset", side_effect=AssertionError("dataset pass on a cache hit")):
         second = evaluate(images, cfg, data, CPU)
     assert f"reference statistics: cached {cached[0]}" in capsys.readouterr().out
     assert second == first and first["ref_num_images"] == 300
@@ -230,7 +230,7 @@ def test_few_samples_withhold_fid_report_kid_and_use_a_bounded_reference(tmp_pat
     assert rel(enough["fid"], metrics.frechet_distance(*map(torch.from_numpy, (m1, s1, m2, s2)))) < 1e-5
     assert "FID withheld" not in enough.get("notes", "")
     # FID only, withheld: no reference pass at all
-    with mock.patch.object(metrics, "build_dataset", side_effect=AssertionError("reference pass for a withheld FID")):
+    with mock.patch.object(references, "build_dataset", side_effect=AssertionError("reference pass for a withheld FID")):
         alone = evaluate(digits_uint8("test", 10), tiny_cfg(tmp_path / "b", nets, fid_min_samples=50, names=["fid"]), digits_cfg(), CPU)
     assert alone["fid"] is None and "ref" not in alone
     # reported below the feature dimension (16 here): marked as biased

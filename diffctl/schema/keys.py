@@ -60,7 +60,7 @@ def _check_sampler(data, key: str) -> None:
 
 SAMPLER_NODE = SamplerNode(_check_sampler)  # sampler, sample_grid.sampler
 COMMANDS = {"train": "train", "sample": "sample", "likelihood": "likelihood", "fid_stats": "fid-stats", "export": "export",
-            "train_classifier": "train-classifier", "inpaint": "inpaint"}
+            "train_classifier": "train-classifier", "inpaint": "inpaint", "metrics_command": "metrics"}
 
 # ---------------------------------------------------------------- groups
 
@@ -117,7 +117,7 @@ def _metrics():
     return {
         "names": Seq(Choice(*METRICS), what=f"a list of distinct names from {', '.join(METRICS)} (or [])", unique=True),
         "detector": Choice(*DETECTORS), "inception_weights": PATH_OR_NULL, "detector_path": PATH_OR_NULL,
-        "download": Bool(), "cache_dir": PATH, "ref": Text(what="<dataset>:<split> or a .npz file", null=True),
+        "download": Bool(), "cache_dir": PATH, "ref": Text(what="<dataset>:<split>, a folder of images or an .npz file", null=True),
         "ref_root": PATH_OR_NULL,
         "ref_limit": AnyOf(Choice("auto"), Int(lo=1), what="auto, null (all reference images) or a positive integer", null=True),
         "quick_ref_limit": Int(lo=1), "fid_min_samples": Int(lo=0), "batch_size": Int(lo=1), "kid_subsets": Int(lo=1),
@@ -285,9 +285,16 @@ def inpaint_schema() -> dict:
     }  # fmt: skip
 
 
+@functools.cache
+def metrics_command_schema() -> dict:
+    images = "a folder of images, an .npz, a `diffctl sample`/`inpaint` run directory or <dataset>:<split>"
+    return {**_metrics(), "images": Text(what=images, null=True), "images_root": PATH_OR_NULL, "limit": Int(lo=1, null=True),
+            "trainer": sample_schema()["trainer"]}  # null images or ref: refused by the command, saying what to give
+
+
 SCHEMAS = {"train": train_schema, "sample": sample_schema, "likelihood": likelihood_schema,
            "fid_stats": fid_stats_schema, "export": export_schema, "train_classifier": train_classifier_schema,
-           "inpaint": inpaint_schema}  # fmt: skip
+           "inpaint": inpaint_schema, "metrics_command": metrics_command_schema}  # fmt: skip
 
 
 def plain(cfg) -> dict:
@@ -311,7 +318,7 @@ def combinations(data: dict, command: str) -> None:
 
 
 def validate(cfg: DictConfig | dict, command: str, where: str | None = None, samplers: bool = True) -> None:
-    """Check a command's config (`command` as in conf/: train, sample, likelihood, fid_stats, export)
+    """Check a command's config (`command` as in conf/: train, sample, likelihood, fid_stats, export, ...)
     against its schema; ConfigError naming the first bad key. `where`: appended to the message (a
     config that came from a file, e.g. the checkpoint a resumed run takes its model from).
     samplers=False: all but the sampler nodes, whose check imports torch (the CLI's first check)."""
