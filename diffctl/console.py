@@ -10,6 +10,7 @@ import time
 
 from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -42,6 +43,26 @@ def route_library_logs() -> None:
         log = logging.getLogger(name)
         if not any(isinstance(f, _NoAdverts) for f in log.filters):
             log.addFilter(_NoAdverts())
+
+
+def cell(value, digits: int = 4) -> str:
+    """A result value as a table cell: floats to `digits` significant digits, the rest as str()."""
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def value_rows(result: dict, keys, digits: int = 4) -> list[tuple[str, str]]:
+    """(key, cell) for each of `keys` that `result` holds a value for (None: left out)."""
+    return [(key, cell(result[key], digits)) for key in keys if result.get(key) is not None]
+
+
+def result_table(title: str, rows) -> Table:
+    """The two-column table a command ends with (key | value), cells folded rather than cut."""
+    table = Table(title=title)
+    table.add_column("", overflow="fold")
+    table.add_column("value", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def print_paths(paths: dict[str, object], console: Console | None = None) -> None:
@@ -205,7 +226,6 @@ class ParamSummary(ModelSummary):
     def summarize(self, summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
                   total_flops=0, **kwargs) -> None:  # fmt: skip
         from lightning.pytorch.utilities.model_summary import get_human_readable_count
-        from rich.table import Table
 
         columns = [(name, values) for name, values in summary_data if name != "FLOPs" or total_flops]
         table = Table(*(name for name, _ in columns), title="model")

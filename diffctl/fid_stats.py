@@ -53,13 +53,14 @@ def fid_stats(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+PATH_KEYS = ("cache", "ref_stats")  # printed under the table, whole: a cell would fold a long path
+
+
 def _print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="diffctl fid-stats")
-    table.add_column("key")
-    table.add_column("value", overflow="fold")
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    Console().print(table)
+    from diffctl.console import print_paths, result_table, value_rows
+
+    console = Console()
+    console.print(result_table("diffctl fid-stats", value_rows(result, [k for k in result if k not in PATH_KEYS])))
+    print_paths({key: result[key] for key in PATH_KEYS}, console)

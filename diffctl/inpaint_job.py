@@ -121,19 +121,12 @@ TABLE = ("method", "steps", "jump_length", "resample", "nfe_per_sample", "num_im
 def report(out_dir: Path, result: dict[str, Any]) -> None:
     """metrics.json and the table printed at the end."""
     from rich.console import Console
-    from rich.table import Table
 
-    from diffctl.console import print_paths
+    from diffctl.console import print_paths, result_table, value_rows
 
     atomic_write_json(out_dir / "metrics.json", result)
-    table = Table(title="diffctl inpaint")
-    table.add_column("", overflow="fold")
-    table.add_column("value", overflow="fold")
-    for key in TABLE:
-        if result.get(key) is not None:
-            table.add_row(key, f"{result[key]:.4g}" if isinstance(result[key], float) else str(result[key]))
     console = Console()
-    console.print(table)
+    console.print(result_table("diffctl inpaint", value_rows(result, TABLE)))
     if result.get("notes"):
         console.print(f"note: {result['notes']}")
     print_paths({"inpainted": out_dir / "inpainted.npz", "grid": out_dir / "inpaint_grid.png", "metrics": out_dir / "metrics.json"}, console)

@@ -196,22 +196,15 @@ TABLE_KEYS = (
 
 def _print_table(result: dict[str, Any], out_path: Path) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    def fmt(key: str) -> str:
-        value = result[key]
-        text = f"{value:.5g}" if isinstance(value, float) else str(value)
+    from diffctl.console import result_table, value_rows
+
+    def with_se(key: str, text: str) -> tuple[str, str]:
         se = result.get(f"{key}_se")
-        return f"{text} ± {se:.2g}" if se is not None else text
+        return key, (f"{text} ± {se:.2g}" if se is not None else text)
 
-    table = Table(title="diffctl likelihood")
-    table.add_column("")
-    table.add_column("value")
-    for key in TABLE_KEYS:
-        if result.get(key) is not None:
-            table.add_row(key, fmt(key))
     console = Console(highlight=False)
-    console.print(table)
+    console.print(result_table("diffctl likelihood", [with_se(k, v) for k, v in value_rows(result, TABLE_KEYS, digits=5)]))
     console.print(f"conventions: {result['conventions']}", soft_wrap=True)
     if result.get("note"):
         console.print(f"note: {result['note']}")

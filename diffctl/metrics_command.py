@@ -159,18 +159,11 @@ def metrics_share(fabric, cfg: dict, spec: str, out_dir: str, detector: Detector
 
 def print_table(result: dict[str, Any], out_dir: Path) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    from diffctl.console import print_paths
+    from diffctl.console import print_paths, result_table
 
-    table = Table(title="diffctl metrics")
-    table.add_column("", overflow="fold")
-    table.add_column("value", overflow="fold")
-    for key in ("num_images", "image_shape", "detector", "devices", "time_s"):
-        table.add_row(key, str(result[key]))
-    for row in metric_rows(result):
-        table.add_row(*row)
+    rows = [(key, str(result[key])) for key in ("num_images", "image_shape", "detector", "devices", "time_s")]
     console = Console()
-    console.print(table)
+    console.print(result_table("diffctl metrics", rows + metric_rows(result)))
     print_reference_and_notes(result, console)
     print_paths({"images": result["images"], "metrics": out_dir / "metrics.json"}, console)

@@ -71,21 +71,11 @@ def print_reference_and_notes(result: dict[str, Any], console) -> None:
 
 def print_table(result: dict[str, Any], out_dir: Path) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    from diffctl.console import print_paths
+    from diffctl.console import print_paths, result_table, value_rows
 
-    table = Table(title="diffctl sample")
-    table.add_column("", overflow="fold")
-    table.add_column("value", overflow="fold")
-    for key in (*TABLE_COLUMNS, *METRIC_COLUMNS):
-        if key in ("fid", "kid_mean", "is_mean"):
-            continue
-        if result.get(key) is not None:
-            table.add_row(key, f"{result[key]:.4g}" if isinstance(result[key], float) else str(result[key]))
-    for row in metric_rows(result):
-        table.add_row(*row)
+    keys = [k for k in (*TABLE_COLUMNS, *METRIC_COLUMNS) if k not in ("fid", "kid_mean", "is_mean")]  # metric_rows shows those
     console = Console()
-    console.print(table)
+    console.print(result_table("diffctl sample", value_rows(result, keys) + metric_rows(result)))
     print_reference_and_notes(result, console)
     print_paths({"samples": out_dir / "samples.npz", "grid": out_dir / "samples.png", "metrics": out_dir / "metrics.json"}, console)
