@@ -21,7 +21,7 @@ from diffctl.files import create_new, json_text
 from diffctl.memory import check_likelihood
 from diffctl.ode_likelihood import CONVENTIONS, bits_per_dim, check_trace, dequantize, log_likelihood
 from diffctl.rundir import claims_run_dir
-from diffctl.samplers.common import sample_generators
+from diffctl.noise import sample_generators
 from diffctl.signals import interruptible
 
 

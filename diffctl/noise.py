@@ -38,6 +38,21 @@ NOISE_VERSION = 2  # recorded in a sample run's manifest; 1 = one CPU torch.Gene
 NOISE_VERSIONS = (1, 2)
 
 
+def mix_seed(*parts: int) -> int:
+    """Mix integers into one 63-bit generator seed."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def sample_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per sample index, seeded by (seed, index): likelihood.py's probes and
+    dequantization (one draw per sample), and noise version 1; the samplers' noise is counter-based (below)."""
+    return [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
+
+
 def _signed(c: int) -> int:
     """A 64-bit constant as the int64 torch stores (written signed: inductor rejects ints >= 2^63)."""
     c &= 0xFFFFFFFFFFFFFFFF
@@ -215,7 +230,6 @@ class GeneratorNoise:
     version = 1
 
     def __init__(self, seed: int, indices, device=None):
-        from diffctl.samplers.common import sample_generators  # (here: diffctl.samplers imports this module)
 
         self.generators = sample_generators(seed, indices)
         self.device = device

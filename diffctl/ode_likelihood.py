@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from diffctl.errors import ConfigError
-from diffctl.samplers.common import Level, denoise, sample_generators
+from diffctl.noise import sample_generators
+from diffctl.samplers.common import Level, denoise
 from diffctl.schema.choices import PROBES, TRACES
 
 EXACT_MAX_DIM = 1024  # trace=exact costs D backward passes per ODE evaluation

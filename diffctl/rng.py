@@ -20,16 +20,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
-from diffctl.noise import normals
-
-
-def mix_seed(*parts: int) -> int:
-    """Mix integers into one 63-bit generator seed."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
+from diffctl.noise import mix_seed, normals  # noqa: F401  (mix_seed: diffctl.rng's seeding, kept importable here)
 
 
 def seed_step(seed: int, step: int, micro: int, rank: int, device=None) -> None:

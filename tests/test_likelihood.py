@@ -13,7 +13,7 @@ from diffctl.errors import ConfigError
 from diffctl.likelihood import likelihood
 from diffctl.ode_likelihood import bits_per_dim, dequantize, divergence, log_likelihood
 from diffctl.networks.gmm import GaussianMixture, MixtureModel
-from diffctl.samplers.common import sample_generators
+from diffctl.noise import sample_generators
 from diffctl.sde import VESDE, SubVPSDE, VPSDE, broadcast
 
 SDES = {"vp": VPSDE, "vpsub": SubVPSDE, "ve": lambda: VESDE(sigma_max=100.0)}

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from diffctl.errors import ConfigError, DiffctlError
 from diffctl.noise import NOISE_VERSION, sample_noise
-from diffctl.samplers.common import noise_levels, sample_generators
+from diffctl.noise import sample_generators
+from diffctl.samplers.common import noise_levels
 from diffctl.samplers.registry import SAMPLERS, check_fits, check_sampler, discover, register_sampler
 
 discover(__name__, __path__)  # every sampler module registers itself: a new sampler is a new file

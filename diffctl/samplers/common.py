@@ -15,16 +15,9 @@ from torch import Tensor
 
 from diffctl.parameterization import Prediction
 from diffctl.errors import ConfigError
-from diffctl.rng import mix_seed
 
 SPACINGS = ("uniform", "quadratic", "trailing", "leading", "karras", "logsnr")
 VARIANCES = ("small", "large")  # of an ancestral step (ddpm, pc's ancestral predictor)
-
-
-def sample_generators(seed: int, indices) -> list[torch.Generator]:
-    """One CPU generator per sample index, seeded by (seed, index): likelihood.py's probes and
-    dequantization (one draw per sample); the samplers' noise is diffctl.noise."""
-    return [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
 
 
 # DDIM's two grids pick timesteps of DDPM's 1000-step training chain. Timestep i (0..999) is placed at
