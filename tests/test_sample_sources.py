@@ -220,3 +220,60 @@ def test_wrong_size_names_the_sizes_that_work(sr_run, tmp_path):
         read_sources(cfg, source)
     assert "\n" not in str(err.value)
     assert SOURCE in source.denoiser.capabilities.conditions
+
+
+def test_resume_gives_the_uninterrupted_output(sr_run, tmp_path, monkeypatch):
+    """A run stopped after one batch of 2, resumed with batch_size=1, writes what an uninterrupted run does."""
+    from omegaconf import OmegaConf
+
+    import diffctl.img2img_job as job
+    from diffctl.sample import sample
+
+    common = [f"ckpt={sr_run}", "source=digits:test", "num_samples=5", *FAST]
+    run = tmp_path / "run"
+    cfg = compose_train(run, ["progress_bar=false", *common, "batch_size=2"], config_name="sample")
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    real, count = job.generate, [0]
+
+    def generate(*a, **k):
+        if count[0] == 1:
+            raise KeyboardInterrupt
+        count[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(job, "generate", generate)
+    with pytest.raises(KeyboardInterrupt):
+        sample(cfg)
+    monkeypatch.setattr(job, "generate", real)
+    assert len(list((run / "partial").glob("shard-*.npz"))) == 1 and not (run / "samples.npz").exists()
+    result = run_sample(tmp_path / "log", [f"resume={run}", "batch_size=1"])
+    assert result["resumed_samples"] == 2
+    run_sample(tmp_path / "whole", [*common, "batch_size=5"])
+    (resumed, _), (whole, _) = _load(run), _load(tmp_path / "whole")
+    for key in whole:
+        np.testing.assert_array_equal(resumed[key], whole[key])
+    assert not (run / "partial").exists()
+
+
+def test_colorize_reads_gray_images_as_sources_and_rgb_ones_as_targets(tmp_path):
+    """read_sources for a colorize model (a stand-in Source: no RGB dataset is trained on here)."""
+    from diffctl.img2img_job import read_sources
+
+    rgb = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", samples=rgb)
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    for i, im in enumerate(rgb):
+        Image.fromarray(im).convert("L").save(gray / f"{i}.png")
+    model = SimpleNamespace(conditioner=Colorization(3, 8))
+    source = SimpleNamespace(shape=(3, 8, 8), denoiser=model, description="colorize.ckpt")
+    cfg = compose_train(tmp_path, [f"source={tmp_path / 'rgb.npz'}", *FAST], config_name="sample")
+    targets = read_sources(cfg, source)
+    assert targets.kind == "targets" and targets.low is None and targets.targets.shape == (3, 3, 8, 8)
+    cfg.source = str(gray)
+    sources = read_sources(cfg, source)
+    assert sources.kind == "sources" and sources.targets is None and sources.shown.shape == (3, 3, 8, 8)
+    pil = torch.from_numpy(np.stack([np.asarray(Image.open(gray / f"{i}.png")) for i in range(3)])[:, None] / 127.5 - 1)
+    torch.testing.assert_close(sources.cond.double(), pil, rtol=0, atol=1e-6)  # the gray files themselves
+    assert (targets.cond - sources.cond).abs().max() <= 1.01 / 127.5  # our luma of the RGB targets: PIL's within a level
