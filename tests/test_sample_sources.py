@@ -277,3 +277,20 @@ def test_colorize_reads_gray_images_as_sources_and_rgb_ones_as_targets(tmp_path)
     pil = torch.from_numpy(np.stack([np.asarray(Image.open(gray / f"{i}.png")) for i in range(3)])[:, None] / 127.5 - 1)
     torch.testing.assert_close(sources.cond.double(), pil, rtol=0, atol=1e-6)  # the gray files themselves
     assert (targets.cond - sources.cond).abs().max() <= 1.01 / 127.5  # our luma of the RGB targets: PIL's within a level
+
+
+def test_lpips_of_the_saved_outputs_against_their_targets(sr_run, tmp_path):
+    """lpips= with an untrained squeezenet1_1 file: diffctl.lpips (tested against the lpips package in
+    test_lpips.py) on the saved uint8 files gives metrics.json's figure."""
+    import torchvision
+
+    from diffctl.lpips import LPIPS
+
+    torch.manual_seed(0)
+    weights = tmp_path / "squeezenet1_1-b8a52dc0.pth"
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), weights)
+    run_sample(tmp_path / "out", [f"ckpt={sr_run}", "source=digits:test", "num_samples=3", f"lpips={weights}", *FAST])
+    arrays, metrics = _load(tmp_path / "out")
+    out, target = (torch.from_numpy(_pm1(arrays[k])).permute(0, 3, 1, 2).float() for k in ("samples", "targets"))
+    assert metrics["lpips_backbone"] == "squeezenet1_1" and "notes" not in metrics and metrics["lpips_resize"] == 64
+    assert metrics["lpips"] == pytest.approx(float(LPIPS(weights, 64).scores(out, target).mean()), rel=1e-4)
