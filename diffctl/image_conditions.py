@@ -58,6 +58,20 @@ class ImageConditioner(Conditioner, ABC):
         """The source as an image with the data's channels, for grids."""
         return cond[SOURCE]
 
+    def sources(self, x0: Tensor, first: int, seed: int) -> Tensor:
+        """The sources of targets x0 [n, C, H, W], images first..first+n-1 of a sampling run
+        (`diffctl sample source=`): any random part of image i from (seed, i) alone, so that every
+        batching and number of processes gives the same sources. Deterministic conditions: source()."""
+        return self.source(x0, None)
+
+    def given_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of images that are sources themselves (not targets to make them from); None: none are."""
+        return None
+
+    def from_given(self, images: Tensor) -> Tensor:
+        """cond[SOURCE] of images of given_shape() that are sources themselves."""
+        raise ValueError(f"a {self.name} model takes no source images, only targets")
+
     def preview(self, x0: Tensor, seed: int) -> dict[str, Tensor]:
         """The cond of target images x0 outside training (sample grids): random parts from `seed`."""
         from diffctl.rng import BatchRandom
@@ -117,6 +131,13 @@ class SuperResolution(ImageConditioner):
     def source(self, x0, rng):
         return self.upsample(self.downsample(x0))
 
+    def given_shape(self):
+        low = self.resolution // self.factor
+        return (self.channels, low, low)
+
+    def from_given(self, images):  # low-resolution images, upsampled as in training
+        return self.upsample(images)
+
 
 class Colorization(ImageConditioner):
     name = "colorize"
@@ -133,6 +154,12 @@ class Colorization(ImageConditioner):
     def source(self, x0, rng):
         w = torch.tensor(LUMA, dtype=x0.dtype, device=x0.device).view(1, 3, 1, 1)
         return (x0 * w).sum(1, keepdim=True)
+
+    def given_shape(self):
+        return (1, self.resolution, self.resolution)
+
+    def from_given(self, images):  # gray images are the luma already
+        return images
 
     def shown(self, cond):
         return cond[SOURCE].expand(-1, 3, -1, -1)
@@ -157,16 +184,30 @@ class Inpainting(ImageConditioner):
 
     def source(self, x0, rng):
         known = self.masks(x0.shape[0], rng).to(device=x0.device, dtype=x0.dtype)
+        return self.masked(x0, known)
+
+    @staticmethod
+    def masked(x0: Tensor, known: Tensor) -> Tensor:
         return torch.cat([x0 * known, known], 1)
+
+    def sources(self, x0, first, seed):
+        """Image i's mask is diffctl.masks.random_mask(H, W, seed, i), `diffctl inpaint mask=random`'s."""
+        from diffctl.masks import random_mask
+
+        h, w = x0.shape[-2:]
+        known = np.stack([random_mask(h, w, seed, first + j) for j in range(x0.shape[0])])[:, None]
+        return self.masked(x0, torch.from_numpy(known.astype(np.float32)).to(device=x0.device, dtype=x0.dtype))
 
     def shown(self, cond):
         image, known = cond[SOURCE][:, :-1], cond[SOURCE][:, -1:]
         return image * known - (1 - known)  # the hole black
 
 
-def triplets(source: Tensor, output: Tensor, target: Tensor) -> Tensor:
-    """[3N, C, H, W]: source, output, target of each image in turn (a grid with a multiple of 3 per row)."""
-    return torch.stack([source.to(output), output, target.to(output)], 1).flatten(0, 1)
+def triplets(source: Tensor, output: Tensor, target: Tensor | None) -> Tensor:
+    """[3N, C, H, W]: source, output, target of each image in turn (a grid with a multiple of 3 per
+    row); without targets [2N, C, H, W]: source, output."""
+    parts = [source.to(output), output] + ([] if target is None else [target.to(output)])
+    return torch.stack(parts, 1).flatten(0, 1)
 
 
 def refuse_source_models(can, description: str, command: str) -> None:

@@ -9,6 +9,10 @@ Resumable: every finished batch is written at once (temporary file, then os.repl
 reloads that run's config (.hydra/config.yaml), keeps the finished samples, makes the rest and writes
 the same samples.npz and metrics as an uninterrupted run; partial/ is removed once all is written.
 
+An image-to-image checkpoint (`diffctl train condition=sr|colorize|inpaint`) samples one output per
+image of source= (diffctl/img2img_job.py: the sources and batches; diffctl/img2img_report.py: the
+outputs and the PSNR/SSIM/consistency metrics); the orchestration is the same.
+
 This module orchestrates; the jobs are elsewhere: checks (sample_checks), the model sampled
 (source), the batches (generation), shards/resume (indexjob, resume, resume_check), processes
 (launch) and the outputs (sample_report).
@@ -27,6 +31,9 @@ from diffctl.build import resolve_weights
 from diffctl.checkpoint import resolve_checkpoint
 from diffctl.errors import ConfigError, DiffctlError
 from diffctl.generation import batch_maker, check_resume_shards, sample_resume_config, sampling_model, shard_keys
+from diffctl.image_conditions import SOURCE
+from diffctl.img2img_job import Sources, read_sources, source_batch_maker
+from diffctl.img2img_report import source_settings, write_source_outputs
 from diffctl.indexjob import PARTIAL, run_job
 from diffctl.launch import device, launch, sum_over_processes
 from diffctl.memory import check_sample
@@ -84,6 +91,10 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         cfg.classifier = classifier
     source = load_source(cfg, ckpt)
     check_fits(cfg, source)  # before any process is started
+    sources = None  # image-to-image (source=): every source image, read and checked before any process is started
+    if SOURCE in source.denoiser.capabilities.conditions:
+        sources = read_sources(cfg, source)
+        cfg.num_samples = len(sources)  # one output per source image
     check_sample(cfg, source, device(None, cfg.trainer.accelerator))  # memory, before any process is started
     if resuming:  # every finished shard fits this run, before any new sample is made
         done = check_resume_shards(cfg, source, partial)
@@ -91,20 +102,28 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     if resuming:
         print(f"Resuming {out_dir}: {done} of {cfg.num_samples} samples already made")
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    return launch(plain_cfg["trainer"], sample_share, (plain_cfg, ckpt, str(out_dir)), lambda: _kept(out_dir), source=source)
+    return launch(plain_cfg["trainer"], sample_share, (plain_cfg, ckpt, str(out_dir)), lambda: _kept(out_dir), source=source,
+                  sources=sources)  # fmt: skip
 
 
-def sample_share(fabric, cfg: dict, ckpt: str | None, out_dir: str, source: Source | None = None) -> dict[str, Any] | None:
+def sample_share(fabric, cfg: dict, ckpt: str | None, out_dir: str, source: Source | None = None,
+                 sources: Sources | None = None) -> dict[str, Any] | None:  # fmt: skip
     """One process's share of the work (diffctl.launch); rank 0 writes the outputs and returns the
-    result. `source`: the model when the caller already loaded it (ckpt None: model=gmm)."""
+    result. `source`: the model when the caller already loaded it (ckpt None: model=gmm); `sources`:
+    an image-to-image model's source images, likewise (else read here)."""
     cfg = OmegaConf.create(cfg)
     out_dir = Path(out_dir)
     source = source or load_source(cfg, ckpt)
+    if sources is None and SOURCE in source.denoiser.capabilities.conditions:
+        sources = read_sources(cfg, source)
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     dev = device(fabric, cfg.trainer.accelerator)
     sampling = sampling_model(cfg, source, dev)
     partial = out_dir / PARTIAL
-    make = batch_maker(cfg, source, sampling, dev)
+    if sources is not None:
+        make = source_batch_maker(cfg, source, sources, sampling, dev)
+    else:
+        make = batch_maker(cfg, source, sampling, dev)
     job = run_job(fabric, cfg.num_samples, cfg.batch_size, partial, make, progress=cfg.progress_bar, required=shard_keys(cfg))
     all_images, all_labels = job.arrays["samples"], job.arrays.get("labels")
 
@@ -134,7 +153,10 @@ def sample_share(fabric, cfg: dict, ckpt: str | None, out_dir: str, source: Sour
         made_all = sum_over_processes(fabric, job.made)
         result["resumed_samples"] = cfg.num_samples - made_all
         result["images_per_s"] = round(made_all / job.elapsed, 2)
-    if rank == 0:  # samples first: whatever happens to the metrics, the images are kept
+    if rank == 0 and sources is not None:  # outputs with their sources and targets, and the image metrics
+        result.update(source_settings(cfg, sources, source.denoiser.conditioner))
+        result.update(write_source_outputs(out_dir, all_images, sources, source.denoiser.conditioner))
+    elif rank == 0:  # samples first: whatever happens to the metrics, the images are kept
         write_samples(out_dir, all_images, all_labels, source.mixture)
     metrics_error = _score(cfg, source, job.mine["samples"], all_images, result, rank, dev)
     if rank == 0:
@@ -162,7 +184,10 @@ def _score(cfg: DictConfig, source: Source, mine, all_images, result: dict, rank
 
         try:  # shards are contiguous and in rank order, as evaluate() needs
             nchw = mine.permute(0, 3, 1, 2).contiguous()
-            result.update(evaluate(nchw, cfg.metrics, source.data, dev))
+            scores = evaluate(nchw, cfg.metrics, source.data, dev)
+            if result.get("notes") and scores.get("notes"):  # the image-to-image metrics' notes too
+                scores["notes"] = f"{result['notes']}; {scores['notes']}"
+            result.update(scores)
         except DiffctlError as err:
             return err
     return None

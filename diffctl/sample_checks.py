@@ -7,7 +7,8 @@ from omegaconf import DictConfig
 
 from diffctl.errors import ConfigError
 from diffctl.generation import guided_model
-from diffctl.image_conditions import refuse_source_models
+from diffctl.image_conditions import SOURCE
+from diffctl.img2img_job import check_source_model
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_fits as sampler_fits
 from diffctl.samplers import check_sampler
@@ -44,8 +45,10 @@ def check_options(cfg: DictConfig) -> None:
 def check_fits(cfg: DictConfig, source: Source) -> None:
     """Checks of the sampler options against the checkpoint."""
     can = source.denoiser.capabilities
-    refuse_source_models(can, source.description, "sample")
     sampler_fits(cfg.sampler.name, can)  # what the sampler needs of the model (its registration)
+    check_source_model(cfg, source)  # source= given exactly for image-to-image models
+    if SOURCE in can.conditions:  # guided by its source (classifier-free: its null source), no classes
+        return
     num_classes = can.num_classes
     if float(cfg.guidance) != 1.0:
         if num_classes == 0:

@@ -15,7 +15,7 @@ from diffctl.networks.gmm import GaussianMixture
 
 TABLE_COLUMNS = ("sampler", "steps", "classifier", "classifier_scale", "nfe_per_sample", "classifier_calls_per_sample",
                  "num_samples", "time_s", "images_per_s", "weights")  # fmt: skip
-METRIC_COLUMNS = ("fid", "kid_mean", "is_mean", "sw2", "sw2_floor", "mean_error", "cov_error", "weights_tv")
+METRIC_COLUMNS = ("psnr", "ssim", "lpips", "consistency", "fid", "kid_mean", "is_mean", "sw2", "sw2_floor", "mean_error", "cov_error", "weights_tv")
 
 
 def write_metrics(out_dir: Path, result: dict[str, Any]) -> None:

@@ -243,6 +243,8 @@ def sample_schema() -> dict:
         "precision": Choice(*SAMPLE_PRECISIONS, sep=" | ", as_text=True), "compile": Bool(), "memory_check": Bool(),
         "channels_last": Choice(True, False, "auto", what="true, false or auto"),
         "resume": Text(what="a `diffctl sample` run directory", null=True),
+        "source": Text(what="<dataset>:<split>, a folder of images or an .npz", null=True), "source_root": PATH_OR_NULL,
+        "lpips": PATH_OR_NULL, "lpips_resize": Int(lo=1, null=True),
         "trainer": {"accelerator": Choice("auto", "cpu", "gpu", "cuda", "mps"), "devices": Int(lo=1, hint="processes to sample with")},
         "sampler": SAMPLER_NODE, "metrics": _metrics(), "model": ByTarget(MODEL, null=True), "sde": ByTarget(SDE, null=True),
     }  # fmt: skip
