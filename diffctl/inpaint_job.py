@@ -108,6 +108,7 @@ def write_outputs(out_dir: Path, inputs: Inputs, samples: torch.Tensor, seed: in
     save_grid(inpaint_grid(shown, masks[:GRID_ROWS], result[:GRID_ROWS])[None], out_dir / "inpaint_grid.png", nrow=1)
     metrics = region_metrics(result, original, masks, inputs.lpips)
     if inputs.lpips is None:
+        metrics.update(lpips=None, lpips_masked=None)
         metrics["notes"] = "LPIPS not computed: give lpips=<torchvision alexnet/vgg16/squeezenet1_1 weights file> (nothing is downloaded)"
     else:
         metrics["lpips_backbone"] = inputs.lpips.backbone

@@ -71,10 +71,10 @@ def masked_ssim(result: Tensor, original: Tensor, mask: Tensor) -> Tensor:
 
 
 def region_metrics(result: Tensor, original: Tensor, mask: Tensor, lpips=None) -> dict[str, float | None]:
-    """{"psnr_masked", "ssim_masked", "lpips", "lpips_masked"}: the means over images, for metrics.json.
-    lpips: a diffctl.lpips.LPIPS, or None (the LPIPS entries are then None)."""
+    """{"psnr_masked", "ssim_masked"} and, given lpips (a diffctl.lpips.LPIPS), {"lpips", "lpips_masked"}:
+    the means over images, for metrics.json."""
     out = {"psnr_masked": float(masked_psnr(result, original, mask).mean()),
-           "ssim_masked": float(masked_ssim(result, original, mask).mean()), "lpips": None, "lpips_masked": None}  # fmt: skip
+           "ssim_masked": float(masked_ssim(result, original, mask).mean())}  # fmt: skip
     if lpips is not None:
         result = result.to(original.dtype)
         out["lpips"] = float(lpips.scores(result, original).mean())
