@@ -72,6 +72,16 @@ class ImageConditioner(Conditioner, ABC):
         """cond[SOURCE] of images of given_shape() that are sources themselves."""
         raise ValueError(f"a {self.name} model takes no source images, only targets")
 
+    def given(self, x0: Tensor) -> Tensor | None:
+        """The images of given_shape() that targets x0 degrade to (sr: the low-resolution ones);
+        None where no such images exist."""
+        return None
+
+    def consistency(self, outputs: Tensor, given: Tensor) -> float | None:
+        """How far outputs are from explaining their given sources (SR3's consistency error for sr);
+        None where the condition defines none."""
+        return None
+
     def preview(self, x0: Tensor, seed: int) -> dict[str, Tensor]:
         """The cond of target images x0 outside training (sample grids): random parts from `seed`."""
         from diffctl.rng import BatchRandom
@@ -137,6 +147,13 @@ class SuperResolution(ImageConditioner):
 
     def from_given(self, images):  # low-resolution images, upsampled as in training
         return self.upsample(images)
+
+    def given(self, x0):
+        return self.downsample(x0)
+
+    def consistency(self, outputs, given):
+        """Mean |downsample(output) - low| over pixels and images, with the model's own downsampling."""
+        return float((self.downsample(outputs) - given).abs().mean())
 
 
 class Colorization(ImageConditioner):

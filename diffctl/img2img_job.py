@@ -24,10 +24,11 @@ from torch import Tensor
 
 from diffctl.errors import ConfigError
 from diffctl.generation import SamplingModel
-from diffctl.image_conditions import SOURCE, SuperResolution
+from diffctl.image_conditions import SOURCE
 from diffctl.image_sources import read_images
 from diffctl.images import to_uint8
-from diffctl.lpips import LPIPS
+from diffctl.lpips import LPIPS, from_config as lpips_from_config
+from diffctl.references import InMemory
 from diffctl.samplers import generate
 from diffctl.source import Source
 
@@ -37,7 +38,7 @@ class Sources:
     cond: Tensor  # cond[SOURCE] of every image, float32 [N, extra_channels, H, W]
     shown: Tensor  # the sources as images with the data's channels [N, C, H, W] in [-1, 1] (conditioner.shown)
     targets: Tensor | None  # [N, C, H, W] in [-1, 1], when source= holds targets
-    low: Tensor | None  # sr: the low-resolution sources [N, C, H/f, W/f], for the consistency error
+    given: Tensor | None  # the sources as given (sr: low-resolution [N, C, H/f, W/f]), for the consistency error
     kind: str  # "targets" or "sources": what source= holds
     lpips: LPIPS | None = None  # loaded (its file checked) before any work; None: no LPIPS
 
@@ -97,15 +98,9 @@ def read_sources(cfg: DictConfig, source: Source) -> Sources:
                           f"takes {_size(full)} images (the targets, its source is made from them){also}")  # fmt: skip
     if cfg.trainer.devices > len(images):
         raise ConfigError(f"trainer.devices={cfg.trainer.devices} is more than the {len(images)} images of source={cfg.source}; use fewer devices")
-    low = None
-    if isinstance(conditioner, SuperResolution):
-        low = conditioner.downsample(images) if targets is not None else images
-    lpips = None
-    if cfg.get("lpips"):
-        lpips = LPIPS(cfg.lpips, cfg.get("lpips_resize", 64))
-        lpips.check_size(*full[1:])
+    given = images if targets is None else conditioner.given(images)
     cond = cond.float()
-    return Sources(cond, conditioner.shown({SOURCE: cond}), targets, low, kind, lpips)
+    return Sources(cond, conditioner.shown({SOURCE: cond}), targets, given, kind, lpips_from_config(cfg, *full[1:]))
 
 
 def source_batch_maker(cfg: DictConfig, source: Source, sources: Sources, sampling: SamplingModel, device) -> Callable[[int, int], dict]:
@@ -120,3 +115,12 @@ def source_batch_maker(cfg: DictConfig, source: Source, sources: Sources, sampli
         return {"samples": to_uint8(x), "calls": torch.tensor(sampling.calls[0] - before, dtype=torch.int64)}
 
     return make
+
+
+def targets_reference(cfg: DictConfig, sources: Sources) -> InMemory | None:
+    """The reference of FID/KID: the targets of source= (SR3's and Palette's FID of outputs against
+    the ground truth, the same images), unless metrics.ref names another set or there are no targets
+    (then metrics.ref as for any sample run: null = the training data)."""
+    if sources.targets is None or cfg.metrics.get("ref") is not None:
+        return None
+    return InMemory(f"the {len(sources)} targets of source={cfg.source}", sources.targets)

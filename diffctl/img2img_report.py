@@ -20,8 +20,9 @@ import numpy as np
 from torch import Tensor
 
 from diffctl.files import atomic_write
-from diffctl.image_conditions import SuperResolution, triplets
+from diffctl.image_conditions import triplets
 from diffctl.images import save_grid, to_uint8
+from diffctl.lpips import NOT_COMPUTED
 
 GRID_IMAGES = 16  # images shown in samples.png, four to a row
 DATA_RANGE = 2.0  # pixels in [-1, 1]
@@ -41,11 +42,12 @@ def image_metrics(outputs: Tensor, sources, conditioner) -> dict[str, Any]:
             out["lpips"] = float(sources.lpips.scores(outputs, sources.targets).mean())
             out["lpips_backbone"] = sources.lpips.backbone
         else:
-            notes.append("LPIPS not computed: give lpips=<torchvision alexnet/vgg16/squeezenet1_1 weights file> (nothing is downloaded)")
+            notes.append(NOT_COMPUTED)
     else:
         notes.append("source= holds source images, not targets: no PSNR, SSIM or LPIPS")
-    if isinstance(conditioner, SuperResolution):
-        out["consistency"] = float((conditioner.downsample(outputs) - sources.low).abs().mean())
+    consistency = None if sources.given is None else conditioner.consistency(outputs, sources.given)
+    if consistency is not None:
+        out["consistency"] = consistency
     if notes:
         out["notes"] = "; ".join(notes)
     return out

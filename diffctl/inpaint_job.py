@@ -22,7 +22,7 @@ from diffctl.images import save_grid, to_uint8
 from diffctl.image_conditions import refuse_source_models
 from diffctl.inpaint import inpaint, jump_schedule
 from diffctl.inpaint_report import inpaint_grid, region_metrics
-from diffctl.lpips import LPIPS
+from diffctl.lpips import LPIPS, NOT_COMPUTED, from_config as lpips_from_config
 from diffctl.masks import Masks, parse_masks
 from diffctl.source import Source
 
@@ -61,11 +61,7 @@ def prepare(cfg: DictConfig, source: Source) -> Inputs:
         raise ConfigError(f"images={cfg.images} has label {int(images.labels.max())}, the model knows classes "
                           f"0..{can.num_classes - 1}; set class_label=")  # fmt: skip
     jump_schedule(cfg.steps, cfg.jump_length, 1 if cfg.method == "replace" else cfg.resample)  # its ConfigError, now
-    lpips = None
-    if cfg.get("lpips"):
-        lpips = LPIPS(cfg.lpips, cfg.get("lpips_resize", 64))
-        lpips.check_size(h, w)
-    return Inputs(images, masks, lpips)
+    return Inputs(images, masks, lpips_from_config(cfg, h, w))
 
 
 def batch_cond(cfg: DictConfig, source: Source, inputs: Inputs, first: int, n: int, device) -> dict:
@@ -109,7 +105,7 @@ def write_outputs(out_dir: Path, inputs: Inputs, samples: torch.Tensor, seed: in
     metrics = region_metrics(result, original, masks, inputs.lpips)
     if inputs.lpips is None:
         metrics.update(lpips=None, lpips_masked=None)
-        metrics["notes"] = "LPIPS not computed: give lpips=<torchvision alexnet/vgg16/squeezenet1_1 weights file> (nothing is downloaded)"
+        metrics["notes"] = NOT_COMPUTED
     else:
         metrics["lpips_backbone"] = inputs.lpips.backbone
     return metrics

@@ -123,3 +123,16 @@ class LPIPS(torch.nn.Module):
             r = None if region is None else region[i : i + batch].to(device)
             parts.append(self(a[i : i + batch].to(device), b[i : i + batch].to(device), r).cpu())
         return torch.cat(parts) if parts else torch.zeros(0)
+
+
+NOT_COMPUTED = "LPIPS not computed: give lpips=<torchvision alexnet/vgg16/squeezenet1_1 weights file> (nothing is downloaded)"
+
+
+def from_config(cfg, height: int, width: int) -> LPIPS | None:
+    """The LPIPS a command's `lpips` / `lpips_resize` keys ask for, checked against its images' size
+    before any work; None without lpips= (the metrics then carry NOT_COMPUTED as their note)."""
+    if not cfg.get("lpips"):
+        return None
+    lpips = LPIPS(cfg.lpips, cfg.get("lpips_resize", 64))
+    lpips.check_size(height, width)
+    return lpips

@@ -14,10 +14,10 @@ from diffctl.collectives import broadcast, gather_rows, on_rank0
 from diffctl.detectors import Detector, MetricsUnavailable, load_detector, load_detector_named
 from diffctl.errors import ConfigError
 from diffctl.metric_formulas import feature_stats, frechet_distance, inception_score, kernel_inception_distance
-from diffctl.references import Reference, cache_path, extract, job_progress, ref_limit, ref_source, reference
+from diffctl.references import InMemory, Reference, cache_path, extract, job_progress, ref_limit, ref_source, reference
 
 __all__ = ["MetricsUnavailable", "evaluate", "check_config", "reference", "ref_source", "load_detector", "cache_path",
-           "ref_limit", "extract", "Reference", "feature_stats", "frechet_distance"]  # fmt: skip
+           "ref_limit", "extract", "InMemory", "Reference", "feature_stats", "frechet_distance"]  # fmt: skip
 
 
 # ---------------------------------------------------------------- config
@@ -84,14 +84,16 @@ def _compute(names, feats: Tensor, logits: Tensor | None, ref: Reference | None,
     return out
 
 
-def evaluate(images: Tensor, cfg: DictConfig, data_cfg: DictConfig, device: torch.device, detector: Detector | None = None) -> dict:
+def evaluate(images: Tensor, cfg: DictConfig, data_cfg: DictConfig, device: torch.device, detector: Detector | None = None,
+             ref: InMemory | None = None) -> dict:  # fmt: skip
     """Metrics cfg.names of uint8 [n, C, H, W] images (C = 1 or 3) against the reference set.
 
     Under an initialized process group each rank passes its own shard; concatenated in rank order
     the shards must be the whole set in sample order (contiguous blocks), since KID subsets and IS
     splits are drawn by index. Every rank returns the same dict, equal to one process's on all
     images. Raises MetricsUnavailable when no detector weights can be had. `detector`: one the
-    caller already loaded (one process; `diffctl metrics` tried it on the images first).
+    caller already loaded (one process; `diffctl metrics` tried it on the images first). `ref`:
+    reference images in memory (an image-to-image run's targets) instead of metrics.ref.
     """
     names = check_config(cfg)
     if not names:
@@ -106,8 +108,8 @@ def evaluate(images: Tensor, cfg: DictConfig, data_cfg: DictConfig, device: torc
     batches = (images[i : i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size))
     feats, logits = extract(detector, batches, len(images), images.shape[1:], "sample features", cfg.progress_bar)
     feats, logits = gather_rows(feats, device), gather_rows(logits, device)
-    ref, n = None, len(feats)
+    stats, n = None, len(feats)
     if "kid" in names or ("fid" in names and n >= cfg.fid_min_samples):  # a withheld FID needs no reference
-        src = ref_source(cfg, data_cfg, resolution=images.shape[2], channels=images.shape[1], num_samples=n)
-        ref = reference(cfg, src, detector, device, cfg.progress_bar)
-    return broadcast(on_rank0(lambda: _compute(names, feats, logits, ref, cfg, detector), device), device)
+        src = ref or ref_source(cfg, data_cfg, resolution=images.shape[2], channels=images.shape[1], num_samples=n)
+        stats = reference(cfg, src, detector, device, cfg.progress_bar)
+    return broadcast(on_rank0(lambda: _compute(names, feats, logits, stats, cfg, detector), device), device)

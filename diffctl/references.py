@@ -92,6 +92,15 @@ class Reference:
     path: Path | None = None  # cache file or .npz
 
 
+@dataclass
+class InMemory:
+    """Reference images already in memory ([-1, 1] NCHW), e.g. the targets of an image-to-image run:
+    embedded on each use (their statistics belong to this run alone), never cached."""
+
+    description: str
+    images: Tensor
+
+
 def ref_source(cfg: DictConfig, data_cfg: DictConfig, split: str = "train", resolution=None, channels=None,
                num_samples: int | None = None):  # fmt: skip
     """An .npz path of statistics, or the arguments of the reference images (resolution/channels
@@ -233,23 +242,27 @@ def reference(cfg: DictConfig, src, detector: Detector, device: torch.device, pr
     """
     if isinstance(src, Path):
         return on_rank0(lambda: _from_npz(src), device)
-    path, description = cache_path(cfg, src, detector), _describe(src)
-    ref = on_rank0(lambda: _from_cache(path, description), device)
-    if broadcast(ref is not None, device):
-        return ref
-    dataset, shape = _images(src)
+    if isinstance(src, InMemory):
+        path, description = None, src.description
+        dataset, shape = [{IMAGE: x} for x in src.images], tuple(src.images.shape[1:])
+    else:
+        path, description = cache_path(cfg, src, detector), _describe(src)
+        ref = on_rank0(lambda: _from_cache(path, description), device)
+        if broadcast(ref is not None, device):
+            return ref
+        dataset, shape = _images(src)
     n, rank = len(dataset), process_rank()
     world = dist.get_world_size() if distributed() else 1
     shard = torch.utils.data.Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
     loader = torch.utils.data.DataLoader(shard, batch_size=cfg.batch_size)
-    if rank == 0:
+    if rank == 0 and path is not None:
         print(f"computing reference statistics for {description} ({n} images) with the {detector.name} detector; "
               f"cached for later runs in {path}")  # fmt: skip
     batches = (to_uint8(batch[IMAGE]).permute(0, 3, 1, 2) for batch in loader)  # the same conversion as generated samples
     feats, _ = extract(detector, batches, len(shard), shape, "reference features", progress)
     feats = gather_rows(feats, device)
     ref = Reference(description, *feature_stats(feats), feats, n, path)
-    if rank == 0:
+    if rank == 0 and path is not None:
         _save_cache(path, ref)
         print(f"reference statistics: saved {path}")
     return ref

@@ -32,7 +32,7 @@ from diffctl.checkpoint import resolve_checkpoint
 from diffctl.errors import ConfigError, DiffctlError
 from diffctl.generation import batch_maker, check_resume_shards, sample_resume_config, sampling_model, shard_keys
 from diffctl.image_conditions import SOURCE
-from diffctl.img2img_job import Sources, read_sources, source_batch_maker
+from diffctl.img2img_job import Sources, read_sources, source_batch_maker, targets_reference
 from diffctl.img2img_report import source_settings, write_source_outputs
 from diffctl.indexjob import PARTIAL, run_job
 from diffctl.launch import device, launch, sum_over_processes
@@ -158,7 +158,8 @@ def sample_share(fabric, cfg: dict, ckpt: str | None, out_dir: str, source: Sour
         result.update(write_source_outputs(out_dir, all_images, sources, source.denoiser.conditioner))
     elif rank == 0:  # samples first: whatever happens to the metrics, the images are kept
         write_samples(out_dir, all_images, all_labels, source.mixture)
-    metrics_error = _score(cfg, source, job.mine["samples"], all_images, result, rank, dev)
+    ref = None if sources is None else targets_reference(cfg, sources)  # FID/KID of outputs against their targets
+    metrics_error = _score(cfg, source, job.mine["samples"], all_images, result, rank, dev, ref)
     if rank == 0:
         write_metrics(out_dir, result)
         print_table(result, out_dir)
@@ -169,10 +170,11 @@ def sample_share(fabric, cfg: dict, ckpt: str | None, out_dir: str, source: Sour
     return result if rank == 0 else None
 
 
-def _score(cfg: DictConfig, source: Source, mine, all_images, result: dict, rank: int, dev) -> DiffctlError | None:
+def _score(cfg: DictConfig, source: Source, mine, all_images, result: dict, rank: int, dev, ref=None) -> DiffctlError | None:
     """Adds the sample metrics to `result`: distances to the exact distribution for the analytic
     model, else the configured image metrics (FID, KID, IS) of every process's share; returns their
-    error, if any, so that metrics.json is written first."""
+    error, if any, so that metrics.json is written first. `ref`: reference images in memory
+    (diffctl.references.InMemory) instead of metrics.ref."""
     can = source.denoiser.capabilities
     if can.analytic:  # distances to the exact distribution instead of FID
         if rank == 0 and cfg.class_label is None and can.num_classes == 0:
@@ -184,7 +186,7 @@ def _score(cfg: DictConfig, source: Source, mine, all_images, result: dict, rank
 
         try:  # shards are contiguous and in rank order, as evaluate() needs
             nchw = mine.permute(0, 3, 1, 2).contiguous()
-            scores = evaluate(nchw, cfg.metrics, source.data, dev)
+            scores = evaluate(nchw, cfg.metrics, source.data, dev, ref=ref)
             if result.get("notes") and scores.get("notes"):  # the image-to-image metrics' notes too
                 scores["notes"] = f"{result['notes']}; {scores['notes']}"
             result.update(scores)

@@ -270,7 +270,7 @@ def test_colorize_reads_gray_images_as_sources_and_rgb_ones_as_targets(tmp_path)
     source = SimpleNamespace(shape=(3, 8, 8), denoiser=model, description="colorize.ckpt")
     cfg = compose_train(tmp_path, [f"source={tmp_path / 'rgb.npz'}", *FAST], config_name="sample")
     targets = read_sources(cfg, source)
-    assert targets.kind == "targets" and targets.low is None and targets.targets.shape == (3, 3, 8, 8)
+    assert targets.kind == "targets" and targets.given is None and targets.targets.shape == (3, 3, 8, 8)
     cfg.source = str(gray)
     sources = read_sources(cfg, source)
     assert sources.kind == "sources" and sources.targets is None and sources.shown.shape == (3, 3, 8, 8)
@@ -294,3 +294,56 @@ def test_lpips_of_the_saved_outputs_against_their_targets(sr_run, tmp_path):
     out, target = (torch.from_numpy(_pm1(arrays[k])).permute(0, 3, 1, 2).float() for k in ("samples", "targets"))
     assert metrics["lpips_backbone"] == "squeezenet1_1" and "notes" not in metrics and metrics["lpips_resize"] == 64
     assert metrics["lpips"] == pytest.approx(float(LPIPS(weights, 64).scores(out, target).mean()), rel=1e-4)
+
+
+class _TinyDetector(torch.nn.Module):
+    """A fixed random conv net: uint8 [B, 3, H, W] -> 16 pooled features (torchscript detector)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x.float() / 127.5 - 1)), 2).flatten(1)
+
+
+def _fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance of two feature sets (more rows than columns), with scipy's matrix square root."""
+    from scipy import linalg
+
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(s1 @ s2).real
+    d = a.mean(0) - b.mean(0)
+    return float(d @ d + np.trace(s1 + s2 - 2 * root))
+
+
+def test_fid_and_kid_are_of_the_outputs_against_their_targets(sr_run, tmp_path):
+    """source= with targets: FID's reference is the targets themselves (SR3/Palette's protocol), the
+    figure equal to one computed from the saved outputs and targets with the detector and scipy; a
+    metrics.ref given explicitly is still honoured."""
+    detector = tmp_path / "tiny.pt"
+    torch.jit.script(_TinyDetector()).save(str(detector))
+    n = 24  # > 16 feature dimensions: full-rank covariances for scipy's square root
+    scoring = ["metrics.names=[fid,kid]", "metrics.detector=torchscript", f"metrics.detector_path={detector}",
+               f"metrics.cache_dir={tmp_path / 'cache'}", "metrics.fid_min_samples=0", "metrics.kid_subsets=3",
+               "metrics.kid_subset_size=8", "metrics.progress_bar=false", "steps=3", "trainer.accelerator=cpu"]  # fmt: skip
+    run_sample(tmp_path / "out", [f"ckpt={sr_run}", "source=digits:test", f"num_samples={n}", *scoring])
+    arrays, metrics = _load(tmp_path / "out")
+    net = torch.jit.load(str(detector))
+
+    def feats(a):  # uint8 NHWC gray -> features, gray repeated to RGB
+        with torch.no_grad():
+            return net(torch.from_numpy(a).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)).double().numpy()
+
+    assert metrics["ref"] == f"the {n} targets of source=digits:test" and metrics["ref_num_images"] == n
+    assert metrics["fid"] == pytest.approx(_fid(feats(arrays["samples"]), feats(arrays["targets"])), rel=1e-4, abs=1e-7)
+    assert metrics["kid_mean"] is not None
+    assert not (tmp_path / "cache" / "fid_refs").exists() or not any((tmp_path / "cache" / "fid_refs").iterdir())
+
+    run_sample(tmp_path / "train_ref", [f"ckpt={sr_run}", "source=digits:test", f"num_samples={n}", "metrics.ref=digits:train", *scoring])
+    _, other = _load(tmp_path / "train_ref")
+    assert other["ref"].startswith("digits:train") and other["fid"] != metrics["fid"]
