@@ -179,7 +179,7 @@ def check_train(cfg, datamodule, shape: dict) -> None:
         return
     from hydra.utils import get_class
 
-    from diffctl.build import instantiate_config
+    from diffctl.build import build_conditioner, instantiate_config
     from diffctl.data import ArrayImageDataset
     from diffctl.performance import accelerator_type
 
@@ -187,6 +187,9 @@ def check_train(cfg, datamodule, shape: dict) -> None:
     devices = cfg.trainer.get("devices", 1)
     procs = devices if device.type == "cpu" and isinstance(devices, int) and devices > 0 else 1
     batch, res, c, k = datamodule.batch_size, datamodule.resolution, datamodule.channels, shape["num_classes"]
+    conditioner = build_conditioner(cfg, shape)  # an image condition's source channels go into the network too
+    e = conditioner.extra_channels if conditioner is not None else 0
+    io = {"in_channels": c + e, "out_channels": c} if e else {"in_channels": c}
     # + the target network of objectives that keep one (consistency models); the objective config has no
     # name key, so ask its class (this read `objective.name` and never counted the target before issue 16)
     copies = ADAM_COPIES + bool(getattr(get_class(cfg.objective._target_), "needs_target", False))
@@ -198,8 +201,8 @@ def check_train(cfg, datamodule, shape: dict) -> None:
 
     def device_parts(b: int, r: int) -> dict[str, int]:
         with torch.device("meta"):
-            net = instantiate_config(cfg.model, "model", in_channels=c, resolution=r, num_classes=k)
-        act = (network_bytes(net, b, (c, r, r), k, "params") or 0) // (2 if half else 1)
+            net = instantiate_config(cfg.model, "model", **io, resolution=r, num_classes=k)
+        act = (network_bytes(net, b, (c + e, r, r), k, "params") or 0) // (2 if half else 1)
         weights = sum(p.numel() * p.element_size() for p in net.parameters()) * copies // shards
         return {"network activations": act * procs, "weights and optimizer state": weights * procs}
 
@@ -256,19 +259,23 @@ def check_batches(cfg, source, device: torch.device, num: int, what: str, copies
     """A command that makes `num` images in batches of cfg.batch_size (sample, inpaint): one batch
     through the network (`copies` of it at once), the batch's state (x, eps, x0, history; RePaint's
     known images and mask are no larger), extra(b)'s parts per process, and every image held on the
-    host until its file is written. `what` names the work in the refusal ("sampling")."""
+    host until its file is written (with an image condition's sources and targets). `what` names the work in the refusal ("sampling")."""
     if _skip(cfg) or source.denoiser.backbone is None:
         return
     shape, dim, k = tuple(source.shape), math.prod(source.shape), source.denoiser.capabilities.num_classes
+    e = source.denoiser.conditioner.extra_channels  # an image condition's source channels are network input too
+    net_in = (shape[0] + e, *shape[1:])
     procs = _procs(cfg, device)
     batch = min(cfg.batch_size, -(-num // procs))  # no batch is larger than a process's share
 
     def parts(b: int) -> dict[str, int]:
-        act = network_bytes(source.denoiser.backbone, b * copies, shape, k, None) or 0
+        act = network_bytes(source.denoiser.backbone, b * copies, net_in, k, None) or 0
         out = {"network activations": act * procs, "sampler state": 6 * b * dim * 4 * procs}  # x, eps, x0, history
         return {**out, **{key: v * procs for key, v in (extra(b) if extra else {}).items()}}
 
     host = {outputs: 3 * num * dim}  # uint8: per batch, concatenated, gathered for the file
+    if e:  # sample source=: every image's source, as shown, and its target, float32 (img2img_job.Sources)
+        host["source images"] = 4 * num * (dim // shape[0]) * (e + 2 * shape[0])
     total = lambda b: sum(parts(b).values()) + (sum(host.values()) if device.type == "cpu" else 0)  # noqa: E731
     _split(parts(batch), device, host, f"{what} with batch_size={batch}", _batch_fits(total, "batch_size", batch))
 

@@ -347,3 +347,35 @@ def test_fid_and_kid_are_of_the_outputs_against_their_targets(sr_run, tmp_path):
     run_sample(tmp_path / "train_ref", [f"ckpt={sr_run}", "source=digits:test", f"num_samples={n}", "metrics.ref=digits:train", *scoring])
     _, other = _load(tmp_path / "train_ref")
     assert other["ref"].startswith("digits:train") and other["fid"] != metrics["fid"]
+
+
+def test_memory_check_counts_the_source_channels(sr_run, tmp_path, monkeypatch):
+    """The network of an image-to-image model takes C + extra channels: the sampling estimate runs
+    it with them (with C alone its forward fails on the meta device and no activations are counted),
+    and the sources and targets held on the host are counted; the training estimate likewise grows
+    with the condition's channels."""
+    import diffctl.memory as memory
+    from diffctl.train import build_datamodule
+
+    monkeypatch.setattr(memory, "available", lambda device: (64 * 2**10, "free in this test"))
+    with pytest.raises(memory.MemoryRefused) as err:
+        run_sample(tmp_path / "big", [f"ckpt={sr_run}", "source=digits:test", "num_samples=200", "batch_size=200", *FAST])
+    line = str(err.value)
+    assert "network activations" in line and "source images" in line and "\n" not in line, line
+    assert not (tmp_path / "big" / "samples.npz").exists()
+
+    shapes = []  # the training estimate runs the network it would build, on its input's channels
+
+    def recording(net, batch, shape, num_classes, grad):
+        shapes.append(tuple(shape))
+        first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first.in_channels == shape[0]
+        return 0
+
+    monkeypatch.setattr(memory, "available", lambda device: (2**40, "free in this test"))
+    monkeypatch.setattr(memory, "network_bytes", recording)
+    for condition in ("none", "inpaint"):  # inpaint: the masked image and the mask, C + 1 extra input channels
+        cfg = compose_train(tmp_path / condition, [*tiny_overrides(), f"condition={condition}"])
+        dm = build_datamodule(cfg)
+        memory.check_train(cfg, dm, {"channels": dm.channels, "resolution": dm.resolution, "num_classes": 0})
+    assert shapes == [(1, 8, 8), (3, 8, 8)], shapes
