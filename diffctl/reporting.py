@@ -193,6 +193,14 @@ def _hydra_error(err: Exception, multirun: bool) -> str | None:
             command = sys.argv[0] if sys.argv and sys.argv[0].startswith("diffctl") else "diffctl <command>"
             return (f"{key}: no such config key; check its spelling (`{command} --cfg job` prints every key)"
                     + (f", or add it as a new key with {append.group(1)}" if append else ""))
+    group = re.match(r"Could not override '(\w+)'", str(err)) if isinstance(err, ConfigCompositionException) else None
+    if group:  # a training group (condition=, objective=, data=) given to a command that reads a checkpoint
+        from diffctl.cli import config_dir
+
+        name = group.group(1)
+        if (config_dir() / name).is_dir():
+            return (f"{name}= is chosen when training (`diffctl train {name}=...`) and is not a key of this command; "
+                    f"a checkpoint brings its own {name}: drop {name}=")  # fmt: skip
     if isinstance(err, (ConfigCompositionException, OverrideParseException)):
         text = str(err).split("Config search path:")[0]
         lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -43,6 +43,7 @@ CASES = {
     "unknown group choice lists the valid ones": (["train", "model=resnet"], ["model=resnet", "choose one of: ", "dit", "unet_cifar"]),
     "misspelled key": (["train", "trainer.max_stepz=3"], ["trainer.max_stepz: no such config key", "diffctl train --cfg job",
                                                           "+trainer.max_stepz=3"]),
+    "a training group given to sample": (["sample", *GMM, "condition=sr"], ["condition= is chosen when training", "drop condition="]),
     # ranges and types
     "negative steps": (["sample", *GMM, "steps=-1"], ["steps must be a positive integer"]),
     "num_samples=0": (["sample", *GMM, "num_samples=0"], ["num_samples must be a positive integer"]),
