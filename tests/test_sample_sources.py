@@ -343,6 +343,11 @@ def test_fid_and_kid_are_of_the_outputs_against_their_targets(sr_run, tmp_path):
     assert metrics["fid"] == pytest.approx(_fid(feats(arrays["samples"]), feats(arrays["targets"])), rel=1e-4, abs=1e-7)
     assert metrics["kid_mean"] is not None
     assert not (tmp_path / "cache" / "fid_refs").exists() or not any((tmp_path / "cache" / "fid_refs").iterdir())
+    two = run_cli(["sample", f"ckpt={sr_run}", "source=digits:test", f"num_samples={n}", *scoring, "trainer.devices=2",
+                   "progress_bar=false", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    _, split = _load(tmp_path / "two")  # each process embeds its share of the targets: the same figures
+    assert split["fid"] == pytest.approx(metrics["fid"], rel=1e-5) and split["kid_mean"] == pytest.approx(metrics["kid_mean"], rel=1e-5)
 
     run_sample(tmp_path / "train_ref", [f"ckpt={sr_run}", "source=digits:test", f"num_samples={n}", "metrics.ref=digits:train", *scoring])
     _, other = _load(tmp_path / "train_ref")
