@@ -1,7 +1,7 @@
 """Which parameterization a run's network has (what it outputs): one resolver that every reader uses.
 
 `denoiser.prediction` chooses it, as part of the composed model; null takes the objective's own
-(ddpm: eps, ncsn: score, consistency: consistency). The denoising losses work in their own space
+(ddpm: eps, ncsn: score, consistency: consistency, regression: x0). The denoising losses work in their own space
 through the model's conversions (DDPMObjective compares pred.eps with the noise, NCSN uses
 pred.score), so they train any of eps, x0, v and score; consistency needs its own c_skip/c_out.
 `objective.prediction` (ddpm) is where configs and checkpoints before denoiser.prediction named it;
@@ -20,6 +20,7 @@ OBJECTIVE_PREDICTIONS = {
     "diffctl.objectives.DDPMObjective": ("ddpm", "eps", DENOISING),
     "diffctl.objectives.NCSNObjective": ("ncsn", "score", DENOISING),
     "diffctl.objectives.ConsistencyObjective": ("consistency", "consistency", ("consistency",)),
+    "diffctl.objectives.RegressionObjective": ("regression", "x0", ("x0",)),  # its loss is in x0 at t = T
 }
 PREDICTIONS = (*DENOISING, "consistency")  # every value denoiser.prediction may take (besides null)
 

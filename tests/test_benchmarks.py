@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,34 @@ def test_bench_quality_scores_every_sampler(tmp_path, trained):
     assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 for r in report["rows"])
     assert report["rows"][0]["fid_vs_ancestral"] == pytest.approx(1.0)
     assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_bench_img2img_rows_and_the_bicubic_baseline(tmp_path):
+    """Toy sizes, both tasks: every row present with finite metrics, and the bicubic row's PSNR equal to
+    PIL's bicubic (antialiased down by 2, up by 2) of the test images, scored with numpy."""
+    from PIL import Image
+
+    import gzip
+
+    report = _script("bench_img2img").main(["--quick", "--work", str(tmp_path / "w"), "--json", str(tmp_path / "i.json"),
+                                            "--plot", str(tmp_path / "i.png")])
+    rows = {(r["task"], r["row"]): r for r in report["rows"]}
+    assert set(rows) == {("sr", "bicubic upsampling"), ("sr", "regressor (1 step)"), ("sr", "diffusion (DDIM 2)"),
+                         ("colorize", "gray as RGB"), ("colorize", "regressor (1 step)"), ("colorize", "diffusion (DDIM 2)")}
+    for r in rows.values():
+        for key in ("psnr", "ssim", "fid", "kid"):
+            assert math.isfinite(r[key]), (r["row"], key)
+        assert r["lpips"] is None  # no --lpips weights given
+    assert rows[("sr", "regressor (1 step)")]["nfe"] == 1 and rows[("sr", "diffusion (DDIM 2)")]["nfe"] == 2
+    assert all(math.isfinite(rows[("sr", k)]["consistency"]) for k in ("bicubic upsampling", "regressor (1 step)"))
+    with gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz") as f:  # the IDX file itself
+        targets = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:8]
+    psnrs = []
+    for img in targets:
+        pil = Image.fromarray(img)
+        up = np.asarray(pil.resize((14, 14), Image.BICUBIC).resize((28, 28), Image.BICUBIC), dtype=np.float64)
+        mse = ((up - img.astype(np.float64)) ** 2).mean()
+        psnrs.append(10 * np.log10(255.0**2 / mse))
+    # PIL rounds to uint8 between the two resizes, torch does not: a fraction of a dB at most
+    assert rows[("sr", "bicubic upsampling")]["psnr"] == pytest.approx(float(np.mean(psnrs)), abs=0.3)
+    assert (tmp_path / "i.png").stat().st_size > 0
