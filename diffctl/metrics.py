@@ -1,4 +1,4 @@
-"""FID, KID and Inception Score of generated images against a reference set, on one process or many:
+"""FID, KID, Inception Score and precision/recall of generated images against a reference set, on one process or many:
 the detector's features, the reference's statistics (computed once and cached) and the scores.
 The formulas are in diffctl/metric_formulas.py, the reference set and its cache in diffctl/references.py,
 the collectives in diffctl/collectives.py.
@@ -13,7 +13,7 @@ from torch import Tensor
 from diffctl.collectives import broadcast, gather_rows, on_rank0
 from diffctl.detectors import Detector, MetricsUnavailable, load_detector, load_detector_named
 from diffctl.errors import ConfigError
-from diffctl.metric_formulas import feature_stats, frechet_distance, inception_score, kernel_inception_distance
+from diffctl.metric_formulas import feature_stats, frechet_distance, inception_score, kernel_inception_distance, precision_recall
 from diffctl.references import InMemory, Reference, cache_path, extract, job_progress, ref_limit, ref_source, reference
 
 __all__ = ["MetricsUnavailable", "evaluate", "check_config", "reference", "ref_source", "load_detector", "cache_path",
@@ -66,6 +66,12 @@ def _compute(names, feats: Tensor, logits: Tensor | None, ref: Reference | None,
             with job_progress(cfg.progress_bar, "subsets") as bar:
                 kid = kernel_inception_distance(feats, ref.features, cfg.kid_subsets, m, cfg.seed, bar)
             out["kid_mean"], out["kid_std"] = kid
+    if "pr" in names:
+        out["precision"] = out["recall"] = None
+        if ref.features is None:
+            notes.append(f"precision/recall need reference features; {ref.description} holds only mu/sigma")
+        else:
+            out["precision"], out["recall"] = precision_recall(feats, ref.features, cfg.pr_neighbours)
     if "is" in names:
         out["is_mean"] = out["is_std"] = None
         if logits is None:
@@ -109,7 +115,7 @@ def evaluate(images: Tensor, cfg: DictConfig, data_cfg: DictConfig, device: torc
     feats, logits = extract(detector, batches, len(images), images.shape[1:], "sample features", cfg.progress_bar)
     feats, logits = gather_rows(feats, device), gather_rows(logits, device)
     stats, n = None, len(feats)
-    if "kid" in names or ("fid" in names and n >= cfg.fid_min_samples):  # a withheld FID needs no reference
+    if "kid" in names or "pr" in names or ("fid" in names and n >= cfg.fid_min_samples):  # a withheld FID needs no reference
         src = ref or ref_source(cfg, data_cfg, resolution=images.shape[2], channels=images.shape[1], num_samples=n)
         stats = reference(cfg, src, detector, device, cfg.progress_bar)
     return broadcast(on_rank0(lambda: _compute(names, feats, logits, stats, cfg, detector), device), device)

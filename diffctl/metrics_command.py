@@ -122,7 +122,7 @@ def metrics_command(cfg: DictConfig) -> dict[str, Any]:
     if cfg.ref is None:  # before the images are read
         raise ConfigError(f"{REF}, got null")
     if not check_config(metrics_node(cfg)):
-        raise ConfigError("names must list at least one of fid, kid, is, got []")
+        raise ConfigError("names must list at least one of fid, kid, is, pr, got []")
     images = _uint8(cfg, spec)
     _check_reference(cfg, images)
     # the detector, tried on one image; loaded on the CPU when worker processes will load their own

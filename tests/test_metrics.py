@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from helpers import edm_detector, run_cli
 from omegaconf import OmegaConf
 
-from diffctl import detectors, metrics, references
+from diffctl import detectors, metric_formulas as metrics_formulas, metrics, references
 from diffctl.cli import config_dir
 from diffctl.errors import ConfigError
 from diffctl.metrics import MetricsUnavailable, evaluate
@@ -145,6 +145,24 @@ def test_formulas_match_torch_fidelity_on_the_same_features():
     score = metrics.inception_score(logits, splits=4, seed=11)
     oracle = isc_features_to_metric(logits, splits=4, shuffle=True, rng_seed=11)
     assert rel(score[0], oracle["inception_score_mean"]) < 1e-9 and rel(score[1], oracle["inception_score_std"]) < 1e-9
+
+
+def test_precision_recall_match_torch_fidelity_and_the_definition():
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    g = torch.Generator().manual_seed(2)
+    gen = torch.randn(300, 16, generator=g)
+    ref = 1.3 * torch.randn(240, 16, generator=g) + 0.4  # wider and shifted: precision and recall differ
+    ours = metrics_formulas.precision_recall(gen, ref, k=3, chunk=70)  # chunks that divide neither set
+    oracle = calculate_precision_recall_full(gen, ref, neighborhood=3, batch_size=10000)
+    assert ours == pytest.approx(oracle, abs=1e-6) and ours[0] != ours[1]  # torch-fidelity averages in float32
+    assert 0.2 < ours[0] < 1 and 0.2 < ours[1] < 1
+    # the definition on a case by hand: reference points 0, 1, 2, 10 (k=1 radii 1, 1, 1, 8) and
+    # generated 0.5, 20 (radii 19.5 each): one of two generated points inside, every reference point inside
+    p, r = metrics_formulas.precision_recall(torch.tensor([[0.5], [20.0]]), torch.tensor([[0.0], [1.0], [2.0], [10.0]]), k=1)
+    assert (p, r) == (0.5, 1.0)
+    with pytest.raises(ValueError, match="more than 3 images"):
+        metrics_formulas.precision_recall(gen[:3], ref, k=3)
 
 
 def test_tf1_resize_matches_tensorflow1_and_nvidia_semantics():

@@ -198,6 +198,19 @@ def test_folder_and_statistics_references(env, tmp_path):
     assert stats["fid"] == pytest.approx(ours["fid"], rel=1e-9) and stats["kid_mean"] is None and "KID needs" in stats["notes"]
 
 
+def test_precision_recall_of_a_folder_equal_torch_fidelitys_on_the_detectors_features(env, tmp_path):
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    images, refs = digits_uint8("test", 20), digits_uint8("train", 30)
+    ours = run(tiny_args(env, f"images={png_folder(tmp_path / 'imgs', images)}", "ref=digits:train", "ref_limit=30",
+                         "names=[pr]", "pr_neighbours=2"), tmp_path / "o")  # fmt: skip
+    net = torch.jit.load(str(env["tiny"]))
+    feats = [net(torch.from_numpy(x)[:, None].expand(-1, 3, -1, -1).contiguous())[0] for x in (images, refs)]
+    expected = calculate_precision_recall_full(*feats, neighborhood=2, batch_size=10000)
+    assert (ours["precision"], ours["recall"]) == pytest.approx(expected, abs=1e-6)  # its float32 mean
+    assert "fid" not in ours and "kid_mean" not in ours
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(env, tmp_path):
     rundir = sample_run(tmp_path / "run", digits_uint8("test", 17))
@@ -238,8 +251,8 @@ def _bad_inputs(d: Path, env) -> list[tuple[list[str], str]]:
         ([good, f"ref={d / 'empty'}"], "imagefolder root .*empty' is empty"),
         ([good, f"ref={d / 'nostats.npz'}"], "reference file .*nostats.npz does not exist"),
         ([good, "ref=digits:valid"], "reference split must be one of train, test, got 'valid'"),
-        ([good, "ref=digits:train", "names=[fid,lpips]"], r"names must be a list of distinct names from fid, kid, is \(or \[\]\), got \['fid', 'lpips'\]"),
-        ([good, "ref=digits:train", "names=[]"], r"names must list at least one of fid, kid, is, got \[\]"),
+        ([good, "ref=digits:train", "names=[fid,lpips]"], r"names must be a list of distinct names from fid, kid, is, pr \(or \[\]\), got \['fid', 'lpips'\]"),
+        ([good, "ref=digits:train", "names=[]"], r"names must list at least one of fid, kid, is, pr, got \[\]"),
         ([good, "ref=digits:train", f"detector_path={env['fixed']}"], "the torchscript detector cannot take these 3x16x16 images"),
     ]
 

@@ -15,7 +15,7 @@ from diffctl.schema.rules import Choice, Rule
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")  # diffctl/data.py
 SPLITS = ("train", "test")
 DETECTORS = ("auto", "inception", "edm", "torchscript")  # diffctl/detectors.py
-METRICS = ("fid", "kid", "is")  # diffctl/metrics.py
+METRICS = ("fid", "kid", "is", "pr")  # diffctl/metrics.py
 TRACES = ("exact", "hutchinson")  # diffctl/likelihood.py
 PROBES = ("rademacher", "gaussian")
 FORMATS = ("safetensors",)  # diffctl/export.py

@@ -123,7 +123,7 @@ def _metrics():
         "ref_limit": AnyOf(Choice("auto"), Int(lo=1), what="auto, null (all reference images) or a positive integer", null=True),
         "quick_ref_limit": Int(lo=1), "fid_min_samples": Int(lo=0), "batch_size": Int(lo=1), "kid_subsets": Int(lo=1),
         "forward_batch": AnyOf(Choice("auto"), Int(lo=1), what="auto or a positive integer"),
-        "kid_subset_size": Int(lo=2), "is_splits": Int(lo=1), "seed": SEED, "progress_bar": Bool(),
+        "kid_subset_size": Int(lo=2), "is_splits": Int(lo=1), "pr_neighbours": Int(lo=1), "seed": SEED, "progress_bar": Bool(),
     }  # fmt: skip
 
 
