@@ -67,11 +67,11 @@ def _compute(names, feats: Tensor, logits: Tensor | None, ref: Reference | None,
                 kid = kernel_inception_distance(feats, ref.features, cfg.kid_subsets, m, cfg.seed, bar)
             out["kid_mean"], out["kid_std"] = kid
     if "pr" in names:
-        out["precision"] = out["recall"] = None
+        out["pr_precision"] = out["pr_recall"] = None
         if ref.features is None:
             notes.append(f"precision/recall need reference features; {ref.description} holds only mu/sigma")
         else:
-            out["precision"], out["recall"] = precision_recall(feats, ref.features, cfg.pr_neighbours)
+            out["pr_precision"], out["pr_recall"] = precision_recall(feats, ref.features, cfg.pr_neighbours)
     if "is" in names:
         out["is_mean"] = out["is_std"] = None
         if logits is None:

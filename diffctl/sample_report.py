@@ -15,7 +15,7 @@ from diffctl.networks.gmm import GaussianMixture
 
 TABLE_COLUMNS = ("sampler", "steps", "classifier", "classifier_scale", "nfe_per_sample", "classifier_calls_per_sample",
                  "num_samples", "time_s", "images_per_s", "weights")  # fmt: skip
-METRIC_COLUMNS = ("psnr", "ssim", "lpips", "consistency", "fid", "kid_mean", "is_mean", "precision", "recall", "sw2", "sw2_floor", "mean_error", "cov_error", "weights_tv")
+METRIC_COLUMNS = ("psnr", "ssim", "lpips", "consistency", "fid", "kid_mean", "is_mean", "pr_precision", "pr_recall", "sw2", "sw2_floor", "mean_error", "cov_error", "weights_tv")
 
 
 def write_metrics(out_dir: Path, result: dict[str, Any]) -> None:
@@ -54,8 +54,8 @@ def metric_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((label, f"{result['fid']:.4g}"))
     if result.get("is_mean") is not None:
         rows.append(("is", f"{result['is_mean']:.4g} ± {result['is_std']:.2g} (std over splits)"))
-    if result.get("precision") is not None:
-        rows.append(("precision / recall", f"{result['precision']:.4g} / {result['recall']:.4g}"))
+    if result.get("pr_precision") is not None:
+        rows.append(("precision / recall", f"{result['pr_precision']:.4g} / {result['pr_recall']:.4g}"))
     return rows
 
 
@@ -76,7 +76,7 @@ def print_table(result: dict[str, Any], out_dir: Path) -> None:
 
     from diffctl.console import print_paths, result_table, value_rows
 
-    keys = [k for k in (*TABLE_COLUMNS, *METRIC_COLUMNS) if k not in ("fid", "kid_mean", "is_mean", "precision", "recall")]  # metric_rows shows those
+    keys = [k for k in (*TABLE_COLUMNS, *METRIC_COLUMNS) if k not in ("fid", "kid_mean", "is_mean", "pr_precision", "pr_recall")]  # metric_rows shows those
     console = Console()
     console.print(result_table("diffctl sample", value_rows(result, keys) + metric_rows(result)))
     print_reference_and_notes(result, console)

@@ -207,7 +207,7 @@ def test_precision_recall_of_a_folder_equal_torch_fidelitys_on_the_detectors_fea
     net = torch.jit.load(str(env["tiny"]))
     feats = [net(torch.from_numpy(x)[:, None].expand(-1, 3, -1, -1).contiguous())[0] for x in (images, refs)]
     expected = calculate_precision_recall_full(*feats, neighborhood=2, batch_size=10000)
-    assert (ours["precision"], ours["recall"]) == pytest.approx(expected, abs=1e-6)  # its float32 mean
+    assert (ours["pr_precision"], ours["pr_recall"]) == pytest.approx(expected, abs=1e-6)  # its float32 mean
     assert "fid" not in ours and "kid_mean" not in ours
 
 
