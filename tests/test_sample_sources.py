@@ -328,7 +328,7 @@ def test_fid_and_kid_are_of_the_outputs_against_their_targets(sr_run, tmp_path):
     detector = tmp_path / "tiny.pt"
     torch.jit.script(_TinyDetector()).save(str(detector))
     n = 24  # > 16 feature dimensions: full-rank covariances for scipy's square root
-    scoring = ["metrics.names=[fid,kid]", "metrics.detector=torchscript", f"metrics.detector_path={detector}",
+    scoring = ["metrics.names=[fid,kid,pr]", "metrics.detector=torchscript", f"metrics.detector_path={detector}",
                f"metrics.cache_dir={tmp_path / 'cache'}", "metrics.fid_min_samples=0", "metrics.kid_subsets=3",
                "metrics.kid_subset_size=8", "metrics.progress_bar=false", "steps=3", "trainer.accelerator=cpu"]  # fmt: skip
     run_sample(tmp_path / "out", [f"ckpt={sr_run}", "source=digits:test", f"num_samples={n}", *scoring])
@@ -342,12 +342,17 @@ def test_fid_and_kid_are_of_the_outputs_against_their_targets(sr_run, tmp_path):
     assert metrics["ref"] == f"the {n} targets of source=digits:test" and metrics["ref_num_images"] == n
     assert metrics["fid"] == pytest.approx(_fid(feats(arrays["samples"]), feats(arrays["targets"])), rel=1e-4, abs=1e-7)
     assert metrics["kid_mean"] is not None
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    pr = calculate_precision_recall_full(*(torch.from_numpy(feats(arrays[k])) for k in ("samples", "targets")), neighborhood=3)
+    assert (metrics["pr_precision"], metrics["pr_recall"]) == pytest.approx(pr, abs=1e-6)
     assert not (tmp_path / "cache" / "fid_refs").exists() or not any((tmp_path / "cache" / "fid_refs").iterdir())
     two = run_cli(["sample", f"ckpt={sr_run}", "source=digits:test", f"num_samples={n}", *scoring, "trainer.devices=2",
                    "progress_bar=false", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
     _, split = _load(tmp_path / "two")  # each process embeds its share of the targets: the same figures
     assert split["fid"] == pytest.approx(metrics["fid"], rel=1e-5) and split["kid_mean"] == pytest.approx(metrics["kid_mean"], rel=1e-5)
+    assert (split["pr_precision"], split["pr_recall"]) == (metrics["pr_precision"], metrics["pr_recall"])
 
     run_sample(tmp_path / "train_ref", [f"ckpt={sr_run}", "source=digits:test", f"num_samples={n}", "metrics.ref=digits:train", *scoring])
     _, other = _load(tmp_path / "train_ref")
