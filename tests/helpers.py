@@ -116,3 +116,43 @@ def tiny_trained_run(tmp_path_factory, dest):
     test module does to its run directory no other module sees, exactly as when each trained its own."""
     shutil.copytree(made_once(tmp_path_factory, "tiny-unet-2-steps", _train_tiny_unet), dest)
     return dest
+
+
+# What each command's interruption needs: its config, its entry point, and the function it calls once
+# per batch (patched where the command looks it up, so the call for batch N+1 can stop the run).
+_STOPPABLE = {
+    "sample": ("diffctl.sample", "sample", "diffctl.generation", "generate"),
+    "sample-source": ("diffctl.sample", "sample", "diffctl.img2img_job", "generate"),  # sample source=...
+    "inpaint": ("diffctl.inpaint_command", "inpaint_command", "diffctl.inpaint_job", "inpaint"),
+}
+
+
+def interrupted_run(run: Path, overrides: list[str], after_batches: int, monkeypatch, command: str = "sample") -> list[Path]:
+    """`run` as `diffctl <command> <overrides>` leaves it when stopped (Ctrl-C) after `after_batches`
+    finished batches: its .hydra/config.yaml (what Hydra writes, so resume= can read it) and partial/
+    shards. `command` is "sample", "sample-source" (sample with source=...) or "inpaint". Returns the
+    shards written, in name order."""
+    import importlib
+
+    import pytest
+    from omegaconf import OmegaConf
+
+    config_name = command.split("-")[0]
+    command_module, entry, batch_module, batch_fn = _STOPPABLE[command]
+    command_module, batch_module = importlib.import_module(command_module), importlib.import_module(batch_module)
+    cfg = compose_train(run, ["progress_bar=false", *overrides], config_name=config_name)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    real, made = getattr(batch_module, batch_fn), [0]
+
+    def stop_after(*args, **kwargs):
+        if made[0] == after_batches:
+            raise KeyboardInterrupt
+        made[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, batch_fn, stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(command_module, entry)(cfg)
+    monkeypatch.setattr(batch_module, batch_fn, real)
+    return sorted((run / "partial").glob("shard-*.npz"))

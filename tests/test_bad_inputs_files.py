@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from helpers import compose_train, run_cli, run_sample, run_train, tiny_overrides
+from helpers import interrupted_run, run_cli, run_sample, run_train, tiny_overrides
 from omegaconf import OmegaConf
 from PIL import Image
 from test_bad_inputs import STARTUP_INFO
@@ -418,29 +418,6 @@ GMM = ["model=gmm", "model.conditional=true", "model.num_components=3", "steps=2
        "progress_bar=false"]  # fmt: skip
 
 
-def _interrupted(run, overrides, batches, monkeypatch):
-    """`run` as `diffctl sample` leaves it when stopped after `batches` finished batches."""
-    import diffctl.generation as generation  # where sample() calls the sampler
-    import diffctl.sample as sample_mod
-
-    cfg = compose_train(run, ["progress_bar=false", *overrides], config_name="sample")
-    (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    real, made = generation.generate, [0]
-
-    def generate(*args, **kwargs):
-        if made[0] == batches:
-            raise KeyboardInterrupt
-        made[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generation, "generate", generate)
-    with pytest.raises(KeyboardInterrupt):
-        sample_mod.sample(cfg)
-    monkeypatch.setattr(generation, "generate", real)
-    return sorted((run / "partial").glob("shard-*.npz"))
-
-
 def _no_sampling(monkeypatch):
     import diffctl.generation as generation  # where sample() calls the sampler
 
@@ -456,10 +433,10 @@ def test_resume_checks_every_shard_before_making_a_sample(tmp_path, monkeypatch)
     import diffctl.generation as generation  # where sample() calls the sampler
 
     run = tmp_path / "run"
-    shards = _interrupted(run, GMM, 2, monkeypatch)
+    shards = interrupted_run(run, GMM, 2, monkeypatch)
     assert [p.name for p in shards] == ["shard-0000000000-0000000002.npz", "shard-0000000002-0000000004.npz"]
-    other = _interrupted(tmp_path / "other", [*GMM, "class_label=1"], 1, monkeypatch)[0]  # another run's shard
-    flat3 = _interrupted(tmp_path / "flat3", [*GMM, "model.shape=[3]"], 1, monkeypatch)[0]
+    other = interrupted_run(tmp_path / "other", [*GMM, "class_label=1"], 1, monkeypatch)[0]  # another run's shard
+    flat3 = interrupted_run(tmp_path / "flat3", [*GMM, "model.shape=[3]"], 1, monkeypatch)[0]
     second = shards[1].read_bytes()
     with np.load(shards[1]) as z:
         arrays = dict(z)
@@ -493,7 +470,7 @@ def test_resume_checks_every_shard_before_making_a_sample(tmp_path, monkeypatch)
 
 def test_shards_are_whole_or_absent_and_a_bad_one_is_one_line_from_the_cli(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    _interrupted(run, GMM, 1, monkeypatch)
+    interrupted_run(run, GMM, 1, monkeypatch)
     import diffctl.indexjob as indexjob  # where the shards are written
 
     real_savez = np.savez
@@ -518,7 +495,7 @@ def test_shards_are_whole_or_absent_and_a_bad_one_is_one_line_from_the_cli(tmp_p
 
 def test_a_damaged_run_config_or_manifest_is_named(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    _interrupted(run, GMM, 1, monkeypatch)
+    interrupted_run(run, GMM, 1, monkeypatch)
     manifest = run / "partial" / "manifest.json"
     manifest.write_text("{cut")
     with pytest.raises(ConfigError, match=rf"resume: {manifest} is not the JSON manifest diffctl wrote"):

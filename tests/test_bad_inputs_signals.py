@@ -207,7 +207,7 @@ def test_activation_estimate_is_within_a_factor_of_a_real_measurement(tmp_path):
     the kernel's count of the process's resident pages)."""
     from diffctl.build import instantiate_config
     from diffctl.config import compose_config
-    from diffctl.memory import network_bytes
+    from diffctl.memory_estimates import network_bytes
 
     overrides = ["model=unet", "model.base_channels=32"]
     cfg = compose_config("train", overrides, tmp_path)

@@ -130,8 +130,9 @@ def test_bench_img2img_rows_and_the_bicubic_baseline(tmp_path):
 
     import gzip
 
+    # its own cache: the reference features it caches are not shared with tests running at the same time
     report = _script("bench_img2img").main(["--quick", "--work", str(tmp_path / "w"), "--json", str(tmp_path / "i.json"),
-                                            "--plot", str(tmp_path / "i.png")])
+                                            "--plot", str(tmp_path / "i.png"), "--cache-dir", str(tmp_path / "cache")])
     rows = {(r["task"], r["row"]): r for r in report["rows"]}
     assert set(rows) == {("sr", "bicubic upsampling"), ("sr", "regressor (1 step)"), ("sr", "diffusion (DDIM 2)"),
                          ("colorize", "gray as RGB"), ("colorize", "regressor (1 step)"), ("colorize", "diffusion (DDIM 2)")}

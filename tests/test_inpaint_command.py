@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import compose_train, run_cli
+from helpers import compose_train, interrupted_run, run_cli
 
 from diffctl.errors import ConfigError
 from diffctl.image_sources import read_images
@@ -94,35 +94,11 @@ def test_same_output_whatever_the_batch_size_and_number_of_processes(trained, tm
     assert b[1]["devices"] == 2 and a[1]["psnr_masked"] == b[1]["psnr_masked"]
 
 
-def _interrupted_run(run, overrides, after_batches, monkeypatch):
-    """A run dir as `diffctl inpaint` leaves it when stopped after `after_batches` batches."""
-    from omegaconf import OmegaConf
-
-    import diffctl.inpaint_command as command
-    import diffctl.inpaint_job as job
-
-    cfg = compose_train(run, ["progress_bar=false", *overrides], config_name="inpaint")
-    (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    real, count = job.inpaint, [0]
-
-    def inpaint(*a, **k):
-        if count[0] == after_batches:
-            raise KeyboardInterrupt
-        count[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(job, "inpaint", inpaint)
-    with pytest.raises(KeyboardInterrupt):
-        command.inpaint_command(cfg)
-    monkeypatch.setattr(job, "inpaint", real)
-
-
 def test_resume_gives_the_uninterrupted_output(trained, tmp_path, monkeypatch):
     _, run_dir = trained
     common = [f"ckpt={run_dir}", *FAST, "limit=5", "mask=random", "seed=2"]
     run = tmp_path / "run"
-    _interrupted_run(run, [*common, "batch_size=2"], 1, monkeypatch)
+    interrupted_run(run, [*common, "batch_size=2"], 1, monkeypatch, "inpaint")
     assert len(list((run / "partial").glob("shard-*.npz"))) == 1
     with pytest.raises(ConfigError, match="unfinished .* of an interrupted run; continue it with resume="):
         run_inpaint(run, common)
@@ -303,7 +279,7 @@ def test_compile_is_passed_to_the_network_and_recorded(trained, tmp_path, monkey
 def test_resume_refuses_another_precision(trained, tmp_path, monkeypatch):
     _, run_dir = trained
     run = tmp_path / "run"
-    _interrupted_run(run, [f"ckpt={run_dir}", *FAST, "limit=4", "batch_size=2"], 1, monkeypatch)
+    interrupted_run(run, [f"ckpt={run_dir}", *FAST, "limit=4", "batch_size=2"], 1, monkeypatch, "inpaint")
     with pytest.raises(ConfigError, match=r"resume: precision is '32-true' in .* but 'bf16-mixed' here, which changes") as err:
         run_inpaint(tmp_path / "log", [f"resume={run}", "precision=bf16-mixed"])
     assert "\n" not in str(err.value) and len(list((run / "partial").glob("shard-*.npz"))) == 1

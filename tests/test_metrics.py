@@ -225,6 +225,38 @@ def test_reference_cache_miss_then_hit(tmp_path, nets, capsys):
         assert z["features"].shape == (300, 16) and z["features"].dtype == np.float32
 
 
+def test_a_run_killed_while_caching_the_reference_leaves_no_cache_entry(tmp_path, nets, monkeypatch, capsys):
+    """The process dies with half the reference .npz written: no cache entry is left, torn or whole, nor
+    a temporary, so the next run computes the statistics again (not from a torn file) and caches them."""
+    import io
+
+    cfg, data = tiny_cfg(tmp_path, nets, names=["fid"], ref_limit=50), digits_cfg()
+    images = digits_uint8("test", 20)
+    real_savez = np.savez
+
+    def killed_mid_write(file, **arrays):  # whatever the cache is written to gets half of its bytes
+        buf = io.BytesIO()
+        real_savez(buf, **arrays)
+        half = buf.getvalue()[: buf.tell() // 2]
+        if hasattr(file, "write"):
+            file.write(half)
+            file.flush()
+        else:
+            Path(file).write_bytes(half)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(references.np, "savez", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(images, cfg, data, CPU)
+    monkeypatch.setattr(references.np, "savez", real_savez)
+    refs = tmp_path / "cache" / "fid_refs"
+    assert not refs.exists() or list(refs.iterdir()) == [], list(refs.iterdir())
+    capsys.readouterr()
+    first = evaluate(images, cfg, data, CPU)
+    assert "computing reference statistics for digits:train" in capsys.readouterr().out
+    assert evaluate(images, cfg, data, CPU) == first and "reference statistics: cached" in capsys.readouterr().out
+
+
 def test_few_samples_withhold_fid_report_kid_and_use_a_bounded_reference(tmp_path, nets, capsys):
     """The shipped small-N behaviour: below fid_min_samples FID is null with a note (not computed),
     KID is reported, and ref_limit=auto embeds only quick_ref_limit reference images; at or above

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import run_sample
+from helpers import interrupted_run, run_sample
 from scipy import stats
 
 from diffctl.noise import GeneratorNoise, SampleNoise, mix64, normals, sample_noise, words
@@ -177,28 +177,12 @@ def test_a_run_from_before_counter_noise_resumes_with_its_own_noise(tmp_path, mo
     before) resumes with noise version 1: its samples are the old diffctl's."""
     from omegaconf import OmegaConf
 
-    import diffctl.generation as generation  # where sample() calls the sampler
-    import diffctl.sample as sample_mod
-    from helpers import compose_train
-
     run = tmp_path / "old"
-    cfg = compose_train(run, ["progress_bar=false", *OLD_RUN, "batch_size=2", "noise=1"], config_name="sample")
-    real, count = generation.generate, [0]
-
-    def stop_after_one_batch(*a, **k):
-        if count[0] == 1:
-            raise KeyboardInterrupt
-        count[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(generation, "generate", stop_after_one_batch)
-    with pytest.raises(KeyboardInterrupt):
-        sample_mod.sample(cfg)
-    monkeypatch.setattr(generation, "generate", real)
-    OmegaConf.set_struct(cfg, False)
+    interrupted_run(run, [*OLD_RUN, "batch_size=2", "noise=1"], 1, monkeypatch)
+    config = run / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(config)
     del cfg["noise"]  # what the old diffctl stored: no noise key in the config or the manifest
-    (run / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    OmegaConf.save(cfg, config)
     manifest = run / "partial" / "manifest.json"
     recorded = json.loads(manifest.read_text())
     assert recorded.pop("noise") == 1

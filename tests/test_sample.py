@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import run_cli, run_sample, run_train, tiny_overrides
+from helpers import interrupted_run, run_cli, run_sample, run_train, tiny_overrides
 
 from diffctl.errors import ConfigError
 
@@ -209,36 +209,11 @@ def test_sampling_killed_with_sigkill_resumes_to_the_same_samples(trained, tmp_p
     _same_run(run, tmp_path / "whole", "devices")
 
 
-def _interrupted_run(run, overrides, after_batches, monkeypatch):
-    """A run dir as `diffctl sample` leaves it when stopped after `after_batches` batches."""
-    from helpers import compose_train
-    from omegaconf import OmegaConf
-
-    import diffctl.generation as generation  # where sample() calls the sampler
-    import diffctl.sample as sample_mod
-
-    cfg = compose_train(run, ["progress_bar=false", *overrides], config_name="sample")
-    (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    real, count = generation.generate, [0]
-
-    def generate(*a, **k):
-        if count[0] == after_batches:
-            raise KeyboardInterrupt
-        count[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(generation, "generate", generate)
-    with pytest.raises(KeyboardInterrupt):
-        sample_mod.sample(cfg)
-    monkeypatch.setattr(generation, "generate", real)
-
-
 def test_resume_with_another_batch_size_keeps_the_samples(trained, tmp_path, monkeypatch):
     _, run_dir = trained
     common = [f"ckpt={run_dir}", "sampler=ddim", "sampler.eta=1", "steps=3", "num_samples=7", *NO_METRICS]
     run = tmp_path / "run"
-    _interrupted_run(run, [*common, "batch_size=2"], 2, monkeypatch)
+    interrupted_run(run, [*common, "batch_size=2"], 2, monkeypatch)
     assert len(list((run / "partial").glob("shard-*.npz"))) == 2
     result = run_sample(tmp_path / "log", [f"resume={run}", "batch_size=3"])
     assert result["resumed_samples"] == 3  # batch [0, 3) is taken from the shards [0, 2) and [2, 4); [3, 6) needs 4 and 5
@@ -260,7 +235,7 @@ def test_resume_with_another_batch_size_keeps_the_samples(trained, tmp_path, mon
 def test_resume_refuses_settings_that_change_the_samples(trained, tmp_path, monkeypatch, sampler, override, key):
     _, run_dir = trained
     run = tmp_path / "run"
-    _interrupted_run(run, [f"ckpt={run_dir}", *sampler, "steps=3", "num_samples=4", "batch_size=2", *NO_METRICS], 1, monkeypatch)
+    interrupted_run(run, [f"ckpt={run_dir}", *sampler, "steps=3", "num_samples=4", "batch_size=2", *NO_METRICS], 1, monkeypatch)
     with pytest.raises(ConfigError, match=rf"resume: {key} is .* which changes the samples"):
         run_sample(tmp_path / "log", [f"resume={run}", override])
     assert len(list((run / "partial").glob("shard-*.npz"))) == 1  # nothing lost
@@ -270,7 +245,7 @@ def test_interrupted_run_is_not_reused_without_resume_and_a_finished_one_is_not_
     _, run_dir = trained
     common = [f"ckpt={run_dir}", "sampler=ddim", "steps=2", "num_samples=4", "batch_size=2", *NO_METRICS]
     run = tmp_path / "run"
-    _interrupted_run(run, common, 1, monkeypatch)
+    interrupted_run(run, common, 1, monkeypatch)
     with pytest.raises(ConfigError, match="unfinished samples of an interrupted run; continue it with resume="):
         run_sample(run, common)
     run_sample(tmp_path / "log", [f"resume={run}"])

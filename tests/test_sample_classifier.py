@@ -154,6 +154,7 @@ def test_memory_estimate_counts_the_classifier(tmp_path, trained, classifier_run
 
     import diffctl.memory as memory
     from diffctl.config import compose_config
+    from diffctl.memory_estimates import network_bytes
     from diffctl.source import load_source
 
     _, run_dir = trained
@@ -170,7 +171,7 @@ def test_memory_estimate_counts_the_classifier(tmp_path, trained, classifier_run
         def forward(self, x, t, _labels):
             return self.net(x, t)
 
-    inference = memory.network_bytes(Forward(source.classifier.net), 8, (1, 8, 8), 0, None)
+    inference = network_bytes(Forward(source.classifier.net), 8, (1, 8, 8), 0, None)
     assert seen["classifier activations"] > 0 and inference is not None
     assert seen["classifier activations"] > inference
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import compose_train, run_cli, run_sample, run_train, tiny_overrides
+from helpers import compose_train, interrupted_run, run_cli, run_sample, run_train, tiny_overrides
 from PIL import Image
 
 from diffctl.errors import ConfigError
@@ -224,28 +224,9 @@ def test_wrong_size_names_the_sizes_that_work(sr_run, tmp_path):
 
 def test_resume_gives_the_uninterrupted_output(sr_run, tmp_path, monkeypatch):
     """A run stopped after one batch of 2, resumed with batch_size=1, writes what an uninterrupted run does."""
-    from omegaconf import OmegaConf
-
-    import diffctl.img2img_job as job
-    from diffctl.sample import sample
-
     common = [f"ckpt={sr_run}", "source=digits:test", "num_samples=5", *FAST]
     run = tmp_path / "run"
-    cfg = compose_train(run, ["progress_bar=false", *common, "batch_size=2"], config_name="sample")
-    (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-    real, count = job.generate, [0]
-
-    def generate(*a, **k):
-        if count[0] == 1:
-            raise KeyboardInterrupt
-        count[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(job, "generate", generate)
-    with pytest.raises(KeyboardInterrupt):
-        sample(cfg)
-    monkeypatch.setattr(job, "generate", real)
+    interrupted_run(run, [*common, "batch_size=2"], 1, monkeypatch, "sample-source")
     assert len(list((run / "partial").glob("shard-*.npz"))) == 1 and not (run / "samples.npz").exists()
     result = run_sample(tmp_path / "log", [f"resume={run}", "batch_size=1"])
     assert result["resumed_samples"] == 2
