@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Image-to-image: diffusion against plain baselines (SR3's comparison, Saharia et al. 2021) at CPU scale.
 
-    python scripts/bench_img2img.py --num 100 --steps-train 300 --reg-steps 200   # the README's run, 6 min
-    python scripts/bench_img2img.py                 # defaults (400/400 training steps, 200 test images)
+    python scripts/bench_img2img.py                 # the README's run (2000/2000 training steps, 200 test images)
+    python scripts/bench_img2img.py --num 100 --steps-train 300 --reg-steps 200 --steps ddim:20   # a 6-minute look
     python scripts/bench_img2img.py --quick         # toy sizes (the test)
 
 Two tasks, each with the same U-Net (base 16, channel_mult [1,2], one res block, no attention):
@@ -12,7 +12,8 @@ Two tasks, each with the same U-Net (base 16, channel_mult [1,2], one res block,
   photo for training, patches of the right quarter for testing (written as PNG folders, data=imagefolder).
 Rows per task: the plain baseline (sr: the bicubic-upsampled source itself; colorize: the gray luma replicated
 to RGB), the one-step regressor (objective=regression, sampled with ddim steps=1: its x0 prediction), and the
-diffusion model (objective=ddpm, DDIM eta=0 with --steps). FID and KID (offline EDM Inception, metrics.detector=edm)
+diffusion model (objective=ddpm), one row per --steps entry (sampler:steps, e.g. DDIM eta=0 with 20 steps,
+ancestral DDPM with 100 as SR3 samples). FID and KID (offline EDM Inception, metrics.detector=edm)
 are against the targets of the same --num images; FID from a few hundred images is biased upwards, so compare
 rows with each other only. LPIPS is null unless --lpips <torchvision backbone weights file> is given.
 Writes bench_img2img.json (rows, settings, environment) and bench_img2img.png (examples of each row).
@@ -60,6 +61,14 @@ def colorize_folders(root: Path, patch: int) -> tuple[Path, Path]:
 def train_run(run_dir: Path, data: list[str], objective: str, steps: int, batch: int) -> float:
     from diffctl.train import train
 
+    import json
+
+    summary = run_dir / "train_summary.json"
+    if summary.is_file():  # a finished run of an earlier invocation with the same --work: reuse it, with its own time
+        last = json.loads(summary.read_text())[-1]
+        if last["global_step"] == steps:
+            print(f"reusing {run_dir} ({steps} steps, trained in {last['time_s']:.0f} s)")
+            return float(last["time_s"])
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train(compose_config("train", [*data, *NET, f"objective={objective}", f"trainer.max_steps={steps}", f"data.batch_size={batch}",
@@ -131,9 +140,9 @@ def run_task(task: str, args, work: Path) -> list[dict]:
     for objective, steps in (("regression", args.reg_steps), ("ddpm", args.steps_train)):
         train_s[objective] = round(train_run(work / task / objective, data, objective, steps, args.batch), 1)
     rows = [sample_row("regressor (1 step)", work / task / "regression", source, ["sampler=ddim"], 1, args, work / task / "s_reg", ref, ref_root)]
-    for steps in args.steps:
-        rows.append(sample_row(f"diffusion (DDIM {steps})", work / task / "ddpm", source, ["sampler=ddim"], steps, args,
-                               work / task / f"s_ddim{steps}", ref, ref_root))
+    for sampler, steps in args.steps:
+        rows.append(sample_row(f"diffusion ({sampler.upper()} {steps})", work / task / "ddpm", source, [f"sampler={sampler}"], steps, args,
+                               work / task / f"s_{sampler}{steps}", ref, ref_root))
     rows.insert(0, baseline_row(baseline, rows[0]["npz"], args, work / task / "base", ref, ref_root, conditioner))
     rows[1]["train_s"], train_s_d = train_s["regression"], train_s["ddpm"]
     for r in rows[2:]:
@@ -143,39 +152,53 @@ def run_task(task: str, args, work: Path) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, k: int = 6) -> None:
+def plot(rows: list[dict], path: Path, k: int = 8) -> None:
+    """One panel per task: a row of k test images per method (source, each row of the table, target),
+    the k spread evenly over the test images (colorize's first patches are all sky)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(9, 2.2 * len(tasks) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(1.1 * k + 2.4, 1.15 * 5 * len(tasks)), squeeze=False)
     for ax, task in zip(axes[:, 0], tasks):
         mine = [r for r in rows if r["task"] == task]
         first = np.load(mine[1]["npz"])
-        cols = [("source", first["sources"])] + [(r["row"].split(" (")[0] if i else r["row"], np.load(r["npz"])["samples"])
-                                                  for i, r in enumerate(mine)] + [("target", first["targets"])]
-        cols[1] = (mine[0]["row"], first["sources"])
-        strips = [np.concatenate(list(imgs[:k]), 0) for _, imgs in cols]
-        grid = np.concatenate(strips, 1)
-        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
-        w = cols[0][1].shape[2]
-        ax.set_xticks([w * (i + 0.5) for i in range(len(cols))], [c for c, _ in cols], fontsize=7)
-        ax.set_yticks([])
-        ax.set_title(task, fontsize=9)
+        pick = np.unique(np.linspace(0, len(first["targets"]) - 1, k).round().astype(int))
+        source = first["sources"]
+        if source.shape[-1] != first["targets"].shape[-1]:
+            source = np.repeat(source, first["targets"].shape[-1], -1)
+        named = [("source", source)] + [(r["row"], source if i == 0 else np.load(r["npz"])["samples"]) for i, r in enumerate(mine)]
+        named = [named[0]] + named[2:] + [("target", first["targets"])]  # the baseline row is the source shown as an image
+        named[0] = ("source", source)
+        grid = np.concatenate([np.concatenate(list(imgs[pick]), 1) for _, imgs in named], 0)
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        h = source.shape[1]
+        ax.set_yticks([h * (i + 0.5) for i in range(len(named))], [n for n, _ in named], fontsize=8)
+        ax.set_xticks([])
+        ax.set_title(f"{task} (the source row is the baseline '{mine[0]['row']}')", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def sampler_steps(text: str) -> list[tuple[str, int]]:
+    out = []
+    for part in text.split(","):
+        sampler, _, steps = part.rpartition(":")
+        out.append((sampler or "ddim", int(steps)))
+    return out
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", type=lambda s: s.split(","), default=["sr", "colorize"])
     p.add_argument("--num", type=int, default=200, help="test images per row (also the FID reference: their targets)")
-    p.add_argument("--steps-train", type=int, default=400, help="training steps of the diffusion model")
-    p.add_argument("--reg-steps", type=int, default=400, help="training steps of the regressor")
-    p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[20], help="DDIM steps of the diffusion rows")
+    p.add_argument("--steps-train", type=int, default=2000, help="training steps of the diffusion model")
+    p.add_argument("--reg-steps", type=int, default=2000, help="training steps of the regressor")
+    p.add_argument("--steps", type=sampler_steps, default=sampler_steps("ddim:20,ddpm:100"),
+                   help="the diffusion rows: sampler:steps, comma-separated (a bare number: DDIM)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--patch", type=int, default=16, help="colorize patch side")
     p.add_argument("--limit", type=int, default=None, help="sr: first N training images")
@@ -184,13 +207,13 @@ def main(argv=None) -> dict:
     p.add_argument("--detector", default="edm")
     p.add_argument("--detector-path", default=None)
     p.add_argument("--cache-dir", default="~/.cache/diffctl")
-    p.add_argument("--work", default=None, help="where runs are kept (default: a temporary directory)")
+    p.add_argument("--work", default=None, help="where runs are kept (default: a temporary directory); finished training runs there are reused")
     p.add_argument("--quick", action="store_true", help="toy sizes: 8 test images, 4 training steps")
     p.add_argument("--json", default="scripts/results/bench_img2img.json")
     p.add_argument("--plot", default="scripts/results/bench_img2img.png")
     args = p.parse_args(argv)
     if args.quick:
-        args.num, args.steps_train, args.reg_steps, args.steps, args.batch = 8, 4, 4, [2], 8
+        args.num, args.steps_train, args.reg_steps, args.steps, args.batch = 8, 4, 4, [("ddim", 2)], 8
         args.limit = args.limit or 64
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
