@@ -155,7 +155,9 @@ def test_precision_recall_match_torch_fidelity_and_the_definition():
     ref = 1.3 * torch.randn(240, 16, generator=g) + 0.4  # wider and shifted: precision and recall differ
     ours = metrics_formulas.precision_recall(gen, ref, k=3, chunk=70)  # chunks that divide neither set
     oracle = calculate_precision_recall_full(gen, ref, neighborhood=3, batch_size=10000)
-    assert ours == pytest.approx(oracle, abs=1e-6) and ours[0] != ours[1]  # torch-fidelity averages in float32
+    # torch-fidelity averages its 0/1 flags in float32 (0.97 -> 0.9700000286): compare the counts, exactly
+    assert [round(v * n) for v, n in zip(ours, (300, 240))] == [round(v * n) for v, n in zip(oracle, (300, 240))]
+    assert [v * n for v, n in zip(ours, (300, 240))] == [round(v * n) for v, n in zip(ours, (300, 240))] and ours[0] != ours[1]
     assert 0.2 < ours[0] < 1 and 0.2 < ours[1] < 1
     # the definition on a case by hand: reference points 0, 1, 2, 10 (k=1 radii 1, 1, 1, 8) and
     # generated 0.5, 20 (radii 19.5 each): one of two generated points inside, every reference point inside

@@ -207,7 +207,8 @@ def test_precision_recall_of_a_folder_equal_torch_fidelitys_on_the_detectors_fea
     net = torch.jit.load(str(env["tiny"]))
     feats = [net(torch.from_numpy(x)[:, None].expand(-1, 3, -1, -1).contiguous())[0] for x in (images, refs)]
     expected = calculate_precision_recall_full(*feats, neighborhood=2, batch_size=10000)
-    assert (ours["pr_precision"], ours["pr_recall"]) == pytest.approx(expected, abs=1e-6)  # its float32 mean
+    # torch-fidelity averages its 0/1 flags in float32: compare the counts (20 images, 30 references), exactly
+    assert [round(ours["pr_precision"] * 20), round(ours["pr_recall"] * 30)] == [round(expected[0] * 20), round(expected[1] * 30)]
     assert "fid" not in ours and "kid_mean" not in ours
 
 
