@@ -171,3 +171,15 @@ def save_autoencoder(model: AutoencoderKL, folder: str | Path) -> None:
     taken = "appeared while saving (another process wrote it); choose another folder (nothing is overwritten)"
     create_new(weights_path, save(state), taken)
     create_new(config_path, json_text(diffusers_config(model)), taken)
+
+
+EXPORT_DIR = "autoencoder"  # the diffusers folder a `diffctl train-autoencoder` run writes its EMA weights to
+
+
+def load_first_stage(path: str | Path, key: str = "first_stage") -> AutoencoderKL:
+    """The autoencoder `key`=path names: a diffusers AutoencoderKL folder, or a `diffctl train-autoencoder`
+    run directory (its autoencoder/ folder). ConfigError naming what the path is otherwise."""
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / CONFIG_NAME).exists() and (p / EXPORT_DIR / CONFIG_NAME).is_file():
+        return load_diffusers_vae(p / EXPORT_DIR, key)
+    return load_diffusers_vae(p, key)
