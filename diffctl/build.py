@@ -109,7 +109,8 @@ def build_denoiser(cfg: DictConfig, sde: SDE, objective: Objective, shape: dict[
     )
     dropout = float(cfg.get("label_dropout", 0.0) or 0.0) if shape["num_classes"] else 0.0
     return compose(net, sde, prediction, sigma_data=cfg.denoiser.sigma_data, scale_input=cfg.denoiser.scale_input,
-                   num_classes=shape["num_classes"], label_dropout=dropout, conditioner=conditioner)  # fmt: skip
+                   num_classes=shape["num_classes"], label_dropout=dropout, conditioner=conditioner,
+                   data_range=None if cfg.get("first_stage") else (-1.0, 1.0))  # latents are unbounded: never clipped  # fmt: skip
 
 
 # A stored config (checkpoint or export) is data from someone else's file: its `_target_`s are

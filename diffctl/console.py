@@ -234,8 +234,9 @@ class ParamSummary(ModelSummary):
         console = Console()
         console.print(table)
         frozen = total_parameters - trainable_parameters
+        what = "EMA/target copies, first stage" if "first_stage" in dict(summary_data).get("Name", []) else "EMA/target copies"
         line = (f"parameters: {get_human_readable_count(trainable_parameters)} trainable, "
-                f"{get_human_readable_count(frozen)} non-trainable (EMA/target copies), {model_size:.2f} MB in all")  # fmt: skip
+                f"{get_human_readable_count(frozen)} non-trainable ({what}), {model_size:.2f} MB in all")  # fmt: skip
         if total_flops:
             line += f", {get_human_readable_count(total_flops)} FLOPs"
         if self._shards_of:

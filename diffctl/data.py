@@ -245,6 +245,10 @@ class DiffusionDataModule(L.LightningDataModule):
             )
         return self._datasets[split]
 
+    def set_dataset(self, split: str, dataset: Dataset) -> None:
+        """Serve `dataset` as `split` (latent diffusion: the training set's cached latents, diffctl/latent_training.py)."""
+        self._datasets[split] = dataset
+
     def setup(self, stage: str | None = None) -> None:
         n = self.num_train
         if n < self.batch_size:  # drop_last would silently yield zero batches

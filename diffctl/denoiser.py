@@ -158,14 +158,15 @@ class ClippedModel(ModelWrapper):
 
 
 def compose(net: nn.Module, sde: SDE, prediction: str = "eps", *, sigma_data: float = 0.5, scale_input: bool = True,
-            num_classes: int | None = None, label_dropout: float = 0.0, conditioner: Conditioner | None = None) -> DiffusionModel:  # fmt: skip
+            num_classes: int | None = None, label_dropout: float = 0.0, conditioner: Conditioner | None = None,
+            data_range: tuple[float, float] | None = (-1.0, 1.0)) -> DiffusionModel:  # fmt: skip
     """A DiffusionModel from its pieces by name: the network predicts `prediction` (eps | x0 | v |
     score | consistency); num_classes None takes the network's own (0: unconditional); a given
-    conditioner (an image condition) replaces the class one."""
+    conditioner (an image condition) replaces the class one; data_range None: unbounded data (latents)."""
     from diffctl.conditioning import make_conditioner
     from diffctl.parameterization import make_parameterization
 
     k = int(getattr(net, "num_classes", 0)) if num_classes is None else int(num_classes)
     if conditioner is None:
         conditioner = make_conditioner(k, label_dropout)
-    return DiffusionModel(net, sde, make_parameterization(prediction, sde, sigma_data, scale_input), conditioner)
+    return DiffusionModel(net, sde, make_parameterization(prediction, sde, sigma_data, scale_input), conditioner, data_range)

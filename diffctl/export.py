@@ -62,6 +62,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_checkpoint(cfg.ckpt).resolve()
     ckpt = load_checkpoint(ckpt_path)
     config = checkpoint_config(ckpt, ckpt_path)
+    if config.get("first_stage"):  # an export holds the denoiser alone: without its decoder the samples are latents
+        raise ConfigError(f"{ckpt_path} is a latent diffusion model: an export would leave out its first stage; "
+                          "sample from the checkpoint itself (it holds both)")  # fmt: skip
     state = denoiser_state(ckpt, cfg.use_ema)
     build_stored(config, state, ckpt_path, "weights")  # the export must load: config and weights fit
     state = {k: v.detach().contiguous() for k, v in state.items()}

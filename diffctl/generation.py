@@ -98,6 +98,8 @@ def sampling_model(cfg: DictConfig, source: Source, device: torch.device) -> Sam
     """The source's denoiser on `device` with the speed switches (channels_last, compile, precision;
     absent keys: off, 32-true), guidance and clipping of cfg."""
     denoiser = source.denoiser.to(device)
+    if source.codec is not None:  # the decoder runs on every batch, beside the denoiser
+        source.codec.to(device)
     can = denoiser.capabilities
     channels_last = denoiser.backbone is not None and use_channels_last(cfg.get("channels_last", False), device.type)
     if denoiser.backbone is not None:  # the analytic model has no network to speed up
@@ -119,7 +121,10 @@ def batch_maker(cfg: DictConfig, source: Source, sampling: SamplingModel, device
         before, classifier_before = sampling.calls[0], sampling.classifier_calls
         with sampling.autocast(device):
             x = generate(sampling.model, n, source.shape, cfg.sampler, cfg.steps, cfg.seed, cond, device, first, cfg.noise)
-        x = to_uint8(x) if data_range is not None else x.float().cpu()  # unbounded (model=gmm): raw floats
+        if source.codec is not None:  # latent diffusion: the images are the first stage's decoding of the latents
+            x = to_uint8(source.codec.decode(x.float()))
+        else:
+            x = to_uint8(x) if data_range is not None else x.float().cpu()  # unbounded (model=gmm): raw floats
         batch = {"samples": x, "calls": torch.tensor(sampling.calls[0] - before, dtype=torch.int64)}
         if source.classifier is not None:
             batch["classifier_calls"] = torch.tensor(sampling.classifier_calls - classifier_before, dtype=torch.int64)
@@ -133,8 +138,9 @@ def batch_maker(cfg: DictConfig, source: Source, sampling: SamplingModel, device
 def check_resume_shards(cfg: DictConfig, source: Source, partial: Path) -> int:
     """check_shards with what this run's shards hold: uint8 HWC images (model=gmm: float32 samples)
     and the labels sample_cond gives; returns the number of finished samples."""
-    if source.denoiser.capabilities.data_range is not None:
-        shape, dtype = (*source.shape[1:], source.shape[0]), np.uint8
+    if source.denoiser.capabilities.data_range is not None or source.codec is not None:
+        image = source.image_shape
+        shape, dtype = (*image[1:], image[0]), np.uint8
     else:
         shape, dtype = tuple(source.mixture.shape), np.float32
     labels, model = None, guided_model(cfg, source)

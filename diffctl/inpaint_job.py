@@ -46,6 +46,8 @@ def prepare(cfg: DictConfig, source: Source) -> Inputs:
     refuse_source_models(can, source.description, "inpaint")
     if can.one_step:  # a consistency function's output at a level is not a posterior mean E[x0 | x_t]
         raise ConfigError(f"{source.description} is a consistency model (one step); inpainting needs a diffusion model")
+    if source.codec is not None:  # RePaint replaces known pixels at every step; a latent model has no pixels until decoded
+        raise ConfigError(f"{source.description} is a latent diffusion model; RePaint inpaints in pixel space: use a pixel-space checkpoint")
     if can.data_range is None or len(source.shape) != 3:
         raise ConfigError("diffctl inpaint needs an image checkpoint")
     c, h, w = source.shape

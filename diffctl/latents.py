@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from diffctl.conditioning import CLASS_LABEL
+from diffctl.conditioning import CLASS_LABEL, IMAGE
 from diffctl.errors import DataError
 from diffctl.files import atomic_write_json, json_text
 
@@ -60,14 +60,19 @@ def cache_key(meta: dict) -> str:
 
 
 def _batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[int, Tensor, Tensor]]:
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        yield start, torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
+    """(first index, images, labels) of consecutive batches, in dataset order (a DataLoader, so a
+    dataset's batched __getitems__ is used)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
+    start = 0
+    for batch in loader:
+        x, y = batch[IMAGE], batch[CLASS_LABEL]
+        yield start, x, torch.as_tensor(y).long()
+        start += len(x)
 
 
 def build_cache(encode: Callable[[Tensor], tuple[Tensor, Tensor]], dataset: Dataset, directory: str | Path, meta: dict,
                 batch_size: int = 64, flips: bool = False, progress: Callable[[int], None] | None = None) -> Path:
-    """Encode `dataset` ((x [C, H, W] in [-1, 1], label) items, unaugmented) with `encode` (images ->
+    """Encode `dataset` (items {IMAGE: x [C, H, W] in [-1, 1], CLASS_LABEL: y}, unaugmented) with `encode` (images ->
     posterior (mean, std), each [B, Cz, h, w]) into `directory`, atomically; returns it. `meta` says
     what the cache is made from (see `expected_meta`); `progress(n)` is called with images done."""
     directory = Path(directory)

@@ -88,6 +88,9 @@ def likelihood(cfg: DictConfig) -> dict[str, Any]:
     source = load_source(cfg, ckpt)
     can = source.denoiser.capabilities
     refuse_source_models(can, source.description, "likelihood")  # its log-likelihood is of x given a source
+    if source.codec is not None:  # the PF-ODE gives log p(latents); log p(x) would need the decoder's density too
+        raise ConfigError(f"{source.description} is a latent diffusion model: the ODE likelihood is of its latents, not of images, "
+                          "so bits/dim would not compare with pixel models; use a pixel-space checkpoint")  # fmt: skip
     mixture = source.mixture if can.analytic else None  # exact answers to compare with
     dim = math.prod(source.shape)
     if not can.pf_ode:

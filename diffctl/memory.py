@@ -203,7 +203,7 @@ def check_batches(cfg, source, device: torch.device, num: int, what: str, copies
         out = {"network activations": act * procs, "sampler state": 6 * b * dim * 4 * procs}  # x, eps, x0, history
         return {**out, **{key: v * procs for key, v in (extra(b) if extra else {}).items()}}
 
-    host = {outputs: 3 * num * dim}  # uint8: per batch, concatenated, gathered for the file
+    host = {outputs: 3 * num * math.prod(getattr(source, "image_shape", shape))}  # uint8: per batch, concatenated, gathered for the file
     if e:  # sample source=: every image's source, as shown, and its target, float32 (img2img_job.Sources)
         host["source images"] = 4 * num * (dim // shape[0]) * (e + 2 * shape[0])
     total = lambda b: sum(parts(b).values()) + (sum(host.values()) if device.type == "cpu" else 0)  # noqa: E731
@@ -214,12 +214,19 @@ def check_sample(cfg, source, device: torch.device) -> None:
     """`diffctl sample`: check_batches with two network batches under guidance and, with classifier
     guidance, the classifier's forward and gradient in x per call."""
     classifier = _classifier_forward(getattr(source, "classifier", None))
+    codec = getattr(source, "codec", None)
+    decoder = on_meta(codec.autoencoder.decoder) if codec is not None else None  # latent models decode each batch
 
     def extra(b: int) -> dict[str, int]:
-        return {"classifier activations": network_bytes(classifier, b, tuple(source.shape), 0, "input") or 0}
+        parts = {}
+        if classifier is not None:
+            parts["classifier activations"] = network_bytes(classifier, b, tuple(source.shape), 0, "input") or 0
+        if decoder is not None:
+            parts["decoder activations"] = network_bytes(lambda z, _t, _y: decoder(z), b, tuple(source.shape), 0, None) or 0
+        return parts
 
     guided = 2 if float(cfg.guidance) != 1.0 else 1
-    check_batches(cfg, source, device, cfg.num_samples, "sampling", guided, extra if classifier is not None else None)
+    check_batches(cfg, source, device, cfg.num_samples, "sampling", guided, extra if classifier or decoder else None)
 
 
 def _classifier_forward(classifier) -> Callable | None:

@@ -14,6 +14,7 @@ from torch import nn
 from diffctl.conditioning import IMAGE
 from diffctl.denoiser import DiffusionModel
 from diffctl.errors import ConfigError, DiffctlError
+from diffctl.latents import LATENT, LATENT_STREAM, draw_latents
 from diffctl.objectives import Objective
 from diffctl.rng import BatchRandom, mix_seed, seed_step
 from diffctl.sharding import clip_sharded_grad_norm, strategy_is_sharded
@@ -65,6 +66,7 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         random_flip: bool = False,
         nan_policy: str = "stop",
+        first_stage: nn.Module | None = None,
     ):
         super().__init__()
         # The whole run config travels in the checkpoint so `sample`/`resume` need nothing else.
@@ -78,6 +80,9 @@ class DiffusionModule(L.LightningModule):
         if nan_policy not in NAN_POLICIES:
             raise ConfigError(f"nan_policy must be one of {' | '.join(NAN_POLICIES)}, got {nan_policy!r}")
         self.nan_policy = nan_policy
+        # latent diffusion (diffctl/latent_codec.py): batches hold cached posteriors, drawn into latents here;
+        # the frozen codec is kept beside the denoiser (in the checkpoint once, never averaged or optimized)
+        self.first_stage = first_stage
         # nan_policy=stop: the first step whose loss was not finite, kept on the device (-1: none) so
         # that checking it costs no host sync per step; `first_nonfinite_step` reads it when needed.
         self._bad_step: torch.Tensor | None = None
@@ -98,13 +103,18 @@ class DiffusionModule(L.LightningModule):
 
     # --- training --------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        x = batch[IMAGE]
+        x = batch[LATENT] if LATENT in batch else batch[IMAGE]
         trainer = self.trainer
         step, micro = self.global_step, batch_idx % trainer.accumulate_grad_batches
         seed_step(self.seed, step, micro, trainer.global_rank, x.device)  # dropout: same draws on resume
         keyed = (step, micro, trainer.global_rank, trainer.world_size, x.shape[0], x.device)
+        flip = None
         if self.random_flip:
             flip = BatchRandom(mix_seed(self.seed, FLIP_STREAM), *keyed).rand((x.shape[0], 1, 1, 1)) < 0.5
+        if LATENT in batch:  # the mirrored image's own encoding where flipped, then z ~ q(z | x)
+            codec = self.first_stage
+            x = draw_latents(x, flip, BatchRandom(mix_seed(self.seed, LATENT_STREAM), *keyed), codec.scale, codec.shift)
+        elif flip is not None:
             x = torch.where(flip, x.flip(-1), x)
         rng = BatchRandom(self.seed, *keyed)
         conditioner = self.denoiser.conditioner  # label dropout (CFG's null class) drawn before the objective's noise
@@ -200,6 +210,8 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diffctl"] = {"skipped_steps": int(self.skipped_steps)}
+        if self.first_stage is not None:  # its tensors are in the state dict; its architecture here
+            checkpoint["diffctl"]["first_stage"] = self.first_stage.stored()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("diffctl", {}).get("skipped_steps", 0))

@@ -10,8 +10,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from diffctl.build import build_sde, is_export, load_denoiser, load_export
+from diffctl.build import build_sde, build_stored, is_export, load_export
+from diffctl.checkpoint import checkpoint_config, denoiser_state, load_checkpoint
 from diffctl.errors import CheckpointError, ConfigError
+from diffctl.latent_codec import codec_from_checkpoint
 from diffctl.networks.gmm import GaussianMixture, MixtureModel
 from diffctl.sde import VPSDE
 
@@ -28,6 +30,12 @@ class Source:
     description: str = ""
     weights: str = "exact"  # ema | raw | exact (model=gmm)
     classifier: Any = None  # classifier guidance's p(y | x_t) (diffctl.guidance.NoiseClassifier), if any
+    codec: Any = None  # latent diffusion: the first stage that decodes samples (diffctl.latent_codec.LatentCodec)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One output's shape: `shape` itself, or for a latent model the decoded image's."""
+        return tuple(self.shape) if self.codec is None else self.codec.image_shape(self.shape)
 
 
 def load_source(cfg: DictConfig, ckpt: str | None) -> Source:
@@ -51,6 +59,9 @@ def load_guide(spec: str, source: Source):
         from diffctl.guidance import ExactMixtureClassifier
 
         return ExactMixtureClassifier(source.mixture, source.denoiser.sde)
+    if source.codec is not None:
+        raise ConfigError(f"classifier guidance of a latent diffusion model needs a classifier of its latents; diffctl's classifiers "
+                          f"see pixels: sample without classifier={spec} (classifier-free guidance works: guidance=)")  # fmt: skip
     if source.mixture is not None:
         raise ConfigError(f"model=gmm is guided by its exact classifier: use classifier=exact, not classifier={spec}")
     from diffctl.classifier import load_classifier
@@ -72,11 +83,15 @@ def _load_model(cfg: DictConfig, ckpt: str | None) -> Source:
         return Source(denoiser, mixture.shape, mixture=mixture, description="model=gmm")
     if is_export(ckpt):  # `diffctl export` output: the weights it holds (EMA unless exported with use_ema=false)
         denoiser, train_cfg, weights = load_export(ckpt)
+        codec = None  # `diffctl export` refuses latent models, whose first stage an export would not hold
         if cfg.get("use_ema") is False and weights == "ema":
             raise ConfigError(f"{ckpt} holds EMA weights only; for the raw weights export with `diffctl export use_ema=false`")
     else:
-        denoiser, train_cfg = load_denoiser(ckpt, use_ema=cfg.use_ema)
+        stored = load_checkpoint(ckpt, "ckpt")
+        config = checkpoint_config(stored, ckpt)
+        denoiser, train_cfg = build_stored(config, denoiser_state(stored, cfg.use_ema), ckpt, "weights")
         weights = "ema" if cfg.use_ema else "raw"
+        codec = codec_from_checkpoint(stored, config, ckpt)
     shape = train_cfg.data_shape
     return Source(
         denoiser,
@@ -84,6 +99,7 @@ def _load_model(cfg: DictConfig, ckpt: str | None) -> Source:
         data=train_cfg.data,
         description=ckpt,
         weights=weights,
+        codec=codec,
     )
 
 

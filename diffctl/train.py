@@ -21,15 +21,14 @@ from diffctl.build import (
     build_sde,
     check_stored_targets,
     instantiate_config,
-    load_denoiser,
     plain,
-    same_sde,
-    state_mismatch,
 )
 from diffctl.callbacks import DataPosition, StepCheckpoint
 from diffctl.console import ParamSummary, StepProgressBar, route_library_logs
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import CheckpointError, ConfigError
+from diffctl.teacher import attach_teacher, init_from_teacher
+from diffctl.latent_training import encode_training_set, load_codec, resumed_codec, uses_first_stage
 from diffctl.memory import check_train
 from diffctl.networks.gmm import is_mixture
 from diffctl.samplers import check_sampler, sampler_spec
@@ -41,7 +40,7 @@ from diffctl.sharding import check_resume, check_sharding, is_sharded, sharded_t
 from diffctl.train_outputs import SampleGrid, TrainSummary
 
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
-MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout", "condition")
+MODEL_KEYS = ("model", "sde", "objective", "data", "denoiser", "conditional", "label_dropout", "condition", "first_stage", "latent")
 # Keys of a data config that are hints for other groups, not DataModule arguments.
 DATA_HINT_KEYS = ("ve_sigma_max",)
 
@@ -121,21 +120,6 @@ def _quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*Multiple backends are registered with this ProcessGroup.*")
 
 
-def init_from_teacher(student, teacher) -> None:
-    """Start the distilled network from the teacher's weights, as the consistency-models recipe does
-    (the module's EMA and target copies are made from it afterwards). Only the backbone's weights
-    are copied: the student keeps its own consistency parameterization, so at step 0 it computes
-    f = c_skip y + c_out F_teacher (F: the network output, equal for equal denoiser.{sigma_data,
-    scale_input}), not the teacher's x0. A resumed run loads its checkpoint over this."""
-    mismatch = state_mismatch(student.net.state_dict(), teacher.net.state_dict(), "the teacher", "the student")
-    if mismatch is not None:
-        raise ConfigError(
-            f"objective.init_from_teacher=true needs the teacher's architecture, but {mismatch}; "
-            "use the teacher's model config or set objective.init_from_teacher=false"
-        )
-    student.net.load_state_dict(teacher.net.state_dict())
-
-
 def build_datamodule(cfg: DictConfig):
     data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k not in DATA_HINT_KEYS])
     # Random flips happen in the training step from keyed generators (exactly reproducible on resume
@@ -169,25 +153,18 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         "resolution": datamodule.resolution,
         "num_classes": datamodule.num_classes if class_conditional(cfg) else 0,
     }
+    codec = None
+    if uses_first_stage(cfg):  # latent diffusion: the network models the first stage's latents
+        codec, shape = load_codec(cfg, datamodule, shape, resumed_codec(cfg, ckpt_path))
     with open_dict(cfg):
         cfg.data_shape = shape
     check_train(cfg, datamodule, shape)  # before the dataset and the network are allocated
+    if codec is not None:  # encoded once, cached on disk (diffctl/latents.py)
+        encode_training_set(cfg, datamodule, codec, accelerator_type(cfg.trainer.get("accelerator", "auto")))
 
     sde = build_sde(cfg)
     objective = build_objective(cfg, sde)
-    if getattr(objective, "teacher_path", None):
-        teacher, teacher_cfg = load_denoiser(objective.teacher_path, use_ema=True, key="objective.teacher")
-        if not same_sde(teacher.sde, sde):
-            raise ConfigError(
-                f"consistency distillation needs the teacher's SDE: teacher has {teacher.sde}, this run has {sde}; "
-                f"set sde={teacher.sde.name} with the same parameters"
-            )
-        if not teacher.capabilities.pf_ode or dict(teacher_cfg.data_shape) != shape:
-            raise ConfigError(
-                "objective.teacher must be a diffusion (ddpm/ncsn) checkpoint trained on the same data shape "
-                f"(teacher: {dict(teacher_cfg.data_shape)}, prediction {teacher.capabilities.prediction}; this run: {shape})"
-            )
-        objective.teacher = teacher
+    attach_teacher(cfg, objective, sde, shape)  # consistency distillation: the teacher, checked against this run
     denoiser = build_denoiser(cfg, sde, objective, shape)
     with open_dict(cfg):  # the parameterization the run used, in the config its checkpoints store
         cfg.denoiser.prediction = denoiser.capabilities.prediction
@@ -203,6 +180,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         seed=cfg.seed,
         random_flip=bool(cfg.data.get("random_flip", False)),
         nan_policy=cfg.get("nan_policy", "stop"),
+        first_stage=codec,
     )
     # After the module made its EMA (and target) copies: those stay plain eager modules. The target
     # takes the online network's memory layout: in another layout the same RNG state gives other

@@ -59,17 +59,21 @@ class SampleGrid(L.Callback):
             cond, num = conditioner.preview(targets, self.seed), len(targets)
         else:
             cond = conditioner.for_samples(0, self.num, pl_module.device)  # class i mod K
+        codec = getattr(pl_module, "first_stage", None)  # latent diffusion: sample latents, show their decoding
+        shape = (dm.channels, dm.resolution, dm.resolution)
         try:
             images = generate(
                 pl_module.ema,
                 num,
-                (dm.channels, dm.resolution, dm.resolution),
+                shape if codec is None else codec.latent_shape(shape),
                 self.sampler,
                 self.steps,
                 seed=self.seed,
                 cond=cond,
                 device=pl_module.device,
             )
+            if codec is not None:
+                images = codec.decode(images).clamp(-1, 1)
         except NonFiniteSamples as err:  # a preview: training goes on, the run says why there is no grid
             if trainer.is_global_zero:
                 print(f"warning: no sample grid at step {trainer.global_step}: {err}")

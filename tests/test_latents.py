@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffctl.conditioning import CLASS_LABEL, IMAGE
 from diffctl.errors import DataError
 from diffctl.latents import (LATENT, LatentDataset, build_cache, cache_key, check_cache, draw_latents, expected_meta,
                              latent_moments, weights_hash)  # fmt: skip
@@ -24,7 +25,7 @@ class Images(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, i):
-        return self.x[i], i % 3
+        return {IMAGE: self.x[i], CLASS_LABEL: i % 3}
 
 
 def encode(x):  # a toy first stage: 2x2 means, std from the local contrast

@@ -210,8 +210,11 @@ def train_schema() -> dict:
                       "factor": Int(lo=2), "filter": Choice("bicubic", "area"),
                       "dropout": Float(ge=0, lt=1, hint="1 would never show the source")},
         "trainer": _trainer(), "logger": _logger(),
-        # written by train itself (the data's shape, stored in checkpoints); a second train() of one config sees it
-        "data_shape": {"channels": Choice(1, 3), "resolution": Int(lo=1), "num_classes": Int(lo=0)},
+        "first_stage": Text(what="a `diffctl train-autoencoder` run or a diffusers AutoencoderKL folder", null=True),
+        "latent": {"scale": Float(gt=0, null=True), "shift": Float(null=True), "cache_dir": PATH, "batch_size": Int(lo=1),
+                   "weights": Text(what="the first stage's sha256 (written by train)", null=True)},
+        # written by train itself (the shape the network models: the data's, or its latents'); a second train() of one config sees it
+        "data_shape": {"channels": Int(lo=1), "resolution": Int(lo=1), "num_classes": Int(lo=0)},
     }  # fmt: skip
 
 
