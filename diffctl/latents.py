@@ -125,7 +125,7 @@ def check_cache(directory: str | Path, expected: dict) -> dict:
                       ("latent_shape", "latent shape")):
         if meta.get(key) != expected[key]:
             raise DataError(f"the latent cache {directory} was made with other {what} ({meta.get(key)!r}, this run: "
-                            f"{expected[key]!r}); point first_stage.cache elsewhere or delete it")  # fmt: skip
+                            f"{expected[key]!r}); point latent.cache_dir elsewhere or delete it")  # fmt: skip
     for name in ("latents.npy", "labels.npy"):
         if not (directory / name).is_file():
             raise DataError(f"the latent cache {directory} has no {name}; delete it to encode the data again")
