@@ -80,7 +80,8 @@ class LatentCodec(nn.Module):
 def codec_from_checkpoint(ckpt: dict[str, Any], config: dict[str, Any], path) -> LatentCodec | None:
     """The codec stored in a diffusion checkpoint (None for a pixel-space model); CheckpointError if a
     latent model's checkpoint lacks its first stage or its tensors do not fit."""
-    latent = (config or {}).get("latent") or {}
+    config = config or {}
+    latent = config.get("latent") or {}
     if not config.get("first_stage"):
         return None
     stored = (ckpt.get("diffctl") or {}).get("first_stage")
