@@ -102,7 +102,11 @@ def encode_training_set(cfg: DictConfig, datamodule, codec: LatentCodec, device:
                     bar.advance(task, n - done[0])
                     done[0] = n
 
-                build_cache(lambda x: codec.posterior(x.to(device)), data, directory, meta, int(cfg.latent.batch_size), flips, advance)
+                # Forked: the DataLoader draws its seed from the global stream, which must leave the network's
+                # initialisation the same whether the cache is built now or was built before (or by rank 0).
+                with torch.random.fork_rng(devices=[]):
+                    build_cache(lambda x: codec.posterior(x.to(device)), data, directory, meta, int(cfg.latent.batch_size),
+                                flips, advance)
         finally:
             codec.cpu()
         print(f"Latent cache: {directory}")

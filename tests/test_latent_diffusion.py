@@ -174,3 +174,29 @@ def test_commands_without_a_latent_meaning_refuse_in_one_line(latent_run, tmp_pa
         errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
         assert "Traceback" not in out.stderr
+
+
+def test_a_run_trains_the_same_whether_its_cache_was_built_or_reused(latent_run, vae, tmp_path):
+    """Building the cache must not use up the global random stream the network is initialised from."""
+    root, _, _ = latent_run  # its run built root/cache; this one reuses it
+    run_train(tmp_path / "again", _overrides(vae, root / "cache", "data.random_flip=true", "trainer.max_steps=4"))
+    assert_same_training_state(load_ckpt(root / "run" / "checkpoints" / "last.ckpt"),
+                               load_ckpt(tmp_path / "again" / "checkpoints" / "last.ckpt"))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_in_latent_space(vae, tmp_path):
+    """2 gloo processes x batch 8 follow 1 process x batch 16: the posterior draws and flips are per sample
+    of the global batch. The single run builds the cache, the DDP run reuses it."""
+    common = [*_overrides(vae, tmp_path / "cache", "data.random_flip=true", "trainer.max_steps=3", "optim.warmup_steps=0",
+                          "optim.lr=1e-3")]  # fmt: skip
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    a = run_cli(["train", *common, "data.batch_size=16", f"hydra.run.dir={single}"], tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_cli(["train", *common, "trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=8", f"hydra.run.dir={ddp}"], tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    sa, sb = (load_ckpt(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (single, ddp))
+    wa, wb = subtree(sa, "denoiser."), subtree(sb, "denoiser.")
+    assert max(float((wa[k] - subtree(sa, "ema.")[k]).abs().max()) for k in wa) > 0  # it trained
+    for k in wa:  # gradients summed over ranks in another order: equal up to float rounding
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
