@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from diffctl.errors import ConfigError
 from diffctl.networks.posterior import DiagonalGaussian
@@ -112,7 +113,10 @@ class AutoencoderLoss(nn.Module):
         if self.adversarial(step):
             if last_layer is None:
                 raise ValueError("the adversarial term needs last_layer (the autoencoder's `last_layer`) for its adaptive weight")
-            g_loss = -self.discriminator(recon).mean()
+            # through detached parameters: the generator's term trains the autoencoder, never the discriminator
+            # (one optimizer may hold both networks; LDM's separate optimizers zero these gradients instead)
+            params = {k: p.detach() for k, p in self.discriminator.named_parameters()}
+            g_loss = -functional_call(self.discriminator, params, (recon,)).mean()
             if torch.is_grad_enabled():
                 d_weight = adaptive_weight(nll, g_loss, last_layer, self.disc_weight)
             else:  # validation: no graph to take gradients through, LDM uses 0 as well

@@ -122,6 +122,13 @@ def _train_classifier_task(cfg):
     return train_classifier(cfg)
 
 
+def _train_autoencoder_task(cfg):
+    _validated(cfg, "train_autoencoder")
+    from diffctl.train_autoencoder import train_autoencoder
+
+    return train_autoencoder(cfg)
+
+
 def _sample_task(cfg):
     _validated(cfg, "sample")
     from diffctl.sample import sample
@@ -168,6 +175,7 @@ def _likelihood_task(cfg):
 SUBCOMMANDS = {
     "train": (_train_task, "train", "train a diffusion model"),
     "train-classifier": (_train_classifier_task, "train_classifier", "train a noise-conditional classifier for classifier guidance"),
+    "train-autoencoder": (_train_autoencoder_task, "train_autoencoder", "train a KL autoencoder, the first stage of latent diffusion"),
     "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
     "inpaint": (_inpaint_task, "inpaint", "fill masked regions of images with a checkpoint (RePaint; inpainted.npz, grid, metrics)"),
     "fid-stats": (_fid_stats_task, "fid_stats", "precompute reference statistics for FID/KID"),
@@ -192,6 +200,7 @@ def _usage() -> str:
         "  diffctl train                                 # offline quickstart (digits, small U-Net, VP, DDPM loss)",
         "  diffctl train model=dit sde=ve objective=ncsn trainer.max_steps=2000",
         "  diffctl train --multirun model=unet,dit sde=vp,ve",
+        "  diffctl train-autoencoder                     # a KL autoencoder; then: diffctl train first_stage=<its run dir>",
         "  diffctl sample sampler=ode steps=50           # sample from the newest checkpoint under outputs/",
         "  diffctl inpaint mask=center                   # RePaint the middle of 16 test digits (inpainted.npz)",
         "  diffctl fid-stats data=cifar10 data.root=data # cache FID/KID reference statistics",
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"diffctl {command}", *rest]
     condense_hydra_errors(multirun=any(arg in ("-m", "--multirun") for arg in rest))
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(user_errors(task))
-    if command in ("train", "train-classifier"):  # they handle signals themselves once training starts (diffctl.callbacks)
+    if command in ("train", "train-classifier", "train-autoencoder"):  # they handle signals themselves once training starts (diffctl.callbacks)
         app()
         return 0
     from diffctl.signals import CommandInterrupted, stop_on_signals

@@ -177,9 +177,27 @@ EXPORT_DIR = "autoencoder"  # the diffusers folder a `diffctl train-autoencoder`
 
 
 def load_first_stage(path: str | Path, key: str = "first_stage") -> AutoencoderKL:
-    """The autoencoder `key`=path names: a diffusers AutoencoderKL folder, or a `diffctl train-autoencoder`
-    run directory (its autoencoder/ folder). ConfigError naming what the path is otherwise."""
+    """The autoencoder `key`=path names: a diffusers AutoencoderKL folder, a `diffctl train-autoencoder` run
+    directory (its autoencoder/ export, else the EMA weights of its last checkpoint) or one of its .ckpt
+    files. A diffusion model's or a classifier's checkpoint is refused in one line, naming what it is."""
     p = Path(path).expanduser()
-    if p.is_dir() and not (p / CONFIG_NAME).exists() and (p / EXPORT_DIR / CONFIG_NAME).is_file():
-        return load_diffusers_vae(p / EXPORT_DIR, key)
+    if p.is_dir() and not (p / CONFIG_NAME).exists():
+        if (p / EXPORT_DIR / CONFIG_NAME).is_file():
+            return load_diffusers_vae(p / EXPORT_DIR, key)
+        if (p / "checkpoints").is_dir() or (p / "last.ckpt").is_file():  # a run that ended before its export
+            return _from_checkpoint(p, key)
+    if p.is_file() and identify(p)[0] != "safetensors":
+        return _from_checkpoint(p, key)
     return load_diffusers_vae(p, key)
+
+
+def _from_checkpoint(path: Path, key: str) -> AutoencoderKL:
+    from diffctl.autoencoder_training import KIND, autoencoder_from_checkpoint
+    from diffctl.checkpoint import checkpoint_config, load_checkpoint
+
+    ckpt = load_checkpoint(path, key)  # weights_only: nothing in the file is unpickled beyond tensors and plain data
+    config = checkpoint_config(ckpt, path)
+    if config.get("kind") != KIND:
+        raise ConfigError(f"{key}={path} holds a {config.get('kind') or 'diffusion model'} checkpoint, not an autoencoder "
+                          "(give a `diffctl train-autoencoder` run or a diffusers AutoencoderKL folder)")  # fmt: skip
+    return autoencoder_from_checkpoint(ckpt, config, path, key)

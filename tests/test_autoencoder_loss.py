@@ -84,6 +84,10 @@ def test_adaptive_weight_against_hand_autograd():
     # the clamp: a g_loss with no gradient at the last layer gives the upper bound
     w = adaptive_weight(nll, 0.0 * g, ae.last_layer)
     assert w.item() == 1e4
+    # one optimizer may hold both networks (train-autoencoder): the generator's loss must not train the discriminator
+    recon, posterior = ae(x)
+    loss.generator_loss(x, recon, posterior, step=5, last_layer=ae.last_layer)[0].backward()
+    assert ae.decoder.conv_out.weight.grad is not None and all(p.grad is None for p in disc.parameters())
 
 
 def test_disc_start_and_discriminator_loss():

@@ -33,6 +33,7 @@ from diffctl.schema.choices import (
     TRACES,
     Registered,
 )
+from diffctl.schema.autoencoder_keys import train_autoencoder_schema
 from diffctl.schema.nodes import ByTarget, Passthrough, SamplerNode, check_node
 from diffctl.schema.rules import (
     AnyOf,
@@ -60,7 +61,8 @@ def _check_sampler(data, key: str) -> None:
 
 SAMPLER_NODE = SamplerNode(_check_sampler)  # sampler, sample_grid.sampler
 COMMANDS = {"train": "train", "sample": "sample", "likelihood": "likelihood", "fid_stats": "fid-stats", "export": "export",
-            "train_classifier": "train-classifier", "inpaint": "inpaint", "metrics_command": "metrics"}
+            "train_classifier": "train-classifier", "train_autoencoder": "train-autoencoder", "inpaint": "inpaint",
+            "metrics_command": "metrics"}
 
 # ---------------------------------------------------------------- groups
 
@@ -114,7 +116,7 @@ def _data():
 
 
 @functools.cache
-def _metrics():
+def metrics_schema():
     return {
         "names": Seq(Choice(*METRICS), what=f"a list of distinct names from {', '.join(METRICS)} (or [])", unique=True),
         "detector": Choice(*DETECTORS), "inception_weights": PATH_OR_NULL, "detector_path": PATH_OR_NULL,
@@ -250,7 +252,7 @@ def sample_schema() -> dict:
         "source": Text(what="<dataset>:<split>, a folder of images or an .npz", null=True), "source_root": PATH_OR_NULL,
         "lpips": PATH_OR_NULL, "lpips_resize": Int(lo=1, null=True),
         "trainer": {"accelerator": Choice("auto", "cpu", "gpu", "cuda", "mps"), "devices": Int(lo=1, hint="processes to sample with")},
-        "sampler": SAMPLER_NODE, "metrics": _metrics(), "model": ByTarget(MODEL, null=True), "sde": ByTarget(SDE, null=True),
+        "sampler": SAMPLER_NODE, "metrics": metrics_schema(), "model": ByTarget(MODEL, null=True), "sde": ByTarget(SDE, null=True),
     }  # fmt: skip
 
 
@@ -268,7 +270,7 @@ def likelihood_schema() -> dict:
 
 @functools.cache
 def fid_stats_schema() -> dict:
-    return {"split": Choice(*SPLITS), "device": DEVICE, "data": _data(), "metrics": _metrics(), "memory_check": Bool()}
+    return {"split": Choice(*SPLITS), "device": DEVICE, "data": _data(), "metrics": metrics_schema(), "memory_check": Bool()}
 
 
 @functools.cache
@@ -294,13 +296,14 @@ def inpaint_schema() -> dict:
 @functools.cache
 def metrics_command_schema() -> dict:
     images = "a folder of images, an .npz, a `diffctl sample`/`inpaint` run directory or <dataset>:<split>"
-    return {**_metrics(), "images": Text(what=images, null=True), "images_root": PATH_OR_NULL, "limit": Int(lo=1, null=True),
+    return {**metrics_schema(), "images": Text(what=images, null=True), "images_root": PATH_OR_NULL, "limit": Int(lo=1, null=True),
             "trainer": sample_schema()["trainer"]}  # null images or ref: refused by the command, saying what to give
 
 
 SCHEMAS = {"train": train_schema, "sample": sample_schema, "likelihood": likelihood_schema,
            "fid_stats": fid_stats_schema, "export": export_schema, "train_classifier": train_classifier_schema,
-           "inpaint": inpaint_schema, "metrics_command": metrics_command_schema}  # fmt: skip
+           "inpaint": inpaint_schema, "metrics_command": metrics_command_schema,
+           "train_autoencoder": train_autoencoder_schema}  # fmt: skip
 
 
 def plain(cfg) -> dict:
@@ -317,7 +320,7 @@ def plain(cfg) -> dict:
 def combinations(data: dict, command: str) -> None:
     """Rules between keys that PyTorch would otherwise raise about once training started."""
     optim = data.get("optim") or {}
-    if command in ("train", "train_classifier") and optim.get("fused") is True and optim.get("foreach") is True:
+    if command in ("train", "train_classifier", "train_autoencoder") and optim.get("fused") is True and optim.get("foreach") is True:
         raise ConfigError("optim.fused and optim.foreach must not both be true (PyTorch's Adam runs one kernel or the other), got true and true")
     if command == "train":
         model_prediction(data)  # denoiser.prediction against objective (and its older objective.prediction)

@@ -1,0 +1,104 @@
+"""`diffctl train-autoencoder`: train a KL autoencoder (LDM's first stage) on images, report its
+reconstructions and ELBO on a held-out split, and export its EMA weights as a diffusers AutoencoderKL
+folder, <run>/autoencoder/, which `diffctl train first_stage=<run>` reads.
+
+It is `diffctl train` with another network and loss: the same Lightning module, callbacks, atomic
+checkpoints, exact resume and DDP (diffctl/autoencoder_training.py says how its loss fits in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from diffctl.autoencoder_report import autoencoder_report, print_report, write_report
+from diffctl.autoencoder_training import KIND, TARGET, AutoencoderModule, AutoencoderObjective, build_trainee
+from diffctl.build import plain
+from diffctl.console import print_paths, route_library_logs
+from diffctl.errors import ConfigError
+from diffctl.first_stage import EXPORT_DIR, save_autoencoder
+from diffctl.performance import accelerator_type, speed_up, use_channels_last
+from diffctl.rundir import claims_run_dir
+from diffctl.schema import validate
+from diffctl.sharding import is_sharded
+from diffctl.train import apply_resume, build_datamodule, build_trainer, fit, standard_callbacks
+from diffctl.train_outputs import TrainSummary
+
+COMMAND = "train_autoencoder"
+# Parts of the config that define what is trained; on resume they come from the checkpoint.
+AUTOENCODER_KEYS = ("model", "loss", "data")
+
+
+def _check(cfg: DictConfig) -> None:
+    target = str(cfg.model.get("_target_", ""))
+    if target != TARGET:  # model=unet|dit|gmm: conf/model/ is train's group
+        raise ConfigError(f"model._target_={target} is not an autoencoder; train-autoencoder trains {TARGET} "
+                          "(its default: leave model= unset and set model.<key>=...)")  # fmt: skip
+    if is_sharded(cfg.trainer):
+        raise ConfigError("train-autoencoder trains with one process or DDP, not trainer.strategy=fsdp; use trainer=ddp")
+    if cfg.report.split == "test" and cfg.data.name == "imagefolder":
+        raise ConfigError("data=imagefolder has no test split for the report; set report.split=train (it then reports on training images)")
+
+
+def _distributed(cfg: DictConfig) -> None:
+    """DDP with the discriminator: it has no gradients before its start step (DDP must be told), and its
+    BatchNorm normalizes over the global batch (SyncBatchNorm), so N processes train as one."""
+    if not cfg.loss.discriminator.enabled or str(cfg.trainer.get("strategy")) != "ddp":
+        return
+    with open_dict(cfg):
+        cfg.trainer.strategy = "ddp_find_unused_parameters_true"
+        cfg.trainer.sync_batchnorm = True
+
+
+@claims_run_dir(COMMAND)  # refuses a used run directory, locks it while writing
+def train_autoencoder(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
+    """Train, report and export as `diffctl train-autoencoder` does; `callbacks`: extra Lightning callbacks."""
+    validate(cfg, COMMAND)
+    route_library_logs()
+    _check(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ckpt_path = apply_resume(cfg, COMMAND, AUTOENCODER_KEYS, kind=KIND)
+    _distributed(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = build_datamodule(cfg)
+    shape = {"channels": datamodule.channels, "resolution": datamodule.resolution}
+    with open_dict(cfg):
+        cfg.data_shape = shape
+        cfg.kind = KIND  # load_first_stage and resume= tell an autoencoder's checkpoint by it
+    trainee = build_trainee(cfg, shape)
+    module = AutoencoderModule(trainee, AutoencoderObjective(), optim=plain(cfg.optim), ema=plain(cfg.ema), config=plain(cfg),
+                               seed=cfg.seed, random_flip=bool(cfg.data.get("random_flip", False)), nan_policy=cfg.nan_policy)  # fmt: skip
+    channels_last = use_channels_last(cfg.channels_last, accelerator_type(cfg.trainer.get("accelerator", "auto")))
+    speed_up(trainee.autoencoder, channels_last, cfg.compile)  # after the module made its EMA copy, which stays eager
+
+    summary = TrainSummary(str(run_dir), command="train-autoencoder")
+    trainer = build_trainer(cfg, run_dir, [*(callbacks or []), *standard_callbacks(cfg, run_dir, []), summary])
+    fit(trainer, module, datamodule, ckpt_path)
+    metric = trainer.callback_metrics.get("train/loss")
+    result = {"run_dir": str(run_dir), "global_step": trainer.global_step, "loss": float(metric) if metric is not None else None,
+              **{k: summary.result.get(k) for k in ("images_per_s", "steady_images_per_s")}}  # fmt: skip
+    if not trainer.is_global_zero:
+        return result
+    # one report and one export, by the first process, on its device
+    autoencoder, loss = module.ema.autoencoder, trainee.loss
+    report = autoencoder_report(
+        autoencoder, datamodule.dataset(cfg.report.split), cfg.report, trainer.strategy.root_device, float(loss.logvar.detach()),
+        loss.reconstruction, perceptual_or_adversarial=loss.lpips is not None or loss.discriminator is not None,
+        metrics_cfg=cfg.metrics, data_cfg=cfg.data, progress=bool(cfg.progress_bar),
+    )  # fmt: skip
+    autoencoder.to("cpu")
+    paths = write_report(report, run_dir)
+    if report["scale_factor"]:  # the export carries LDM's scale factor, as Stable Diffusion's VAE does
+        autoencoder.scaling_factor = autoencoder.config["scaling_factor"] = float(report["scale_factor"])
+    export = run_dir / EXPORT_DIR
+    if (export / "config.json").exists():  # a resumed run writing into its old directory: the old export is kept
+        export = run_dir / f"{EXPORT_DIR}_step{trainer.global_step:07d}"
+    save_autoencoder(autoencoder, export)
+    print_report(report)
+    print_paths({"autoencoder": str(export), **{k: str(v) for k, v in paths.items()}})
+    report.pop("_images", None)
+    return result | {"report": report, "autoencoder": str(export), **{k: str(v) for k, v in paths.items()}}

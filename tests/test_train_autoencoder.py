@@ -1,0 +1,109 @@
+"""`diffctl train-autoencoder` (issue 18): training end to end into the export that `diffctl train
+first_stage=` reads, the ELBO's decoder likelihood and KL against torch.distributions, exact resume
+with the discriminator on, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import compose_train, load_ckpt, run_train, subtree, tiny_overrides
+from test_train import assert_same_training_state
+
+from diffctl.autoencoder_report import decoder_nll
+from diffctl.errors import ConfigError
+from diffctl.first_stage import load_first_stage
+from diffctl.networks.posterior import DiagonalGaussian
+
+TINY = ["model.block_out_channels=[8,8]", "model.norm_num_groups=4", "model.latent_channels=2", "logger=none",
+        "progress_bar=false", "report.rfid=false", "report.num_images=64", "report.prior_samples=4",
+        "trainer.accelerator=cpu", "data.limit=128", "data.batch_size=16"]  # fmt: skip
+
+
+def run_autoencoder(run_dir, overrides):
+    from diffctl.train_autoencoder import train_autoencoder
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return train_autoencoder(compose_train(run_dir, [*TINY, *overrides], config_name="train_autoencoder"))
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ae")
+    return root, run_autoencoder(root / "run", ["trainer.max_steps=6"])
+
+
+def test_the_run_exports_its_ema_weights_and_reports(ae_run):
+    root, result = ae_run
+    run = root / "run"
+    assert result["global_step"] == 6
+    exported = load_first_stage(run)  # the run directory: its autoencoder/ export
+    from_ckpt = load_first_stage(run / "checkpoints" / "last.ckpt")  # the checkpoint's EMA weights
+    ema = subtree(load_ckpt(run / "checkpoints" / "last.ckpt")["state_dict"], "ema.autoencoder.")
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, ema[k]) and torch.equal(from_ckpt.state_dict()[k], v), k
+    assert not any(".lpips." in k for k in load_ckpt(run / "checkpoints" / "last.ckpt")["state_dict"])
+    report = json.loads((run / "autoencoder_report.json").read_text())
+    assert report["num_images"] == 64 and report["latent_shape"] == [2, 4, 4]
+    assert math.isclose(report["elbo_bits_per_dim"], report["reconstruction_bits_per_dim"] + report["kl_bits_per_dim"])
+    assert math.isclose(exported.scaling_factor, report["scale_factor"])  # LDM's 1/std, stored in the export
+    for name in ("reconstructions.png", "prior_samples.png"):
+        assert (run / name).stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def latent_run(ae_run):
+    root, _ = ae_run
+    overrides = [*tiny_overrides("unet"), "model.channel_mult=[1,2]", "model.attn_resolutions=[]",
+                 f"first_stage={root / 'run'}", f"latent.cache_dir={root / 'cache'}", "trainer.max_steps=2"]  # fmt: skip
+    return root, run_train(root / "latent", overrides)
+
+
+def test_train_diffuses_in_the_trained_autoencoders_latents(latent_run):
+    root, result = latent_run
+    assert result["global_step"] == 2
+    (cache,) = (root / "cache").iterdir()
+    assert json.loads((cache / "meta.json").read_text())["latent_shape"] == [2, 4, 4]
+
+
+def test_decoder_likelihood_and_kl_against_torch_distributions():
+    torch.manual_seed(0)
+    x, recon = torch.rand(3, 1, 4, 4) * 2 - 1, torch.rand(3, 1, 4, 4) * 2 - 1
+    for logvar in (-2.0, 0.3):
+        laplace = torch.distributions.Laplace(recon.double(), math.exp(logvar))
+        normal = torch.distributions.Normal(recon.double(), math.exp(0.5 * logvar))
+        torch.testing.assert_close(decoder_nll(x, recon, logvar, "l1"), -laplace.log_prob(x.double()).flatten(1).sum(1))
+        torch.testing.assert_close(decoder_nll(x, recon, logvar, "l2"), -normal.log_prob(x.double()).flatten(1).sum(1))
+    q = DiagonalGaussian(torch.randn(3, 4, 2, 2))
+    prior = torch.distributions.Normal(torch.zeros(3, 2, 2, 2), torch.ones(3, 2, 2, 2))
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(q.mean, q.std), prior).flatten(1).sum(1)
+    torch.testing.assert_close(q.kl(), want)
+
+
+DISC = ["loss.discriminator.enabled=true", "loss.discriminator.start=0", "loss.discriminator.n_layers=1",
+        "loss.discriminator.channels=8", "checkpoint.every_n_steps=2"]  # fmt: skip
+
+
+def test_resume_with_the_discriminator_is_exact(tmp_path):
+    full = run_autoencoder(tmp_path / "full", [*DISC, "trainer.max_steps=4"])
+    assert full["global_step"] == 4  # one optimizer step a batch, generator and discriminator together
+    run_autoencoder(tmp_path / "first", [*DISC, "trainer.max_steps=2"])
+    run_autoencoder(tmp_path / "second", [*DISC, "trainer.max_steps=4", f"resume={tmp_path / 'first'}"])
+    a, b = (load_ckpt(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("full", "second"))
+    assert any(k.startswith("denoiser.loss.discriminator.") for k in a["state_dict"])
+    assert_same_training_state(a, b)
+
+
+def test_refusals(tmp_path, latent_run):
+    root, _ = latent_run
+    with pytest.raises(ConfigError, match="not an autoencoder"):
+        run_autoencoder(tmp_path / "a", ["model._target_=diffctl.networks.unet.UNet"])
+    with pytest.raises(ConfigError, match="multiples of 4"):
+        run_autoencoder(tmp_path / "b", ["model.block_out_channels=[8,8,8]", "data.resolution=6"])
+    with pytest.raises(ConfigError, match="n_layers=3 needs images of at least 32x32"):
+        run_autoencoder(tmp_path / "c", ["loss.discriminator.enabled=true"])
+    diffusion = root / "latent" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="holds a diffusion model checkpoint, not an autoencoder"):
+        load_first_stage(diffusion)
