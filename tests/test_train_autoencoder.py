@@ -47,7 +47,7 @@ def test_the_run_exports_its_ema_weights_and_reports(ae_run):
     assert not any(".lpips." in k for k in load_ckpt(run / "checkpoints" / "last.ckpt")["state_dict"])
     report = json.loads((run / "autoencoder_report.json").read_text())
     assert report["num_images"] == 64 and report["latent_shape"] == [2, 4, 4]
-    assert math.isclose(report["elbo_bits_per_dim"], report["reconstruction_bits_per_dim"] + report["kl_bits_per_dim"])
+    assert report["kl_bits_per_dim"] > 0 and 0 < report["ssim"] <= 1
     assert math.isclose(exported.scaling_factor, report["scale_factor"])  # LDM's 1/std, stored in the export
     for name in ("reconstructions.png", "prior_samples.png"):
         assert (run / name).stat().st_size > 0
