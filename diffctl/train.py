@@ -70,6 +70,19 @@ def apply_resume(cfg: DictConfig, command: str = "train", keys: tuple[str, ...] 
     return path
 
 
+def start_run(cfg: DictConfig, command: str, keys: tuple[str, ...], kind: str, check) -> tuple[Path, Path | None]:
+    """The prologue of the side training commands (train-classifier, train-autoencoder): validate the
+    config, quiet library logs, run the command's own `check(cfg)`, take `keys` from resume=, seed.
+    Returns the run directory and the checkpoint to resume from (or None)."""
+    validate(cfg, command)
+    route_library_logs()
+    check(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ckpt_path = apply_resume(cfg, command, keys, kind=kind)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return run_dir, ckpt_path
+
+
 def _ddp_child_command(local_rank: int) -> tuple[list[str], str]:
     """Command Lightning runs for DDP ranks > 0 when it launches them itself.
 

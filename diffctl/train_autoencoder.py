@@ -7,24 +7,22 @@ checkpoints, exact resume and DDP (diffctl/autoencoder_training.py says how its 
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from diffctl.autoencoder_report import autoencoder_report, print_report, write_report
 from diffctl.autoencoder_training import KIND, TARGET, AutoencoderModule, AutoencoderObjective, build_trainee
 from diffctl.build import plain
-from diffctl.console import print_paths, route_library_logs
+from diffctl.console import print_paths
 from diffctl.errors import ConfigError
 from diffctl.first_stage import EXPORT_DIR, save_autoencoder
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
 from diffctl.rundir import claims_run_dir
-from diffctl.schema import validate
 from diffctl.sharding import is_sharded
-from diffctl.train import apply_resume, build_datamodule, build_trainer, fit, standard_callbacks
+from diffctl.train import build_datamodule, build_trainer, fit, standard_callbacks, start_run
 from diffctl.train_outputs import TrainSummary
 
 COMMAND = "train_autoencoder"
@@ -44,25 +42,25 @@ def _check(cfg: DictConfig) -> None:
 
 
 def _distributed(cfg: DictConfig) -> None:
-    """DDP with the discriminator: it has no gradients before its start step (DDP must be told), and its
-    BatchNorm normalizes over the global batch (SyncBatchNorm), so N processes train as one."""
+    """DDP with the discriminator: it has no gradients before its start step (DDP must be told), and on
+    GPUs its BatchNorm normalizes over the global batch (SyncBatchNorm), so N processes train as one.
+    PyTorch's SyncBatchNorm is CUDA-only: CPU processes (trainer=ddp_cpu) normalize their own batches."""
     if not cfg.loss.discriminator.enabled or str(cfg.trainer.get("strategy")) != "ddp":
         return
+    synchronized = accelerator_type(str(cfg.trainer.get("accelerator", "auto"))) == "cuda"
     with open_dict(cfg):
         cfg.trainer.strategy = "ddp_find_unused_parameters_true"
-        cfg.trainer.sync_batchnorm = True
+        cfg.trainer.sync_batchnorm = synchronized
+    if not synchronized and os.environ.get("LOCAL_RANK", "0") == "0":
+        print("note: the discriminator's BatchNorm normalizes each process's batch (SyncBatchNorm needs CUDA), "
+              "so these processes do not train exactly as one process with their global batch")  # fmt: skip
 
 
 @claims_run_dir(COMMAND)  # refuses a used run directory, locks it while writing
 def train_autoencoder(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train, report and export as `diffctl train-autoencoder` does; `callbacks`: extra Lightning callbacks."""
-    validate(cfg, COMMAND)
-    route_library_logs()
-    _check(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    ckpt_path = apply_resume(cfg, COMMAND, AUTOENCODER_KEYS, kind=KIND)
+    run_dir, ckpt_path = start_run(cfg, COMMAND, AUTOENCODER_KEYS, KIND, _check)
     _distributed(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build_datamodule(cfg)
     shape = {"channels": datamodule.channels, "resolution": datamodule.resolution}

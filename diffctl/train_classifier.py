@@ -7,25 +7,22 @@ callbacks, checkpoints, exact resume and DDP (diffctl.train's standard_callbacks
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from diffctl.build import build_sde, plain
 from diffctl.train_outputs import TrainSummary
 from diffctl.classifier import KIND, ClassifierObjective, build_classifier
 from diffctl.classifier_report import accuracy_report, print_report, write_report
-from diffctl.console import print_paths, route_library_logs
+from diffctl.console import print_paths
 from diffctl.errors import ConfigError
 from diffctl.module import DiffusionModule
 from diffctl.performance import accelerator_type, speed_up, use_channels_last
 from diffctl.rundir import claims_run_dir
-from diffctl.schema import validate
 from diffctl.sharding import is_sharded
-from diffctl.train import apply_resume, build_datamodule, build_trainer, fit, standard_callbacks
+from diffctl.train import build_datamodule, build_trainer, fit, standard_callbacks, start_run
 
 COMMAND = "train_classifier"
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
@@ -47,12 +44,7 @@ def _check(cfg: DictConfig) -> None:
 @claims_run_dir(COMMAND)  # refuses a used run directory, locks it while writing
 def train_classifier(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Train and report as `diffctl train-classifier` does; `callbacks`: extra Lightning callbacks."""
-    validate(cfg, COMMAND)
-    route_library_logs()
-    _check(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    ckpt_path = apply_resume(cfg, COMMAND, CLASSIFIER_KEYS, kind=KIND)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir, ckpt_path = start_run(cfg, COMMAND, CLASSIFIER_KEYS, KIND, _check)
 
     datamodule = build_datamodule(cfg)
     if datamodule.num_classes < 2:

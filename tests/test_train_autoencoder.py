@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import compose_train, load_ckpt, run_train, subtree, tiny_overrides
+from helpers import compose_train, load_ckpt, run_cli, run_train, subtree, tiny_overrides
 from test_train import assert_same_training_state
 
 from diffctl.autoencoder_report import decoder_nll
@@ -107,3 +107,41 @@ def test_refusals(tmp_path, latent_run):
     diffusion = root / "latent" / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError, match="holds a diffusion model checkpoint, not an autoencoder"):
         load_first_stage(diffusion)
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """2 gloo processes x batch 8 follow 1 process x batch 16: the posterior noise and the flips are drawn
+    per sample of the global batch, and DDP averages the gradients. The discriminator is off here: its
+    adaptive weight is a gradient-norm ratio of each process's own batch (as in LDM), not of the global one."""
+    common = [*TINY, "trainer.max_steps=3", "data.random_flip=true", "optim.lr=1e-3"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    a = run_cli(["train-autoencoder", *common, "data.batch_size=16", f"hydra.run.dir={single}"], tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_cli(["train-autoencoder", *common, "trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=8",
+                 f"hydra.run.dir={ddp}"], tmp_path)  # fmt: skip
+    assert b.returncode == 0, b.stderr[-3000:]
+    sa, sb = (load_ckpt(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (single, ddp))
+    wa, wb = subtree(sa, "denoiser."), subtree(sb, "denoiser.")
+    assert max(float((wa[k] - subtree(sa, "ema.")[k]).abs().max()) for k in subtree(sa, "ema.")) > 0  # it trained
+    # The attention key bias has an exactly zero gradient (softmax ignores a shift shared by all keys), so
+    # Adam turns its rounding noise into lr-sized steps of either sign: it is left out.
+    for k in (k for k in wa if not k.endswith("to_k.bias")):  # gradients summed in another order: float rounding
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+    assert (ddp / "autoencoder" / "config.json").exists()  # one report and one export, by the first process
+
+
+def test_ddp_with_the_discriminator_starting_late(tmp_path):
+    """Before its start step the discriminator gets no gradients, which plain DDP refuses; the command
+    switches to ddp_find_unused_parameters_true, so the run gets past the start. SyncBatchNorm is CUDA-only:
+    on CPU processes the command says it leaves it off instead of failing in DDP's setup."""
+    disc = [d if not d.startswith("loss.discriminator.start") else "loss.discriminator.start=2" for d in DISC]
+    out = tmp_path / "ddp"
+    r = run_cli(["train-autoencoder", *TINY, *disc, "trainer.max_steps=4", "trainer=ddp_cpu", "trainer.devices=2",
+                 "data.batch_size=8", f"hydra.run.dir={out}"], tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("SyncBatchNorm needs CUDA") == 1  # said once, by the first process
+    state = load_ckpt(out / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 4
+    at_start = load_ckpt(out / "checkpoints" / "step_0000002.ckpt")["state_dict"]
+    disc = [k for k in state["state_dict"] if k.startswith("denoiser.loss.discriminator.") and k.endswith("weight")]
+    assert disc and all(not torch.equal(state["state_dict"][k], at_start[k]) for k in disc)  # it trained after its start
