@@ -126,7 +126,7 @@ def autoencoder_report(autoencoder, dataset: Dataset, report, device, logvar: fl
         out["notes"] = "; ".join(notes)
     latent = autoencoder.latent_shape(*images.shape[1:])
     k = int(report["prior_samples"])
-    prior = normals(mix_seed(seed, PRIOR), torch.arange(k, dtype=torch.int64), 0, latent).to(device)
+    prior = normals(mix_seed(seed, PRIOR), torch.arange(k, dtype=torch.int64), 0, latent).to(device) if k else None
     out["_images"] = {"inputs": images[:GRID_IMAGES], "reconstructions": recons_t[:GRID_IMAGES],
                       "prior": autoencoder.decode(prior).clamp(-1, 1).cpu() if k else None}  # fmt: skip
     return out
