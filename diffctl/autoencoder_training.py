@@ -39,6 +39,8 @@ class AutoencoderTrainee(nn.Module):
     discriminator; the LPIPS network inside the loss is frozen). `conditioner`: none, as the training
     module expects of the network it trains."""
 
+    summary_name = "autoencoder"  # its row in the parameter table
+
     def __init__(self, autoencoder: AutoencoderKL, loss: AutoencoderLoss):
         super().__init__()
         self.autoencoder, self.loss = autoencoder, loss

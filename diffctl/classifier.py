@@ -42,6 +42,8 @@ class NoisyClassifier(nn.Module):
     read x_t alike. Its `conditioner` reads the labels of a batch (never dropped): they are the
     targets, which the training module hands to the loss as a diffusion model's condition."""
 
+    summary_name = "classifier"  # its row in the parameter table
+
     def __init__(self, net: nn.Module, sde: SDE, sigma_data: float = 0.5, scale_input: bool = True,
                  data_shape: dict[str, int] | None = None):  # fmt: skip
         super().__init__()

@@ -216,17 +216,22 @@ class ParamSummary(ModelSummary):
     (Lightning counts them only for modules with an example_input_array; otherwise every entry is 0)."""
 
     _shards_of = 0  # under trainer.strategy=fsdp: the number of processes the counts are 1/N shards of
+    _trained = "denoiser"  # the row name of the trained network: its `summary_name` (classifier, autoencoder)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
         self._shards_of = trainer.world_size if isinstance(trainer.strategy, FSDPStrategy) else 0
+        self._trained = getattr(getattr(pl_module, "denoiser", None), "summary_name", "denoiser")
         super().on_fit_start(trainer, pl_module)
 
     def summarize(self, summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
                   total_flops=0, **kwargs) -> None:  # fmt: skip
         from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
+        # the module's attribute is `denoiser` whatever it trains (checkpoint keys); the table says what it is
+        summary_data = [(name, [self._trained if v == "denoiser" else v for v in values] if name == "Name" else values)
+                        for name, values in summary_data]  # fmt: skip
         columns = [(name, values) for name, values in summary_data if name != "FLOPs" or total_flops]
         table = Table(*(name for name, _ in columns), title="model")
         for row in zip(*(values for _, values in columns)):

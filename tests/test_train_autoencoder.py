@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -195,6 +196,7 @@ def test_ddp_with_the_discriminator_starting_late(tmp_path):
                  "data.batch_size=8", f"hydra.run.dir={out}"], tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("SyncBatchNorm needs CUDA") == 1  # said once, by the first process
+    assert re.search(r"│ autoencoder +│ AutoencoderTrainee", r.stdout) and "denoiser" not in r.stdout  # the parameter table
     state = load_ckpt(out / "checkpoints" / "last.ckpt")
     assert state["global_step"] == 4
     at_start = load_ckpt(out / "checkpoints" / "step_0000002.ckpt")["state_dict"]
