@@ -130,13 +130,17 @@ def test_the_reports_elbo_equals_the_closed_form_of_a_gaussian_autoencoder(recon
     else:
         h = 1 / 256
         assert float(r.abs().max()) <= h
-        nll = ((r.square() + h**2) / (2 * h) / math.exp(logvar) + math.log(2 * math.exp(logvar))).sum(1)
+        mean_abs = (r.square() + h**2) / (2 * h)
+        nll = (mean_abs / math.exp(logvar) + math.log(2 * math.exp(logvar))).sum(1)
     kl = (0.5 * (x.double().square() + var - 1 - math.log(var))).flatten(1).sum(1)
     bits = lambda nats: float(nats.mean()) / (dim * math.log(2)) + 7  # noqa: E731  (bins of 1/128 in [-1, 1])
     assert out["kl_bits_per_dim"] == pytest.approx(bits(kl) - 7, rel=1e-6)  # no noise in the KL (float32 moments)
     tolerance = {"l2": 0.003, "l1": 0.012}[reconstruction]
     assert out["reconstruction_bits_per_dim"] == pytest.approx(bits(nll), abs=tolerance)
     assert out["elbo_bits_per_dim"] == pytest.approx(bits(nll + kl), abs=tolerance)
+    # the decoder's scale at its maximum likelihood: b = E|x~ - z| (l1) or var = E(x~ - z)^2 (l2) per pixel
+    fitted = 0.5 * (1 + math.log(2 * math.pi * float(sq.mean()))) if reconstruction == "l2" else 1 + math.log(2 * float(mean_abs.mean()))
+    assert out["elbo_bits_per_dim_fitted_scale"] == pytest.approx(fitted / math.log(2) + 7 + bits(kl) - 7, abs=tolerance)
 
 DISC = ["loss.discriminator.enabled=true", "loss.discriminator.start=0", "loss.discriminator.n_layers=1",
         "loss.discriminator.channels=8", "checkpoint.every_n_steps=2"]  # fmt: skip
