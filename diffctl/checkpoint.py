@@ -66,16 +66,22 @@ def _not_a_checkpoint(p: Path, key: str) -> CheckpointError | None:
     return CheckpointError(f"{key}={p} is {what}, not a diffctl checkpoint ({_hint(key)}){extra}")
 
 
+def _zip_format(path: Path) -> bool:
+    """torch.save's zip format, which torch.load can memory-map (the legacy format cannot)."""
+    return zipfile.is_zipfile(path)
+
+
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
     """Load a checkpoint dict on the CPU without unpickling arbitrary objects. The file is
     identified first (diffctl.filekinds): anything that is not torch.save data is refused naming
-    what it is."""
+    what it is. Tensors are memory-mapped (copy-on-write), so only those a caller touches are read:
+    the config, or the EMA weights without the optimizer's state."""
     p = resolve_checkpoint(path, key)
     error = _not_a_checkpoint(p, key)
     if error is not None:
         raise error
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=_zip_format(p))
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"refusing to load {p}: it contains objects other than tensors and plain data, which could run "

@@ -114,3 +114,32 @@ def test_train_resume_refuses_a_stored_config_that_calls_foreign_code(tmp_path):
     assert out.returncode == 1, out.stderr
     assert "data._target_='os.makedirs' is not a diffctl class" in out.stderr and "Traceback" not in out.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_checkpoints_are_memory_mapped_and_the_legacy_format_still_loads(tmp_path, zip_format):
+    """Reading a checkpoint's config (resume=, first_stage=, sample) must not read its optimizer state:
+    zip-format files (what torch.save and Lightning write) are memory-mapped, so a tensor's storage is
+    the file itself until touched (its address lies in a mapping of the file, /proc/self/maps). torch.save's
+    legacy format cannot be mapped and is read whole."""
+    from diffctl.checkpoint import load_checkpoint
+
+    path = tmp_path / "a.ckpt"
+    weights = torch.arange(12.0).reshape(3, 4)
+    torch.save({"state_dict": {"w": weights}, "hyper_parameters": {"config": {}}}, path, _use_new_zipfile_serialization=zip_format)
+    loaded = load_checkpoint(path)["state_dict"]["w"]
+    assert torch.equal(loaded, weights)
+    assert _mapped_from(loaded, path) is zip_format
+    loaded += 1  # copy-on-write: the file is unchanged
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], weights)
+
+
+def _mapped_from(tensor: torch.Tensor, path: pathlib.Path) -> bool:
+    address = tensor.data_ptr()
+    for line in pathlib.Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
