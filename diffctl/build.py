@@ -174,18 +174,25 @@ def _shape(t) -> str:
 
 
 def state_mismatch(expected: dict[str, Any], state: dict[str, Any], source: str = "the file", target: str = "the network") -> str | None:
-    """The first way a state dict (from `source`) does not fit a network (`target`) whose own state dict
-    is `expected`, naming the tensor and both shapes (None: every tensor fits, as a strict
-    load_state_dict needs)."""
-    for key, tensor in state.items():
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
-            return f"{key} is {_shape(tensor)} in {source} but {_shape(expected[key])} in {target}"
-    for keys, where in (([k for k in expected if k not in state], f"missing from {source}"),
-                        ([k for k in state if k not in expected], f"in {source} but not in {target}")):
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            return f"{keys[0]}{more} {where}"
-    return None
+    """How a state dict (from `source`) does not fit a network (`target`) whose own state dict is
+    `expected`: tensors of another shape (the first named with both shapes), then missing and unexpected
+    ones, each with a count (None: every tensor fits, as a strict load_state_dict needs)."""
+    shaped = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+
+    def more(keys: list[str], what: str) -> str:
+        return f" (and {len(keys) - 1} more{what})" if len(keys) > 1 else ""
+
+    problems = []
+    if shaped:
+        k = shaped[0]
+        problems.append(f"{k} is {_shape(state[k])} in {source} but {_shape(expected[k])} in {target}{more(shaped, ' of another shape')}")
+    if missing:
+        problems.append(f"{missing[0]}{more(missing, '')} missing from {source}")
+    if unexpected:
+        problems.append(f"{unexpected[0]}{more(unexpected, '')} in {source} but not in {target}")
+    return "; ".join(problems) or None
 
 
 def load_denoiser(path, use_ema: bool = True, key: str = "ckpt") -> tuple[DiffusionModel, DictConfig]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from diffctl.build import state_mismatch
 from diffctl.errors import CheckpointError, ConfigError
 from diffctl.filekinds import describe, identify
 from diffctl.files import create_new, json_text
@@ -126,21 +127,10 @@ def _renamed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """CheckpointError unless `state` has exactly the model's keys with its shapes (counts and one example)."""
-    expected = model.state_dict()
-    problems = []
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    if shaped:
-        k = shaped[0]
-        problems.append(f"{len(shaped)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} for its config)")
-    if problems:
-        raise CheckpointError(f"{where}: {WEIGHTS_NAME} does not fit its {CONFIG_NAME}: tensors {'; '.join(problems)}")
+    """CheckpointError unless `state` has exactly the model's keys with its shapes."""
+    mismatch = state_mismatch(model.state_dict(), state, "the file", f"its {CONFIG_NAME}")
+    if mismatch is not None:
+        raise CheckpointError(f"{where}: {WEIGHTS_NAME} does not fit its {CONFIG_NAME}: {mismatch}")
 
 
 def load_diffusers_vae(folder: str | Path, key: str = "first_stage") -> AutoencoderKL:
