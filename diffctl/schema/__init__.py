@@ -2,7 +2,8 @@
 
 rules.py: the rule types (Int, Float, Choice, ...; every number finite); nodes.py: the walk over a config
 and the message shape `<key> must be <what>, got <value>`; keys.py: the table of every key of train,
-sample, likelihood, fid-stats, export, train-classifier, inpaint and metrics (train-autoencoder's: autoencoder_keys.py).
+sample, likelihood, fid-stats, export, train-classifier, inpaint and metrics; autoencoder_keys.py:
+train-autoencoder's; lightning_keys.py: the trainer and logger groups.
 """
 
 from diffctl.schema.keys import SCHEMAS, validate, validate_group

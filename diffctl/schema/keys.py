@@ -31,10 +31,10 @@ from diffctl.schema.choices import (
     SAMPLE_PRECISIONS,
     SPLITS,
     TRACES,
-    Registered,
 )
 from diffctl.schema.autoencoder_keys import train_autoencoder_schema
-from diffctl.schema.nodes import ByTarget, Passthrough, SamplerNode, check_node
+from diffctl.schema.lightning_keys import logger_schema, trainer_schema
+from diffctl.schema.nodes import ByTarget, SamplerNode, check_node
 from diffctl.schema.rules import (
     AnyOf,
     Bool,
@@ -129,62 +129,6 @@ def metrics_schema():
     }  # fmt: skip
 
 
-def _accelerators() -> tuple:
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-
-    return ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
-
-
-def _strategies() -> tuple:
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    return ("auto", *StrategyRegistry.available_strategies())
-
-
-def _lightning_trainer():
-    import lightning.pytorch as pl
-
-    return pl.Trainer
-
-
-@functools.cache
-def _trainer():
-    precisions = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64",
-                  "transformer-engine", "transformer-engine-float16")  # fmt: skip
-    devices = AnyOf(Int(lo=1), Choice(-1, "auto"), Seq(Int(lo=0), what="", min_len=1), Pattern(r"-1|\d+(,\d+)*,?", what=""),
-                    what="a positive integer, -1 (all), auto, a list of device indices or a string like 0,1")  # fmt: skip
-    keys = {
-        "_target_": Text(what="a class path"),
-        # the values conf/trainer/ uses are known without importing Lightning; others are looked up in its registry
-        "accelerator": Registered(("auto", "gpu", "cpu", "cuda", "mps"), _accelerators),
-        "devices": devices, "num_nodes": Int(lo=1),
-        "strategy": Registered(("auto", "ddp", "ddp_spawn", "fsdp"), _strategies),
-        "precision": Choice(*precisions, as_text=True), "max_steps": Int(lo=1), "max_epochs": Int(lo=-1, null=True),
-        "accumulate_grad_batches": Int(lo=1), "gradient_clip_val": Float(ge=0, null=True), "log_every_n_steps": Int(lo=1),
-        "limit_val_batches": AnyOf(Int(lo=0), Float(ge=0, le=1), what="an integer >= 0 (batches) or a fraction in [0, 1]"),
-        "num_sanity_val_steps": Int(lo=-1), "deterministic": AnyOf(Bool(), Choice("warn"), what="true, false or warn", null=True),
-        "benchmark": Bool(null=True), "enable_model_summary": Bool(), "use_distributed_sampler": Bool(),
-    }  # fmt: skip
-    return Passthrough(keys, _lightning_trainer)
-
-
-@functools.cache
-def _logger():
-    def logger(cls_name, keys):
-        def cls():
-            import lightning.pytorch.loggers as loggers
-
-            return getattr(loggers, cls_name)
-
-        return Passthrough({"_target_": Text(what="a class path"), **keys}, cls)
-
-    files = {"save_dir": PATH, "name": Text(what="a name"), "version": AnyOf(Text(what="", empty=True), Int(lo=0), what="a name or a number")}
-    wandb = {"project": Text(what="a name"), "name": Text(what="a name", null=True), "save_dir": PATH, "offline": Bool(),
-             "log_model": AnyOf(Bool(), Choice("all"), what="true, false or all")}  # fmt: skip
-    return ByTarget({f"lightning.pytorch.loggers.{n}": logger(n, k) for n, k in
-                     (("CSVLogger", files), ("TensorBoardLogger", files), ("WandbLogger", wandb))}, null=True)  # fmt: skip
-
-
 # ---------------------------------------------------------------- commands
 
 COMMON = {"ckpt": Text(what="a checkpoint file or run directory", null=True), "use_ema": Bool(), "progress_bar": Bool()}
@@ -211,7 +155,7 @@ def train_schema() -> dict:
         "condition": {"name": Choice("none", "class", "sr", "colorize", "inpaint"), "_target_": Text(what="a class path"),
                       "factor": Int(lo=2), "filter": Choice("bicubic", "area"),
                       "dropout": Float(ge=0, lt=1, hint="1 would never show the source")},
-        "trainer": _trainer(), "logger": _logger(),
+        "trainer": trainer_schema(), "logger": logger_schema(),
         "first_stage": Text(what="a `diffctl train-autoencoder` run or a diffusers AutoencoderKL folder", null=True),
         "latent": {"scale": Float(gt=0, null=True), "shift": Float(null=True), "cache_dir": PATH, "batch_size": Int(lo=1),
                    "weights": Text(what="the first stage's sha256 (written by train)", null=True)},
