@@ -83,6 +83,20 @@ def start_run(cfg: DictConfig, command: str, keys: tuple[str, ...], kind: str, c
     return run_dir, ckpt_path
 
 
+def fit_module(cfg: DictConfig, run_dir: Path, module, net, datamodule, ckpt_path, callbacks, command: str):
+    """The fit of the side training commands: channels_last/compile of `net` (after the module made its
+    EMA copy, which stays eager), the trainer with the standard callbacks and a TrainSummary, the fit.
+    Returns the trainer and the command's result (run_dir, global_step, loss, images/s)."""
+    speed_up(net, use_channels_last(cfg.channels_last, accelerator_type(cfg.trainer.get("accelerator", "auto"))), cfg.compile)
+    summary = TrainSummary(str(run_dir), command=command)
+    trainer = build_trainer(cfg, run_dir, [*(callbacks or []), *standard_callbacks(cfg, run_dir, []), summary])
+    fit(trainer, module, datamodule, ckpt_path)
+    metric = trainer.callback_metrics.get("train/loss")
+    result = {"run_dir": str(run_dir), "global_step": trainer.global_step, "loss": float(metric) if metric is not None else None,
+              **{k: summary.result.get(k) for k in ("images_per_s", "steady_images_per_s")}}  # fmt: skip
+    return trainer, result
+
+
 def _ddp_child_command(local_rank: int) -> tuple[list[str], str]:
     """Command Lightning runs for DDP ranks > 0 when it launches them itself.
 

@@ -19,11 +19,10 @@ from diffctl.build import plain
 from diffctl.console import print_paths
 from diffctl.errors import ConfigError
 from diffctl.first_stage import EXPORT_DIR, save_autoencoder
-from diffctl.performance import accelerator_type, speed_up, use_channels_last
+from diffctl.performance import accelerator_type
 from diffctl.rundir import claims_run_dir
 from diffctl.sharding import is_sharded
-from diffctl.train import build_datamodule, build_trainer, fit, standard_callbacks, start_run
-from diffctl.train_outputs import TrainSummary
+from diffctl.train import build_datamodule, fit_module, start_run
 
 COMMAND = "train_autoencoder"
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
@@ -70,15 +69,7 @@ def train_autoencoder(cfg: DictConfig, callbacks: list[L.Callback] | None = None
     trainee = build_trainee(cfg, shape)
     module = AutoencoderModule(trainee, AutoencoderObjective(), optim=plain(cfg.optim), ema=plain(cfg.ema), config=plain(cfg),
                                seed=cfg.seed, random_flip=bool(cfg.data.get("random_flip", False)), nan_policy=cfg.nan_policy)  # fmt: skip
-    channels_last = use_channels_last(cfg.channels_last, accelerator_type(cfg.trainer.get("accelerator", "auto")))
-    speed_up(trainee.autoencoder, channels_last, cfg.compile)  # after the module made its EMA copy, which stays eager
-
-    summary = TrainSummary(str(run_dir), command="train-autoencoder")
-    trainer = build_trainer(cfg, run_dir, [*(callbacks or []), *standard_callbacks(cfg, run_dir, []), summary])
-    fit(trainer, module, datamodule, ckpt_path)
-    metric = trainer.callback_metrics.get("train/loss")
-    result = {"run_dir": str(run_dir), "global_step": trainer.global_step, "loss": float(metric) if metric is not None else None,
-              **{k: summary.result.get(k) for k in ("images_per_s", "steady_images_per_s")}}  # fmt: skip
+    trainer, result = fit_module(cfg, run_dir, module, trainee.autoencoder, datamodule, ckpt_path, callbacks, "train-autoencoder")
     if not trainer.is_global_zero:
         return result
     # one report and one export, by the first process, on its device

@@ -13,16 +13,14 @@ import lightning as L
 from omegaconf import DictConfig, open_dict
 
 from diffctl.build import build_sde, plain
-from diffctl.train_outputs import TrainSummary
 from diffctl.classifier import KIND, ClassifierObjective, build_classifier
 from diffctl.classifier_report import accuracy_report, print_report, write_report
 from diffctl.console import print_paths
 from diffctl.errors import ConfigError
 from diffctl.module import DiffusionModule
-from diffctl.performance import accelerator_type, speed_up, use_channels_last
 from diffctl.rundir import claims_run_dir
 from diffctl.sharding import is_sharded
-from diffctl.train import build_datamodule, build_trainer, fit, standard_callbacks, start_run
+from diffctl.train import build_datamodule, fit_module, start_run
 
 COMMAND = "train_classifier"
 # Parts of the config that define what is trained; on resume they come from the checkpoint.
@@ -69,14 +67,7 @@ def train_classifier(cfg: DictConfig, callbacks: list[L.Callback] | None = None)
         random_flip=bool(cfg.data.get("random_flip", False)),
         nan_policy=cfg.nan_policy,
     )
-    channels_last = use_channels_last(cfg.channels_last, accelerator_type(cfg.trainer.get("accelerator", "auto")))
-    speed_up(classifier.net, channels_last, cfg.compile)  # after the module made its EMA copy, which stays eager
-
-    summary = TrainSummary(str(run_dir), command="train-classifier")
-    trainer = build_trainer(cfg, run_dir, [*(callbacks or []), *standard_callbacks(cfg, run_dir, []), summary])
-    fit(trainer, module, datamodule, ckpt_path)
-    metric = trainer.callback_metrics.get("train/loss")
-    result = {"run_dir": str(run_dir), "global_step": trainer.global_step, "loss": float(metric) if metric is not None else None}
+    trainer, result = fit_module(cfg, run_dir, module, classifier.net, datamodule, ckpt_path, callbacks, "train-classifier")
     if trainer.is_global_zero:  # one report, by the first process, on its device
         report = accuracy_report(module.ema, datamodule.dataset("test"), cfg.report, device=trainer.strategy.root_device,
                                  held_out=cfg.data.name != "imagefolder")  # fmt: skip
