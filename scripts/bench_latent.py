@@ -25,7 +25,6 @@ import argparse
 import datetime as _dt
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -104,15 +103,17 @@ def test_images_and_reconstructions(args, first_stage: str, work: Path) -> tuple
     return (*paths, round(seconds, 2))
 
 
-def score(args, images: Path) -> dict:
+def score(args, images: Path, name: str) -> dict:
+    """FID and KID of `images`; the metrics run (its metrics.json) is kept in <work>/scores/<name>."""
     from diffctl.metrics_command import metrics_command
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = metrics_command(compose_config("metrics_command", [
-            f"images={images}", "ref=fashion_mnist:train", f"ref_root={FASHION_ROOT}", f"ref_limit={args.ref_limit}", f"detector={args.detector}",
-            "names=[fid,kid]", "fid_min_samples=0", f"kid_subset_size={min(args.num, args.ref_limit, 1000)}",
-            f"cache_dir={Path(args.cache_dir).expanduser()}", "progress_bar=false",
-        ], tmp))  # fmt: skip
+    out = Path(args.work) / "scores" / name
+    out.mkdir(parents=True)
+    result = metrics_command(compose_config("metrics_command", [
+        f"images={images}", "ref=fashion_mnist:train", f"ref_root={FASHION_ROOT}", f"ref_limit={args.ref_limit}", f"detector={args.detector}",
+        "names=[fid,kid]", "fid_min_samples=0", f"kid_subset_size={min(args.num, args.ref_limit, 1000)}",
+        f"cache_dir={Path(args.cache_dir).expanduser()}", "progress_bar=false",
+    ], out))  # fmt: skip
     return {"fid": result["fid"], "kid": result["kid_mean"], "kid_std": result["kid_std"]}
 
 
@@ -136,10 +137,10 @@ def run_benchmark(args) -> dict:
     print("4/4 scoring", flush=True)
     test, recon, recon_s = test_images_and_reconstructions(args, first_stage, work)
     rows = [
-        {"row": "test images (FID floor at this count)", **score(args, test)},
-        {"row": "autoencoder reconstructions (rFID)", "reconstruct_s": recon_s, **score(args, recon)},
-        {"row": "pixel diffusion", **pixel, **score(args, Path(pixel["samples"]))},
-        {"row": "latent diffusion", **latent, **score(args, Path(latent["samples"]))},
+        {"row": "test images (FID floor at this count)", **score(args, test, "test")},
+        {"row": "autoencoder reconstructions (rFID)", "reconstruct_s": recon_s, **score(args, recon, "reconstructions")},
+        {"row": "pixel diffusion", **pixel, **score(args, Path(pixel["samples"]), "pixel")},
+        {"row": "latent diffusion", **latent, **score(args, Path(latent["samples"]), "latent")},
     ]
     report["rows"] = rows
     return report
