@@ -10,6 +10,7 @@ from diffctl.schema.choices import Registered
 from diffctl.schema.nodes import ByTarget, Passthrough
 from diffctl.schema.rules import AnyOf, Bool, Choice, Float, Int, Pattern, Seq, Text
 
+
 def _accelerators() -> tuple:
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
