@@ -95,7 +95,7 @@ class DiffusionModule(L.LightningModule):
         self._ema_average: ParameterAverage | None = None  # built when training starts (on_train_start)
         self._target_average: ParameterAverage | None = None
         # Consistency models regress onto an EMA "target" copy with its own decay schedule. It stays in
-        # train mode, as in the reference: its dropout runs on the online network's masks (objectives.py).
+        # train mode, as in the reference: its dropout runs on the online network's masks (objectives/consistency.py).
         self.target = copy.deepcopy(denoiser).requires_grad_(False) if objective.needs_target else None
         if getattr(objective, "teacher", None) is not None:
             objective.teacher.requires_grad_(False).eval()

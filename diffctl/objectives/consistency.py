@@ -1,10 +1,4 @@
-"""Training objectives: a loss from a model, clean data x0 and sampled times.
-
-Each objective names the network parameterization it trains when denoiser.prediction is null
-(`prediction`; the run's own is diffctl.prediction.model_prediction) and whether it needs an EMA
-target network (consistency models). Losses are per-sample means over pixels, averaged
-over the batch.
-"""
+"""Consistency training and distillation (Song et al. 2023)."""
 
 from __future__ import annotations
 
@@ -14,69 +8,10 @@ import torch
 from torch import Tensor
 
 from diffctl.denoiser import DiffusionModel
+from diffctl.objectives.base import Objective
 from diffctl.prediction import own_prediction
 from diffctl.rng import BatchRandom, same_global_draws
 from diffctl.sde import SDE, broadcast
-
-
-def sample_times(sde: SDE, rng: BatchRandom, n: int) -> Tensor:
-    """t ~ U[eps, 1], stratified over the global batch (one draw per stratum) to lower variance."""
-    return sde.eps + (sde.T - sde.eps) * rng.stratified_uniform(n)
-
-
-class Objective:
-    prediction = "eps"  # for an objective class outside diffctl; diffctl's own are in diffctl/prediction.py
-    needs_target = False
-
-    def __init__(self, sde: SDE):
-        self.sde = sde
-
-
-class DDPMObjective(Objective):
-    """epsilon-prediction MSE (Ho et al.'s "simple" loss) at continuous t.
-
-    weighting="likelihood" multiplies by g(t)^2 / sigma(t)^2, which turns the loss into the
-    score-matching bound on negative log-likelihood (Song et al. 2021, "likelihood weighting").
-    The loss stays in eps-space, so any parameterization of the network trains (denoiser.prediction).
-    `prediction` (eps, x0 or v; None: not given) is the key older configs and checkpoints name it
-    with; the model reads it from the config (diffctl.prediction.model_prediction), not from here.
-    """
-
-    prediction = own_prediction("ddpm")
-
-    def __init__(self, sde: SDE, weighting: str = "simple", prediction: str | None = None):
-        super().__init__(sde)
-        if weighting not in ("simple", "likelihood"):
-            raise ValueError(f"objective.weighting must be 'simple' or 'likelihood', got {weighting!r}")
-        if prediction not in (None, "eps", "x0", "v"):
-            raise ValueError(f"objective.prediction for ddpm must be null, eps, x0 or v, got {prediction!r}")
-        self.weighting = weighting
-
-    def loss(self, model: DiffusionModel, x0: Tensor, cond: dict | None, rng: BatchRandom, **_) -> Tensor:
-        t = sample_times(self.sde, rng, x0.shape[0]).to(x0.dtype)
-        noise = rng.randn(x0.shape, x0.dtype)
-        pred = model(self.sde.marginal(x0, t, noise), t, cond)
-        per_sample = (pred.eps - noise).pow(2).flatten(1).mean(1)
-        if self.weighting == "likelihood":
-            per_sample = per_sample * (self.sde.diffusion(t) / self.sde.sigma(t)) ** 2
-        return per_sample.mean()
-
-
-class NCSNObjective(Objective):
-    """Denoising score matching, lambda(sigma) = sigma^2 (Song & Ermon 2019; any SDE).
-
-    sigma^2 || s(x_t) - grad log p(x_t | x0) ||^2 with grad log p = -noise/sigma, i.e. || sigma s + noise ||^2.
-    """
-
-    prediction = own_prediction("ncsn")
-
-    def loss(self, model: DiffusionModel, x0: Tensor, cond: dict | None, rng: BatchRandom, **_) -> Tensor:
-        t = sample_times(self.sde, rng, x0.shape[0]).to(x0.dtype)
-        noise = rng.randn(x0.shape, x0.dtype)
-        pred = model(self.sde.marginal(x0, t, noise), t, cond)
-        sigma = broadcast(self.sde.sigma(t), x0)
-        return (sigma * pred.score + noise).pow(2).flatten(1).mean(1).mean()
-
 
 TARGET_DECAY_RULES = ("paper", "code")
 
@@ -195,25 +130,3 @@ class ConsistencyObjective(Objective):
         with torch.no_grad():
             tgt = target(broadcast(self.sde.alpha(t_lo), x0) * y_lo, t_lo, cond).x0
         return self.distance(online, tgt).mean()
-
-
-class RegressionObjective(Objective):
-    """The one-step regressor (SR3's regression baseline): MSE of the x0 prediction to the target.
-
-    The network is called only at t = T on a draw from the prior, x ~ N(0, prior_std^2), which is
-    independent of x0, so the loss is minimized by E[x0 | cond] (the conditional mean). Sampling with
-    sampler=ddim steps=1 starts from that same prior draw at T and returns this x0 prediction after
-    one network call: the same network, conditioner and sample command as the diffusion model.
-    """
-
-    prediction = own_prediction("regression")
-
-    def loss(self, model: DiffusionModel, x0: Tensor, cond: dict | None, rng: BatchRandom, **_) -> Tensor:
-        t = torch.full((x0.shape[0],), self.sde.T, dtype=x0.dtype, device=x0.device)
-        x = rng.randn(x0.shape, x0.dtype) * self.sde.prior_std()
-        return (model(x, t, cond).x0 - x0).pow(2).flatten(1).mean(1).mean()
-
-
-OBJECTIVES = {"ddpm": DDPMObjective, "ncsn": NCSNObjective, "consistency": ConsistencyObjective, "regression": RegressionObjective}
-
-__all__ = ["OBJECTIVES", "DDPMObjective", "NCSNObjective", "ConsistencyObjective", "RegressionObjective", "sample_times"]
