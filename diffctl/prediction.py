@@ -21,6 +21,8 @@ OBJECTIVE_PREDICTIONS = {
     "diffctl.objectives.NCSNObjective": ("ncsn", "score", DENOISING),
     "diffctl.objectives.ConsistencyObjective": ("consistency", "consistency", ("consistency",)),
     "diffctl.objectives.RegressionObjective": ("regression", "x0", ("x0",)),  # its loss is in x0 at t = T
+    # the student takes the teacher's denoiser.prediction (diffctl.teacher); v is the paper's choice
+    "diffctl.objectives.ProgressiveObjective": ("progressive", "v", DENOISING),
 }
 PREDICTIONS = (*DENOISING, "consistency")  # every value denoiser.prediction may take (besides null)
 

@@ -27,7 +27,7 @@ from diffctl.callbacks import DataPosition, StepCheckpoint
 from diffctl.console import ParamSummary, StepProgressBar, route_library_logs
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import CheckpointError, ConfigError
-from diffctl.teacher import attach_teacher, init_from_teacher
+from diffctl.teacher import adopt_teacher_model, attach_teacher, init_from_teacher
 from diffctl.latent_training import encode_training_set, load_codec, resumed_codec, uses_first_stage
 from diffctl.memory import check_train
 from diffctl.networks.gmm import is_mixture
@@ -164,6 +164,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
     if is_mixture(cfg.get("model")):
         raise ConfigError("model=gmm is the analytic Gaussian mixture: it has nothing to train; sample from it with `diffctl sample model=gmm`")
     ckpt_path = apply_resume(cfg)
+    adopt_teacher_model(cfg)  # progressive distillation: the student is the teacher's model
     check_sharding(cfg)
     grid_sampler = sampler_spec(cfg.sample_grid.sampler)
     check_sampler(grid_sampler, key="sample_grid.sampler")  # the combinations of options the schema cannot express
@@ -191,7 +192,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
 
     sde = build_sde(cfg)
     objective = build_objective(cfg, sde)
-    attach_teacher(cfg, objective, sde, shape)  # consistency distillation: the teacher, checked against this run
+    attach_teacher(cfg, objective, sde, shape)  # distillation: the teacher, checked against this run
     denoiser = build_denoiser(cfg, sde, objective, shape)
     with open_dict(cfg):  # the parameterization the run used, in the config its checkpoints store
         cfg.denoiser.prediction = denoiser.capabilities.prediction

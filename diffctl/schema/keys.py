@@ -98,6 +98,8 @@ OBJECTIVE = {
     "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood"), "prediction": Choice("eps", "x0", "v", null=True)},
     "diffctl.objectives.NCSNObjective": {},
     "diffctl.objectives.RegressionObjective": {},
+    "diffctl.objectives.ProgressiveObjective": {"teacher": PATH_OR_NULL, "student_steps": Int(lo=1),
+                                                "weighting": Choice("truncated_snr", "snr"), "clip_teacher": Bool(null=True)},
     "diffctl.objectives.ConsistencyObjective": {
         "num_scales_start": Int(lo=2), "num_scales_end": Int(lo=2), "target_decay_start": Float(ge=0, lt=1),
         "target_decay_rule": Choice("paper", "code"), "rho": Float(gt=0), "metric": Choice("l2", "l1", "pseudo_huber"),
