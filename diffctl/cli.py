@@ -164,6 +164,13 @@ def _export_task(cfg):
     return export(cfg)
 
 
+def _distill_task(cfg):
+    _validated(cfg, "distill")
+    from diffctl.distill import distill
+
+    return distill(cfg)
+
+
 def _likelihood_task(cfg):
     _validated(cfg, "likelihood")
     from diffctl.likelihood import likelihood
@@ -176,6 +183,7 @@ SUBCOMMANDS = {
     "train": (_train_task, "train", "train a diffusion model"),
     "train-classifier": (_train_classifier_task, "train_classifier", "train a noise-conditional classifier for classifier guidance"),
     "train-autoencoder": (_train_autoencoder_task, "train_autoencoder", "train a KL autoencoder, the first stage of latent diffusion"),
+    "distill": (_distill_task, "distill", "progressive distillation: halve a model's DDIM steps, round after round"),
     "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
     "inpaint": (_inpaint_task, "inpaint", "fill masked regions of images with a checkpoint (RePaint; inpainted.npz, grid, metrics)"),
     "fid-stats": (_fid_stats_task, "fid_stats", "precompute reference statistics for FID/KID"),
@@ -201,6 +209,7 @@ def _usage() -> str:
         "  diffctl train model=dit sde=ve objective=ncsn trainer.max_steps=2000",
         "  diffctl train --multirun model=unet,dit sde=vp,ve",
         "  diffctl train-autoencoder                     # a KL autoencoder; then: diffctl train first_stage=<its run dir>",
+        "  diffctl distill ckpt=<train run> teacher_steps=64 rounds=3  # students of 32, 16 and 8 DDIM steps",
         "  diffctl sample sampler=ode steps=50           # sample from the newest checkpoint under outputs/",
         "  diffctl inpaint mask=center                   # RePaint the middle of 16 test digits (inpainted.npz)",
         "  diffctl fid-stats data=cifar10 data.root=data # cache FID/KID reference statistics",

@@ -28,6 +28,7 @@ from diffctl.errors import ConfigError
 
 LOCK = ".diffctl.lock"
 INDEX_JOBS = ("sample", "inpaint")  # resumable index jobs (diffctl.indexjob): resume=<run dir> continues in place
+IN_PLACE = (*INDEX_JOBS, "distill")  # commands whose resume=<run dir> continues in that directory
 _held: dict[Path, int] = {}  # directory -> fd of its lock, held by this process
 _pending: set[Path] = set()  # claimed by ClaimRunDir for the task about to start in this process
 
@@ -124,7 +125,7 @@ def release(directory: str | Path) -> None:
 
 def claims_run_dir(command: str):
     """Decorator of a command's task function: its run directory (and, for `sample`/`inpaint resume=`, the
-    resumed run's) is claimed for the call and released after it, so in-process callers
+    resumed run's, and `distill resume=`'s) is claimed for the call and released after it, so in-process callers
     (scripts, tests, a --multirun sweep's jobs) hold only the directory they are writing."""
 
     def decorate(task):
@@ -133,7 +134,7 @@ def claims_run_dir(command: str):
             from hydra.core.hydra_config import HydraConfig
 
             dirs = [Path(HydraConfig.get().runtime.output_dir).resolve()]
-            if command in INDEX_JOBS and cfg.get("resume") and Path(str(cfg.resume)).expanduser().is_dir():
+            if command in IN_PLACE and cfg.get("resume") and Path(str(cfg.resume)).expanduser().is_dir():
                 dirs.append(Path(str(cfg.resume)).expanduser().resolve())
             mine = []
             try:

@@ -62,7 +62,7 @@ def _check_sampler(data, key: str) -> None:
 SAMPLER_NODE = SamplerNode(_check_sampler)  # sampler, sample_grid.sampler
 COMMANDS = {"train": "train", "sample": "sample", "likelihood": "likelihood", "fid_stats": "fid-stats", "export": "export",
             "train_classifier": "train-classifier", "train_autoencoder": "train-autoencoder", "inpaint": "inpaint",
-            "metrics_command": "metrics"}
+            "metrics_command": "metrics", "distill": "distill"}
 
 # ---------------------------------------------------------------- groups
 
@@ -246,7 +246,14 @@ def metrics_command_schema() -> dict:
             "trainer": sample_schema()["trainer"]}  # null images or ref: refused by the command, saying what to give
 
 
-SCHEMAS = {"train": train_schema, "sample": sample_schema, "likelihood": likelihood_schema,
+@functools.cache
+def distill_schema() -> dict:
+    return {"ckpt": COMMON["ckpt"], "teacher_steps": Int(lo=2), "rounds": Int(lo=1), "steps_per_round": Int(lo=1),
+            "train_overrides": Seq(Text(what="a key=value override"), what="a list of `diffctl train` overrides (key=value strings)"),
+            "resume": Text(what="a `diffctl distill` run directory", null=True)}  # fmt: skip
+
+
+SCHEMAS = {"train": train_schema, "distill": distill_schema, "sample": sample_schema, "likelihood": likelihood_schema,
            "fid_stats": fid_stats_schema, "export": export_schema, "train_classifier": train_classifier_schema,
            "inpaint": inpaint_schema, "metrics_command": metrics_command_schema,
            "train_autoencoder": train_autoencoder_schema}  # fmt: skip
