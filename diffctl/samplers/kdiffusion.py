@@ -149,8 +149,8 @@ def dpmpp_3m_sde(
     D1, D2 the first and second divided differences of the last three data predictions in lambda
     (D1 ~ h D', D2 ~ h^2 D''/2); the first step is first order, the second uses phi_2 D1 alone. eta = 0
     is DPM-Solver++(3M) for the ODE (diffusers' dpmsolver++, solver_order=3). At eta = 1 diffusers'
-    sde-dpmsolver++ at order 3 weighs D2 by phi_3 - 1 instead (a sign of its 1/2): see
-    tests/test_sde_samplers.py. NFE = steps."""
+    sde-dpmsolver++ at order 3 adds -(phi_3 + 1) D2 instead of -phi_3 D2 (the sign of its 1/2; see
+    tests/test_sde_samplers.py); this follows k-diffusion. NFE = steps."""
     levels, y = _levels(model, x, steps, spacing, sigma_min, sigma_max)
     x0_1 = x0_2 = h_1 = h_2 = None  # the data predictions and step lengths one and two steps back
     for now, nxt in zip(levels, levels[1:]):
