@@ -133,7 +133,7 @@ def only_for_spacings(option: str, spacings: tuple[str, ...]) -> Check:
 
     def check(options: dict, key: str) -> str | None:
         if options[option] is not None and options["spacing"] not in spacings:
-            return f"{key}.{option} moves an end of {' or '.join(spacings)} levels; {key}.spacing is {options['spacing']}"
+            return f"{key}.{option} needs {key}.spacing={' or '.join(spacings)} (it moves an end of those levels), got {options['spacing']}"
         return None
 
     return check
