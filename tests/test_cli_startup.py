@@ -85,7 +85,7 @@ def test_config_error_is_reported_before_torch_is_imported(tmp_path, args, messa
         (["sample", "sampler=pc", "sampler.variance=large"], "error: sampler.variance=large is the ancestral predictor's"),
         (["sample", "sampler=dpm"], "error: sampler=dpm: there is no config 'sampler/dpm'; choose one of: consistency, ddim"),
         (["train", "sample_grid.sampler={name: ddpm, eta: 1}"], "error: sample_grid.sampler=ddpm has no option eta"),
-        (["train", "sample_grid.sampler=dpm"], "error: sample_grid.sampler must be one of consistency, ddim, ddpm, ode, pc, got 'dpm'"),
+        (["train", "sample_grid.sampler=dpm"], "error: sample_grid.sampler must be one of consistency, ddim, ddpm, dpmpp_2m_sde, dpmpp_3m_sde, edm, euler_ancestral, ode, pc, got 'dpm'"),
     ],
 )
 def test_a_sampler_error_is_reported_before_lightning_and_the_command_are_imported(tmp_path, args, message):

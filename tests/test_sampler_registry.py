@@ -45,7 +45,7 @@ def test_each_conf_sampler_yaml_states_the_registered_options_and_defaults(path)
 
 
 def test_every_registered_sampler_has_its_yaml():
-    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted(SAMPLERS) == ["consistency", "ddim", "ddpm", "ode", "pc"]
+    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted(SAMPLERS) == ["consistency", "ddim", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde", "edm", "euler_ancestral", "ode", "pc"]
 
 
 def _never(model, x, steps, cond=None, noise=None, *, a: float = 1.0):
@@ -84,7 +84,7 @@ def test_check_fits_refuses_a_sampler_the_model_cannot_serve():
     check_fits("ddim", caps(False))
     with pytest.raises(ConfigError, match=r"^sampler=consistency needs a consistency model .*predicts 'eps': sample it with sampler=ode$"):
         check_fits("consistency", caps(False))
-    for name in ("ddpm", "ddim", "pc", "ode"):
+    for name in ("ddpm", "ddim", "pc", "ode", "edm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"):
         with pytest.raises(ConfigError, match=rf"^sampler={name} needs a diffusion model.*sample it with sampler=consistency$"):
             check_fits(name, caps(True))
 

@@ -141,6 +141,14 @@ STOCHASTIC = [
     ({"name": "pc", "predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.05}, 200, 256),
     ({"name": "ode", "solver": "heun"}, 30, 16),
     ({"name": "ode", "solver": "adaptive"}, 1, 16),
+    ({"name": "edm"}, 50, 16),  # EDM's ImageNet-64 churn (S_noise 1.003)
+    ({"name": "edm", "S_churn": 80.0, "S_tmin": 0.0, "S_tmax": None, "S_noise": 1.0}, 50, 16),  # the most churn, everywhere
+    ({"name": "euler_ancestral"}, 200, 16),
+    ({"name": "euler_ancestral", "eta": 0.5}, 200, 16),
+    ({"name": "dpmpp_2m_sde"}, 50, 16),
+    ({"name": "dpmpp_2m_sde", "solver_type": "heun", "eta": 0.5}, 50, 16),
+    ({"name": "dpmpp_3m_sde"}, 50, 16),
+    ({"name": "dpmpp_3m_sde", "eta": 0.5}, 50, 16),
 ]
 
 
@@ -202,7 +210,11 @@ def test_correctors_follow_the_unadjusted_langevin_moments(sde_name, corrector, 
         assert var == pytest.approx(v * (1 + snr**2), rel=1e-4)
 
 
-@pytest.mark.parametrize("spec", [{"name": "ddpm"}, {"name": "ddim", "eta": 0.3}, {"name": "pc", "corrector_steps": 2}, {"name": "ode", "solver": "dpmpp_2m"}])
+@pytest.mark.parametrize(
+    "spec",
+    [{"name": "ddpm"}, {"name": "ddim", "eta": 0.3}, {"name": "pc", "corrector_steps": 2}, {"name": "ode", "solver": "dpmpp_2m"},
+     {"name": "edm", "S_tmin": 0.0, "S_tmax": None}, {"name": "euler_ancestral"}, {"name": "dpmpp_2m_sde"}, {"name": "dpmpp_3m_sde"}],
+)  # fmt: skip
 def test_a_sample_does_not_depend_on_its_batch(spec):
     model = ExactGaussian(SDES["vp"])
     whole = generate(model, 6, (5,), spec, 6, seed=3)
@@ -216,7 +228,8 @@ def test_a_sample_does_not_depend_on_its_batch(spec):
     [({"name": "ddpm"}, 7), ({"name": "ddim"}, 7), ({"name": "ode", "solver": "euler"}, 7), ({"name": "ode", "solver": "heun"}, 13),
      ({"name": "ode", "solver": "rk4"}, 25), ({"name": "ode", "solver": "dpmpp_2m"}, 7), ({"name": "pc"}, 14),
      ({"name": "pc", "corrector_steps": 2}, 21), ({"name": "pc", "predictor": "none", "corrector": "ald", "corrector_steps": 3}, 22),
-     ({"name": "pc", "corrector": "none"}, 7), ({"name": "consistency"}, 7)],
+     ({"name": "pc", "corrector": "none"}, 7), ({"name": "consistency"}, 7), ({"name": "edm"}, 13),
+     ({"name": "edm", "S_churn": 0.0}, 13), ({"name": "euler_ancestral"}, 7), ({"name": "dpmpp_2m_sde"}, 7), ({"name": "dpmpp_3m_sde"}, 7)],
 )
 def test_network_evaluations_per_sampler(spec, nfe):
     model = ExactGaussian(SDES["ve"])
@@ -236,7 +249,18 @@ def test_network_evaluations_per_sampler(spec, nfe):
      ({"name": "ddim", "variance": "large"}, "sampler=ddim has no option variance"),
      ({"name": "ode", "lower_order_final": "yes"}, "lower_order_final must be true or false"),
      ({"name": "ode", "sigma_min": 0}, "sigma_min must be > 0"), ({"name": "ode", "sigma_max": "80"}, "sigma_max must be a number"),
-     ({"name": "ode", "sigma_min": 90.0, "sigma_max": 80.0}, "sigma_min must be below sampler.sigma_max")],
+     ({"name": "ode", "sigma_min": 90.0, "sigma_max": 80.0}, "sigma_min must be below sampler.sigma_max"),
+     ({"name": "edm", "S_churn": -1}, "sampler.S_churn must be >= 0"), ({"name": "edm", "S_noise": 0}, "sampler.S_noise must be > 0"),
+     ({"name": "edm", "S_tmin": 2.0, "S_tmax": 1.0}, "sampler.S_tmin must not exceed sampler.S_tmax, got 2.0 and 1.0"),
+     ({"name": "edm", "S_tmax": "inf"}, "sampler.S_tmax must be a number"), ({"name": "edm", "S_tmin": -0.1}, "S_tmin must be >= 0"),
+     ({"name": "edm", "spacing": "uniform", "sigma_max": 80.0}, "sampler.sigma_max needs sampler.spacing=karras or logsnr .it moves an end of those levels., got uniform$"),
+     ({"name": "edm", "solver": "heun"}, "sampler=edm has no option solver"),
+     ({"name": "euler_ancestral", "eta": -0.5}, "sampler.eta must be >= 0"), ({"name": "euler_ancestral", "s_noise": -1}, "s_noise must be >= 0"),
+     ({"name": "euler_ancestral", "spacing": "trailing", "sigma_min": 0.1}, "sampler.sigma_min needs sampler.spacing=karras or logsnr"),
+     ({"name": "dpmpp_2m_sde", "solver_type": "rk4"}, "sampler.solver_type must be one of midpoint, heun"),
+     ({"name": "dpmpp_2m_sde", "sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min must be below sampler.sigma_max"),
+     ({"name": "dpmpp_3m_sde", "solver_type": "heun"}, "sampler=dpmpp_3m_sde has no option solver_type"),
+     ({"name": "dpmpp_3m_sde", "eta": float("nan")}, "sampler.eta must be a finite number >= 0")],
 )
 def test_bad_sampler_options_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

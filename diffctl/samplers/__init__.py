@@ -28,6 +28,8 @@ discover(__name__, __path__)  # every sampler module registers itself: a new sam
 from diffctl.samplers.consistency import consistency  # noqa: E402
 from diffctl.samplers.ddim import ddim  # noqa: E402
 from diffctl.samplers.ddpm import ddpm  # noqa: E402
+from diffctl.samplers.edm import edm  # noqa: E402
+from diffctl.samplers.kdiffusion import dpmpp_2m_sde, dpmpp_3m_sde, euler_ancestral  # noqa: E402
 from diffctl.samplers.ode import ode  # noqa: E402
 from diffctl.samplers.pc import pc  # noqa: E402
 
@@ -81,5 +83,5 @@ def generate(
     return x0
 
 
-__all__ = ["NonFiniteSamples", "SAMPLERS", "check_fits", "check_sampler", "consistency", "ddim", "ddpm", "generate", "noise_levels",
-           "ode", "pc", "register_sampler", "sample_generators", "sampler_options", "sampler_spec"]  # fmt: skip
+__all__ = ["NonFiniteSamples", "SAMPLERS", "check_fits", "check_sampler", "consistency", "ddim", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde",
+           "edm", "euler_ancestral", "generate", "noise_levels", "ode", "pc", "register_sampler", "sample_generators", "sampler_options", "sampler_spec"]  # fmt: skip

@@ -161,6 +161,20 @@ def ratio_levels(sde, steps: int, spacing: str, s_max: float | None = None, s_mi
     return t
 
 
+RATIO_SPACINGS = ("karras", "logsnr")  # the spacings whose ends sigma_min / sigma_max can move (ratio_levels)
+
+
+def spaced_levels(sde, steps: int, spacing: str, sigma_min: float | None = None, sigma_max: float | None = None) -> list[Level]:
+    """The levels of a sampler with a spacing and an optional s range: karras and logsnr levels from
+    sigma_max down to sigma_min (`ratio_levels`; None: the SDE's own end), the other spacings' from
+    `noise_levels`, which take no s range. With both ends None every spacing is `noise_levels`' own."""
+    if spacing in RATIO_SPACINGS:
+        return levels_of(sde, ratio_levels(sde, steps, spacing, sigma_max, sigma_min))
+    if sigma_min is not None or sigma_max is not None:
+        raise ValueError(f"sigma_min / sigma_max need spacing karras or logsnr, got {spacing!r}")
+    return levels_of(sde, noise_levels(sde, steps, spacing))
+
+
 def posterior(y: Tensor, x0: Tensor, now: Level, nxt: Level) -> tuple[Tensor, float]:
     """Mean and std of q(y_s | y_t, x0) for the VE process in y (s = nxt.s < t's now.s).
 

@@ -116,6 +116,29 @@ def below(lower: str, upper: str) -> Check:
     return check
 
 
+def not_above(lower: str, upper: str) -> Check:
+    """`lower` <= `upper` where both are set (null: no bound)."""
+
+    def check(options: dict, key: str) -> str | None:
+        lo, hi = options[lower], options[upper]
+        if lo is not None and hi is not None and lo > hi:
+            return f"{key}.{lower} must not exceed {key}.{upper}, got {lo} and {hi}"
+        return None
+
+    return check
+
+
+def only_for_spacings(option: str, spacings: tuple[str, ...]) -> Check:
+    """`option` set (not null) needs one of `spacings`."""
+
+    def check(options: dict, key: str) -> str | None:
+        if options[option] is not None and options["spacing"] not in spacings:
+            return f"{key}.{option} needs {key}.spacing={' or '.join(spacings)} (it moves an end of those levels), got {options['spacing']}"
+        return None
+
+    return check
+
+
 # ---------------------------------------------------------------- checking a config
 
 
