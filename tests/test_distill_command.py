@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -71,12 +72,18 @@ def test_resume_continues_the_interrupted_round_bitwise(distilled, tmp_path):
         assert torch.equal(got["state_dict"][k], v), k
 
 
-def test_bad_plans_are_refused_before_any_work(trained, tmp_path):
-    root, teacher = trained
-    out = run_cli(["distill", f"ckpt={teacher}", "teacher_steps=6", "rounds=2", f"hydra.run.dir={tmp_path / 'a'}"], root)
-    assert out.returncode == 1 and "teacher_steps must be divisible by 2^rounds = 4" in out.stderr
-    out = run_cli(["distill", f"hydra.run.dir={tmp_path / 'b'}"], root)
-    assert out.returncode == 1 and "ckpt must name the teacher" in out.stderr
-    out = run_cli(["distill", f"resume={tmp_path}", f"hydra.run.dir={tmp_path / 'c'}"], root)
-    assert out.returncode == 1 and "not a `diffctl distill` run directory" in out.stderr
-    assert not any((tmp_path / d / "round_1").exists() for d in "abc")
+@pytest.mark.parametrize("overrides, message", [
+    (["ckpt=TEACHER", "teacher_steps=6", "rounds=2"], "teacher_steps must be divisible by 2^rounds = 4 (each round halves"),
+    ([], "ckpt must name the teacher"),
+    (["resume=TMP"], "not a `diffctl distill` run directory (no distill.json)"),
+])
+def test_bad_plans_are_refused_before_any_work(trained, tmp_path, overrides, message):
+    from diffctl.config import compose_config
+    from diffctl.distill import distill
+    from diffctl.errors import ConfigError
+
+    _, teacher = trained
+    overrides = [o.replace("TEACHER", str(teacher)).replace("TMP", str(tmp_path)) for o in overrides]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        distill(compose_config("distill", overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "round_1").exists() and not (tmp_path / "run" / "distill.json").exists()
