@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from diffctl.samplers.common import RATIO_SPACINGS, SPACINGS, Level, denoise, spaced_levels, start
-from diffctl.samplers.ode import SIGMA, _heun_step
+from diffctl.samplers.ode import SIGMA, heun_step
 from diffctl.samplers.registry import below, not_above, only_for_spacings, register_sampler
 from diffctl.schema.rules import Choice, Float
 
@@ -90,5 +90,5 @@ def edm(
     for i, (now, gamma) in enumerate(zip(levels, gammas)):
         y, hat = churn(sde, y, now, gamma, S_noise, noise, top)
         if i + 1 < len(levels):
-            y = _heun_step(model, y, hat, levels[i + 1], cond)
+            y = heun_step(model, y, hat, levels[i + 1], cond)
     return denoise(model, y, hat, cond).x0

@@ -28,7 +28,7 @@ def _euler_step(model, y, now: Level, nxt: Level, cond):
     return y + (nxt.s - now.s) * _eps(model, y, now, cond)
 
 
-def _heun_step(model, y, now: Level, nxt: Level, cond):
+def heun_step(model, y, now: Level, nxt: Level, cond):
     h = nxt.s - now.s
     d1 = _eps(model, y, now, cond)
     y_euler = y + h * d1
@@ -83,7 +83,7 @@ def _adaptive(model, y, levels, cond, rtol: float, atol: float):
     return denoise(model, y, levels[-1], cond).x0
 
 
-_STEPS = {"euler": _euler_step, "heun": _heun_step, "rk4": _rk4_step}
+_STEPS = {"euler": _euler_step, "heun": heun_step, "rk4": _rk4_step}
 
 
 SIGMA = "s = sigma/alpha; null = the SDE's own end"
