@@ -211,8 +211,8 @@ class LinearSDE(SDE):
     Its SDE is dx = -x/(1 - t) dt + sqrt(2t/(1 - t)) dw. alpha(1) = 0, where x/alpha and sigma/alpha
     (every sampler's variables) are undefined, so the path ends at T = t_max < 1: the prior N(0, 1)
     stands for x_T there, as for VP, whose alpha(1) is 0.0067 (t_max = 0.995: s(T) = 199, VP's 152).
-    The papers start from pure noise at t = 1 exactly; the difference is a prior mismatch of
-    (1 - T) x0 in x_T."""
+    The papers start from pure noise N(0, I) at t = 1 exactly; here the prior is N(0, (1 - T)^2 + T^2),
+    the marginal at T of unit-variance data (see prior_std), and it misses x_T's (1 - T) x0 term."""
 
     name = "linear"
     default_sample_eps = 1e-3
@@ -241,6 +241,12 @@ class LinearSDE(SDE):
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
         return -x / broadcast(1.0 - t, x)
+
+    def prior_std(self) -> float:
+        """sqrt((1 - T)^2 + T^2) (0.99501 at T = 0.995): the std at T of data with unit variance, as VP's
+        1 is (alpha^2 + sigma^2 = 1 there). A plain N(0, 1) would claim data of variance
+        (1 - T^2)/(1 - T)^2 = 399 to samplers that start below T (samplers.common.start)."""
+        return math.sqrt((1.0 - self.T) ** 2 + self.T**2)
 
     def diffusion(self, t: Tensor) -> Tensor:
         return torch.sqrt(2.0 * t / (1.0 - t))

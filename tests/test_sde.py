@@ -118,8 +118,8 @@ def test_prior_sample_and_logp(name):
     std = sde.prior_std()
     expected = torch.distributions.Normal(0.0, std).log_prob(z).flatten(1).sum(1)
     torch.testing.assert_close(sde.prior_logp(z), expected)
-    # The prior is the t=1 marginal for data near 0.
-    assert float(sde.sigma(torch.tensor(1.0))) == pytest.approx(std, rel=1e-3)
+    # The prior is the t=T marginal for data near 0.
+    assert float(sde.sigma(torch.tensor(sde.T))) == pytest.approx(std, rel=1e-3)
 
 
 @pytest.mark.parametrize("name", list(SDES))
