@@ -15,8 +15,9 @@ from __future__ import annotations
 from diffctl.objectives.base import Objective, sample_times
 from diffctl.objectives.consistency import TARGET_DECAY_RULES, ConsistencyObjective
 from diffctl.objectives.denoising import DDPMObjective, NCSNObjective
+from diffctl.objectives.flow import FlowObjective
 from diffctl.objectives.regression import RegressionObjective
 
-OBJECTIVES = {"ddpm": DDPMObjective, "ncsn": NCSNObjective, "consistency": ConsistencyObjective, "regression": RegressionObjective}
+OBJECTIVES = {"ddpm": DDPMObjective, "ncsn": NCSNObjective, "flow": FlowObjective, "consistency": ConsistencyObjective, "regression": RegressionObjective}
 
-__all__ = ["OBJECTIVES", "Objective", "TARGET_DECAY_RULES", "DDPMObjective", "NCSNObjective", "ConsistencyObjective", "RegressionObjective", "sample_times"]
+__all__ = ["OBJECTIVES", "Objective", "TARGET_DECAY_RULES", "DDPMObjective", "NCSNObjective", "FlowObjective", "ConsistencyObjective", "RegressionObjective", "sample_times"]

@@ -98,6 +98,7 @@ SDE = {"diffctl.sde.VPSDE": VP, "diffctl.sde.SubVPSDE": VP, "diffctl.sde.VESDE":
 OBJECTIVE = {
     "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood"), "prediction": Choice("eps", "x0", "v", null=True)},
     "diffctl.objectives.NCSNObjective": {},
+    "diffctl.objectives.FlowObjective": {"time_sampling": Choice("uniform", "logit_normal"), "logit_mean": Float(), "logit_std": Float(gt=0)},
     "diffctl.objectives.RegressionObjective": {},
     "diffctl.objectives.ConsistencyObjective": {
         "num_scales_start": Int(lo=2), "num_scales_end": Int(lo=2), "target_decay_start": Float(ge=0, lt=1),
