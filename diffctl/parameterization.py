@@ -52,6 +52,27 @@ def split(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> tu
     raise ValueError(f"unknown prediction type {kind!r}; choose one of eps, x0, v, score")
 
 
+def rates(sde: SDE, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(alpha'(t), sigma'(t)) broadcast against `like`, in its dtype."""
+    return broadcast(sde.alpha_dot(t), like).to(like.dtype), broadcast(sde.sigma_dot(t), like).to(like.dtype)
+
+
+def velocity(sde: SDE, t: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
+    """d x_t / dt along the path x_t = alpha x0 + sigma eps with (x0, eps) held: alpha' x0 + sigma' eps
+    (eps - x0 on the linear path). The one place diffctl computes a velocity from a prediction: the
+    flow objective's target and its prediction, and the flow parameterization's output, are this."""
+    alpha_dot, sigma_dot = rates(sde, t, x0)
+    return alpha_dot * x0 + sigma_dot * eps
+
+
+def split_velocity(u: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, alpha_dot: Tensor, sigma_dot: Tensor) -> tuple[Tensor, Tensor]:
+    """(x0, eps) from x = alpha x0 + sigma eps and u = alpha' x0 + sigma' eps: the 2 x 2 system's
+    solution, with det = alpha sigma' - sigma alpha' (> 0 on every SDE here; 1 on the linear path,
+    where x0 = x - t u and eps = x + (1 - t) u)."""
+    det = alpha * sigma_dot - sigma * alpha_dot
+    return (sigma_dot * x - sigma * u) / det, (alpha * u - alpha_dot * x) / det
+
+
 class NetworkInputs:
     """How a network sees x_t and t: input scaling (c_in) and noise label (c_noise), shared by every
     parameterization and by noisy classifiers (which predict no x0, so have no c_skip/c_out).
@@ -132,6 +153,21 @@ class ScoreParameterization(Parameterization):
         return split("score", out / sigma, x, alpha, sigma)
 
 
+class FlowParameterization(Parameterization):
+    """The network predicts the velocity u = alpha' x0 + sigma' eps (flow matching; eps - x0 on the
+    linear path, Lipman et al. 2023 / Liu et al. 2023); defined on every SDE, whose det is > 0."""
+
+    name = "flow"
+
+    def c_skip_out(self, t, alpha, sigma):
+        alpha_dot, sigma_dot = rates(self.sde, t, alpha)
+        det = alpha * sigma_dot - sigma * alpha_dot
+        return sigma_dot / det, -sigma / det
+
+    def predict(self, out, x, t, alpha, sigma):
+        return split_velocity(out, x, alpha, sigma, *rates(self.sde, t, x))
+
+
 class ConsistencyParameterization(Parameterization):
     """f(x, t) = c_skip x/alpha + c_out F in the variables y = x/alpha, s = sigma/alpha (a VE process),
     with c_skip(s_min) = 1 and c_out(s_min) = 0, so f(x_eps, eps) = x_eps/alpha(eps) exactly; for VE
@@ -160,7 +196,8 @@ class ConsistencyParameterization(Parameterization):
 
 
 PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
-    cls.name: cls for cls in (EpsParameterization, X0Parameterization, VParameterization, ScoreParameterization, ConsistencyParameterization)
+    cls.name: cls
+    for cls in (EpsParameterization, X0Parameterization, VParameterization, ScoreParameterization, FlowParameterization, ConsistencyParameterization)
 }
 
 

@@ -1,4 +1,4 @@
-"""Forward SDEs in continuous time t in [eps, 1] (Song et al., 2021).
+"""Forward SDEs in continuous time t in [eps, T] (Song et al., 2021; T = 1 but for the linear path).
 
 Each SDE is described by its Gaussian perturbation kernel
     x_t = alpha(t) * x_0 + sigma(t) * z,   z ~ N(0, I)
@@ -31,15 +31,15 @@ class SDE(ABC):
     # 1e-5; the steps below 1e-3 cost network evaluations and change the sample by less than a pixel.
     default_sample_eps: float | None = None
 
-    def __init__(self, eps: float = 1e-5, sample_eps: float | None = None):
-        if not 0.0 < eps < 1.0:
-            raise ValueError(f"sde.eps must be in (0, 1), got {eps}")
+    def __init__(self, eps: float = 1e-5, sample_eps: float | None = None, T: float = 1.0):
+        if not 0.0 < eps < T:
+            raise ValueError(f"sde.eps must be in (0, T) = (0, {T:g}), got {eps}")
         self.eps = float(eps)
-        self.T = 1.0
+        self.T = float(T)
         if sample_eps is None:
             sample_eps = max(self.eps, self.default_sample_eps or self.eps)
         if not self.eps <= sample_eps < self.T:
-            raise ValueError(f"sde.sample_eps must be in [eps, 1) = [{self.eps}, 1), got {sample_eps}")
+            raise ValueError(f"sde.sample_eps must be in [eps, T) = [{self.eps}, {self.T:g}), got {sample_eps}")
         self.sample_eps = float(sample_eps)
 
     # --- marginals -------------------------------------------------------------------
@@ -49,6 +49,17 @@ class SDE(ABC):
     @abstractmethod
     def sigma(self, t: Tensor) -> Tensor: ...
 
+    def alpha_dot(self, t: Tensor) -> Tensor:
+        """d alpha / dt = f(t) alpha(t) for the drift f(t) x. Every SDE here has its closed form;
+        this general identity serves one that does not (tests/test_sde.py checks both)."""
+        return self.drift(torch.ones_like(t), t) * self.alpha(t)
+
+    def sigma_dot(self, t: Tensor) -> Tensor:
+        """d sigma / dt = (g^2/2 + f sigma^2) / sigma, from the marginal variance's ODE
+        d sigma^2/dt = 2 f sigma^2 + g^2 (general, like alpha_dot)."""
+        sigma = self.sigma(t)
+        return (0.5 * self.diffusion(t) ** 2 + self.drift(torch.ones_like(t), t) * sigma * sigma) / sigma
+
     def marginal(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return broadcast(self.alpha(t), x0) * x0 + broadcast(self.sigma(t), x0) * noise
 
@@ -57,7 +68,7 @@ class SDE(ABC):
         return self.sigma(t) / self.alpha(t)
 
     def t_from_noise_ratio(self, ratio: Tensor, iters: int = 64) -> Tensor:
-        """Invert noise_ratio by bisection (it is strictly increasing on [eps, 1])."""
+        """Invert noise_ratio by bisection (it is strictly increasing on [eps, T])."""
         ratio = torch.as_tensor(ratio, dtype=torch.float64)
         lo = torch.full_like(ratio, 0.0)
         hi = torch.full_like(ratio, self.T)
@@ -123,6 +134,12 @@ class VPSDE(SDE):
         # -expm1 keeps precision when t is tiny (sigma ~ sqrt(beta_min * t)).
         return torch.sqrt(-torch.expm1(-self.integrated_beta(t)))
 
+    def alpha_dot(self, t: Tensor) -> Tensor:
+        return -0.5 * self.beta(t) * self.alpha(t)
+
+    def sigma_dot(self, t: Tensor) -> Tensor:  # sigma^2 = 1 - exp(-B): 2 sigma sigma' = beta exp(-B)
+        return 0.5 * self.beta(t) * torch.exp(-self.integrated_beta(t)) / self.sigma(t)
+
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
         return -0.5 * broadcast(self.beta(t), x) * x
 
@@ -138,6 +155,9 @@ class SubVPSDE(VPSDE):
 
     def sigma(self, t: Tensor) -> Tensor:
         return -torch.expm1(-self.integrated_beta(t))
+
+    def sigma_dot(self, t: Tensor) -> Tensor:  # sigma = 1 - exp(-B)
+        return self.beta(t) * torch.exp(-self.integrated_beta(t))
 
     def diffusion(self, t: Tensor) -> Tensor:
         return torch.sqrt(self.beta(t) * -torch.expm1(-2.0 * self.integrated_beta(t)))
@@ -164,6 +184,12 @@ class VESDE(SDE):
     def sigma(self, t: Tensor) -> Tensor:
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
 
+    def alpha_dot(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    def sigma_dot(self, t: Tensor) -> Tensor:
+        return self.sigma(t) * math.log(self.sigma_max / self.sigma_min)
+
     def t_from_noise_ratio(self, ratio: Tensor, iters: int = 64) -> Tensor:
         ratio = torch.as_tensor(ratio, dtype=torch.float64)
         return torch.log(ratio / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
@@ -176,6 +202,54 @@ class VESDE(SDE):
 
     def prior_std(self) -> float:
         return self.sigma_max
+
+
+class LinearSDE(SDE):
+    """The straight path of flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023):
+    x_t = (1 - t) x0 + t z, alpha = 1 - t, sigma = t, velocity d x_t / dt = z - x0.
+
+    Its SDE is dx = -x/(1 - t) dt + sqrt(2t/(1 - t)) dw. alpha(1) = 0, where x/alpha and sigma/alpha
+    (every sampler's variables) are undefined, so the path ends at T = t_max < 1: the prior N(0, 1)
+    stands for x_T there, as for VP, whose alpha(1) is 0.0067 (t_max = 0.995: s(T) = 199, VP's 152).
+    The papers start from pure noise N(0, I) at t = 1 exactly; here the prior is N(0, (1 - T)^2 + T^2),
+    the marginal at T of unit-variance data (see prior_std), and it misses x_T's (1 - T) x0 term."""
+
+    name = "linear"
+    default_sample_eps = 1e-3
+
+    def __init__(self, eps: float = 1e-5, sample_eps: float | None = None, t_max: float = 0.995):
+        if not 0.0 < t_max < 1.0:
+            raise ValueError(f"sde.t_max must be in (0, 1) (alpha(1) = 0), got {t_max}")
+        super().__init__(eps, sample_eps, T=t_max)
+        self.t_max = float(t_max)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1.0 - t
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.as_tensor(t) * 1.0  # a new tensor, as the other SDEs return
+
+    def alpha_dot(self, t: Tensor) -> Tensor:
+        return -torch.ones_like(t)
+
+    def sigma_dot(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def t_from_noise_ratio(self, ratio: Tensor, iters: int = 64) -> Tensor:
+        ratio = torch.as_tensor(ratio, dtype=torch.float64)
+        return ratio / (1.0 + ratio)
+
+    def drift(self, x: Tensor, t: Tensor) -> Tensor:
+        return -x / broadcast(1.0 - t, x)
+
+    def prior_std(self) -> float:
+        """sqrt((1 - T)^2 + T^2) (0.99501 at T = 0.995): the std at T of data with unit variance, as VP's
+        1 is (alpha^2 + sigma^2 = 1 there). A plain N(0, 1) would claim data of variance
+        (1 - T^2)/(1 - T)^2 = 399 to samplers that start below T (samplers.common.start)."""
+        return math.sqrt((1.0 - self.T) ** 2 + self.T**2)
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return torch.sqrt(2.0 * t / (1.0 - t))
 
 
 def ddpm_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:

@@ -84,7 +84,7 @@ def test_input_scaling_gives_unit_variance_inputs_and_the_noise_label():
 def test_unknown_parameterization_is_refused():
     with pytest.raises(ValueError, match="unknown prediction type 'noise'"):
         make_parameterization("noise", VPSDE())
-    assert set(PARAMETERIZATIONS) == {"eps", "x0", "v", "score", "consistency"}
+    assert set(PARAMETERIZATIONS) == {"eps", "x0", "v", "score", "flow", "consistency"}
 
 
 def test_class_conditioner_null_dropout_and_sampling_labels():

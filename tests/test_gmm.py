@@ -12,7 +12,7 @@ from torch.distributions import Categorical, MixtureSameFamily, MultivariateNorm
 from diffctl.distances import mixture_report, random_directions, sliced_wasserstein
 from diffctl.errors import ConfigError
 from diffctl.networks.gmm import GaussianMixture, MixtureModel
-from diffctl.sde import SubVPSDE, VESDE, VPSDE
+from diffctl.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
 from helpers import run_cli, run_sample
 
 G = torch.Generator().manual_seed(0)
@@ -74,7 +74,7 @@ def test_exact_samples_and_moments():
         assert (torch.cov(xj.T) - COVS[j]).abs().max() < 5 * float(COVS[j].diagonal().max()) * math.sqrt(2 / len(xj))
 
 
-@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(sigma_max=30.0)], ids=["vp", "vpsub", "ve"])
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(sigma_max=30.0), LinearSDE()], ids=["vp", "vpsub", "ve", "linear"])
 def test_denoiser_at_time_t_uses_the_sde_marginal(sde):
     mix = GaussianMixture(MEANS, covariances=COVS, weights=WEIGHTS)
     t = torch.tensor([0.01, 0.3, 0.9], dtype=torch.float64)

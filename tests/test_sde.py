@@ -7,12 +7,13 @@ import pytest
 import torch
 from scipy import integrate
 
-from diffctl.sde import SubVPSDE, VESDE, VPSDE, ddpm_alphas_cumprod, ddpm_betas
+from diffctl.sde import SDE, LinearSDE, SubVPSDE, VESDE, VPSDE, ddpm_alphas_cumprod, ddpm_betas
 
 SDES = {
     "vp": lambda: VPSDE(0.1, 20.0),
     "vpsub": lambda: SubVPSDE(0.1, 20.0),
     "ve": lambda: VESDE(0.01, 50.0),
+    "linear": lambda: LinearSDE(),
 }
 TIMES = torch.tensor([1e-4, 0.01, 0.1, 0.3, 0.5, 0.8, 1.0], dtype=torch.float64)
 
@@ -117,15 +118,43 @@ def test_prior_sample_and_logp(name):
     std = sde.prior_std()
     expected = torch.distributions.Normal(0.0, std).log_prob(z).flatten(1).sum(1)
     torch.testing.assert_close(sde.prior_logp(z), expected)
-    # The prior is the t=1 marginal for data near 0.
-    assert float(sde.sigma(torch.tensor(1.0))) == pytest.approx(std, rel=1e-3)
+    # The prior is the t=T marginal for data near 0.
+    assert float(sde.sigma(torch.tensor(sde.T))) == pytest.approx(std, rel=1e-3)
 
 
 @pytest.mark.parametrize("name", list(SDES))
 def test_time_from_noise_ratio_inverts(name):
     sde = SDES[name]()
-    t = torch.tensor([sde.eps, 1e-3, 0.2, 0.6, 1.0])
+    t = torch.tensor([sde.eps, 1e-3, 0.2, 0.6, sde.T])
     torch.testing.assert_close(sde.t_from_noise_ratio(sde.noise_ratio(t)), t, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_alpha_and_sigma_rates_match_finite_differences_and_the_sde(name):
+    """Each SDE's closed-form alpha'(t), sigma'(t) against central differences of alpha, sigma and
+    against the identities alpha' = f alpha, sigma' = (g^2/2 + f sigma^2)/sigma (SDE's defaults)."""
+    sde = SDES[name]()
+    t, h = TIMES[1:-1], 1e-6
+    for rate, fun in ((sde.alpha_dot, sde.alpha), (sde.sigma_dot, sde.sigma)):
+        torch.testing.assert_close(rate(t), (fun(t + h) - fun(t - h)) / (2 * h), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(sde.alpha_dot(t), SDE.alpha_dot(sde, t), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sde.sigma_dot(t), SDE.sigma_dot(sde, t), rtol=1e-10, atol=1e-12)
+
+
+def test_linear_path_closed_forms():
+    """alpha = 1 - t, sigma = t, alpha' = -1, sigma' = 1; the path ends at t_max, and s(T) = T/(1 - T)."""
+    sde = LinearSDE(t_max=0.995)
+    t = TIMES[:-1]
+    assert torch.equal(sde.alpha(t), 1 - t) and torch.equal(sde.sigma(t), t)
+    assert torch.equal(sde.alpha_dot(t), -torch.ones_like(t)) and torch.equal(sde.sigma_dot(t), torch.ones_like(t))
+    assert sde.T == 0.995 and float(sde.noise_ratio(torch.tensor(sde.T))) == pytest.approx(199.0, rel=1e-12)
+    torch.testing.assert_close(sde.drift(torch.ones_like(t), t), -1 / (1 - t))
+    torch.testing.assert_close(sde.diffusion(t), torch.sqrt(2 * t / (1 - t)))
+    for bad in (1.0, 0.0):
+        with pytest.raises(ValueError, match="t_max"):
+            LinearSDE(t_max=bad)
+    with pytest.raises(ValueError, match=r"sample_eps must be in \[eps, T\)"):
+        LinearSDE(sample_eps=0.995)
 
 
 def test_invalid_parameters_raise():

@@ -9,7 +9,7 @@ from diffctl.sde import SDE
 
 
 def sample_times(sde: SDE, rng: BatchRandom, n: int) -> Tensor:
-    """t ~ U[eps, 1], stratified over the global batch (one draw per stratum) to lower variance."""
+    """t ~ U[eps, T], stratified over the global batch (one draw per stratum) to lower variance."""
     return sde.eps + (sde.T - sde.eps) * rng.stratified_uniform(n)
 
 

@@ -74,7 +74,9 @@ def noise_levels(sde, steps: int, spacing: str = "uniform", rho: float = 7.0, t_
         raise ValueError(f"steps must be >= 1, got {steps}")
     T, eps = sde.T, (sde.sample_eps if t_end is None else t_end)
     if spacing == "trailing":
-        return T * torch.arange(steps, 0, -1, dtype=torch.float64) / steps
+        t = T * torch.arange(steps, 0, -1, dtype=torch.float64) / steps
+        t[0] = T  # T steps / steps need not round back to T (sde=linear's 0.995), and `start` tests t == T
+        return t
     if spacing in ("leading", "quadratic"):
         return _ddim_grid(steps, spacing, T, eps)
     u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)

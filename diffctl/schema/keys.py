@@ -92,11 +92,13 @@ MODEL = {"diffctl.networks.UNet": UNET, "diffctl.networks.unet.UNet": UNET, "dif
 _TIMES = {"eps": Float(gt=0, lt=1), "sample_eps": Float(gt=0, lt=1, null=True)}
 VP = {"beta_min": Float(ge=0), "beta_max": Float(gt=0), **_TIMES}
 VE = {"sigma_min": Float(gt=0), "sigma_max": Float(gt=0), **_TIMES}
-SDE = {"diffctl.sde.VPSDE": VP, "diffctl.sde.SubVPSDE": VP, "diffctl.sde.VESDE": VE}
+LINEAR = {"t_max": Float(gt=0, lt=1), **_TIMES}
+SDE = {"diffctl.sde.VPSDE": VP, "diffctl.sde.SubVPSDE": VP, "diffctl.sde.VESDE": VE, "diffctl.sde.LinearSDE": LINEAR}
 
 OBJECTIVE = {
     "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood"), "prediction": Choice("eps", "x0", "v", null=True)},
     "diffctl.objectives.NCSNObjective": {},
+    "diffctl.objectives.FlowObjective": {"time_sampling": Choice("uniform", "logit_normal"), "logit_mean": Float(), "logit_std": Float(gt=0)},
     "diffctl.objectives.RegressionObjective": {},
     "diffctl.objectives.ProgressiveObjective": {"teacher": PATH_OR_NULL, "student_steps": Int(lo=1),
                                                 "weighting": Choice("truncated_snr", "snr"), "clip_teacher": Bool(null=True)},
