@@ -21,11 +21,11 @@ from diffctl.objectives import ProgressiveObjective
 from diffctl.parameterization import Prediction, split
 from diffctl.rng import BatchRandom
 from diffctl.samplers import generate
-from diffctl.sde import SubVPSDE, VESDE, VPSDE, broadcast
+from diffctl.sde import LinearSDE, SubVPSDE, VESDE, VPSDE, broadcast
 from helpers import load_ckpt, run_sample, run_train, tiny_overrides
 
 MIXTURE = GaussianMixture(means=[[-1.0, 0.5], [1.5, -0.5], [0.0, 2.0]], scales=[0.3, 0.5, 0.2], weights=[0.5, 0.3, 0.2])
-SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(sigma_max=20.0)}
+SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(sigma_max=20.0), "linear": LinearSDE()}
 DDIM = {"name": "ddim", "spacing": "trailing"}
 
 
