@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from diffctl.errors import ConfigError
 
-DENOISING = ("eps", "x0", "v", "score")  # what the ddpm and ncsn losses train
+DENOISING = ("eps", "x0", "v", "score", "edm")  # what the ddpm and ncsn losses train
 # objective class (the `_target_` of conf/objective/*.yaml) -> (its name there, its own
 # parameterization, the parameterizations its loss can train)
 OBJECTIVE_PREDICTIONS = {
