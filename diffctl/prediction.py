@@ -1,9 +1,9 @@
 """Which parameterization a run's network has (what it outputs): one resolver that every reader uses.
 
 `denoiser.prediction` chooses it, as part of the composed model; null takes the objective's own
-(ddpm: eps, ncsn: score, consistency: consistency, regression: x0). The denoising losses work in their own space
-through the model's conversions (DDPMObjective compares pred.eps with the noise, NCSN uses
-pred.score), so they train any of eps, x0, v and score; consistency needs its own c_skip/c_out.
+(ddpm: eps, ncsn: score, consistency: consistency, regression: x0, edm: edm). The denoising losses work in
+their own space through the model's conversions (DDPMObjective compares pred.eps with the noise, NCSN uses
+pred.score, EDM pred.x0), so they train any of eps, x0, v, score and edm; consistency needs its own c_skip/c_out.
 `objective.prediction` (ddpm) is where configs and checkpoints before denoiser.prediction named it;
 it still counts, and must agree with denoiser.prediction when both are given. Torch-free: the
 schema (diffctl/schema/keys.py) runs it before torch is imported.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from diffctl.errors import ConfigError
 
-DENOISING = ("eps", "x0", "v", "score", "edm")  # what the ddpm and ncsn losses train
+DENOISING = ("eps", "x0", "v", "score", "edm")  # what the ddpm, ncsn and edm losses train
 # objective class (the `_target_` of conf/objective/*.yaml) -> (its name there, its own
 # parameterization, the parameterizations its loss can train)
 OBJECTIVE_PREDICTIONS = {
@@ -21,6 +21,7 @@ OBJECTIVE_PREDICTIONS = {
     "diffctl.objectives.NCSNObjective": ("ncsn", "score", DENOISING),
     "diffctl.objectives.ConsistencyObjective": ("consistency", "consistency", ("consistency",)),
     "diffctl.objectives.RegressionObjective": ("regression", "x0", ("x0",)),  # its loss is in x0 at t = T
+    "diffctl.objectives.EDMObjective": ("edm", "edm", DENOISING),
 }
 PREDICTIONS = (*DENOISING, "consistency")  # every value denoiser.prediction may take (besides null)
 

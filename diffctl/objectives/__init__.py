@@ -15,8 +15,11 @@ from __future__ import annotations
 from diffctl.objectives.base import Objective, sample_times
 from diffctl.objectives.consistency import TARGET_DECAY_RULES, ConsistencyObjective
 from diffctl.objectives.denoising import DDPMObjective, NCSNObjective
+from diffctl.objectives.edm import EDMObjective
 from diffctl.objectives.regression import RegressionObjective
 
-OBJECTIVES = {"ddpm": DDPMObjective, "ncsn": NCSNObjective, "consistency": ConsistencyObjective, "regression": RegressionObjective}
+OBJECTIVES = {"ddpm": DDPMObjective, "ncsn": NCSNObjective, "consistency": ConsistencyObjective, "regression": RegressionObjective,
+              "edm": EDMObjective}
 
-__all__ = ["OBJECTIVES", "Objective", "TARGET_DECAY_RULES", "DDPMObjective", "NCSNObjective", "ConsistencyObjective", "RegressionObjective", "sample_times"]
+__all__ = ["OBJECTIVES", "Objective", "TARGET_DECAY_RULES", "DDPMObjective", "NCSNObjective", "ConsistencyObjective", "RegressionObjective", "EDMObjective",
+           "sample_times"]

@@ -98,6 +98,7 @@ OBJECTIVE = {
     "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood"), "prediction": Choice("eps", "x0", "v", null=True)},
     "diffctl.objectives.NCSNObjective": {},
     "diffctl.objectives.RegressionObjective": {},
+    "diffctl.objectives.EDMObjective": {"p_mean": Float(), "p_std": Float(gt=0), "sigma_data": Float(gt=0)},
     "diffctl.objectives.ConsistencyObjective": {
         "num_scales_start": Int(lo=2), "num_scales_end": Int(lo=2), "target_decay_start": Float(ge=0, lt=1),
         "target_decay_rule": Choice("paper", "code"), "rho": Float(gt=0), "metric": Choice("l2", "l1", "pseudo_huber"),
