@@ -95,7 +95,8 @@ VE = {"sigma_min": Float(gt=0), "sigma_max": Float(gt=0), **_TIMES}
 SDE = {"diffctl.sde.VPSDE": VP, "diffctl.sde.SubVPSDE": VP, "diffctl.sde.VESDE": VE}
 
 OBJECTIVE = {
-    "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood"), "prediction": Choice("eps", "x0", "v", null=True)},
+    "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood", "min_snr"),
+                                         "prediction": Choice("eps", "x0", "v", null=True), "snr_gamma": Float(gt=0, null=True)},
     "diffctl.objectives.NCSNObjective": {},
     "diffctl.objectives.RegressionObjective": {},
     "diffctl.objectives.EDMObjective": {"p_mean": Float(), "p_std": Float(gt=0), "sigma_data": Float(gt=0)},
