@@ -238,6 +238,24 @@ def _outputs(kind, f, x, a, s):
     return x0, eps, a * eps - s * x0
 
 
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_the_edm_loss_trains_other_parameterizations_through_their_x0(kind):
+    """With an eps, x0 or v network the loss is lambda(s) ||x0_hat - x0||^2, x0_hat by hand from the raw output."""
+    sde, sd, n = SDES["vp"], 0.5, 8
+    model = compose(_perturbed_unet(), sde, kind, sigma_data=sd)
+    x0 = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    obj = EDMObjective(sde, sigma_data=sd)
+    loss = obj.loss(model, x0, None, _rng(n, seed=3))
+    rng = _rng(n, seed=3)
+    t = obj.times(obj.noise_ratios(rng, n))
+    noise = rng.randn(x0.shape, torch.float64)
+    a, s = _col(sde.alpha(t), x0), _col(sde.sigma(t), x0)
+    x = a * x0 + s * noise
+    x0_hat = _outputs(kind, model.raw(x, t), x, a, s)[0]
+    lam = table1(sde.noise_ratio(t), sd)["lambda"]
+    torch.testing.assert_close(loss, (lam * (x0_hat - x0).pow(2).flatten(1).mean(1)).mean(), rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("gamma", [5.0, 1.0])
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
 @pytest.mark.parametrize("name", list(SDES))
