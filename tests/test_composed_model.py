@@ -32,7 +32,7 @@ TRUE_OUTPUT = {
     "v": lambda x0, eps, a, s: a * eps - s * x0,
     "score": lambda x0, eps, a, s: -eps,
     # EDM (Karras et al. Table 1, sigma_data 0.5) in y = x/a = x0 + r eps, r = s/a: F = (x0 - c_skip y)/c_out
-    "edm": lambda x0, eps, a, s: (x0 - 0.25 / ((s / a) ** 2 + 0.25) * (x0 + s / a * eps)) / (0.5 * (s / a) / torch.sqrt(0.25 + (s / a) ** 2)),
+    "edm": lambda x0, eps, a, s: (x0 - 0.25 / ((s / a) ** 2 + 0.25) * (x0 + s / a * eps)) / (0.5 * s / a / torch.sqrt(0.25 + (s / a) ** 2)),
 }
 
 

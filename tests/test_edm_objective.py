@@ -208,6 +208,18 @@ def test_with_its_own_parameterization_the_loss_is_the_unit_weight_mse_of_f(name
     torch.testing.assert_close(loss, (f - effective).pow(2).mean(), rtol=1e-9, atol=0)
 
 
+def test_an_edm_network_computes_the_same_loss_under_every_sde():
+    """In y = x/alpha every SDE is y = x0 + s eps, and the edm network sees only c_in(s) y and ln(s)/4: for
+    draws that no SDE clamps (its range covers |z| <= 5.9, the keyed normals' bound) the loss is one number.
+    A noise label in t (the other kinds' 1000 t) would tell the SDEs apart."""
+    n = 8
+    x0 = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    net = _perturbed_unet()
+    sdes = (VPSDE(1e-3, 30.0), SubVPSDE(1e-3, 30.0), VESDE(1e-4, 1e3))  # each covers s in [1.1e-4, 1e3]
+    losses = [float(EDMObjective(sde).loss(compose(net, sde, "edm"), x0, None, _rng(n, seed=8))) for sde in sdes]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-9) and losses[2] == pytest.approx(losses[0], rel=1e-9), losses
+
+
 def test_the_draws_are_keyed_and_split_across_ranks_like_the_global_batch():
     sde, n, world = VPSDE(), 8, 2
     model = compose(_perturbed_unet(), sde, "edm")
