@@ -195,9 +195,39 @@ class ConsistencyParameterization(Parameterization):
         return split("x0", x0, x, alpha, sigma)
 
 
+class EDMParameterization(Parameterization):
+    """EDM's preconditioning (Karras et al. 2022, Table 1) in the VE variables y = x/alpha, s = sigma/alpha,
+    where every SDE here is y = x0 + s eps and s is EDM's sigma:
+        D(y; s) = c_skip(s) y + c_out(s) F(c_in(s) y, c_noise(s)),
+        c_skip = sd^2/(s^2 + sd^2), c_out = s sd/sqrt(s^2 + sd^2), c_in = 1/sqrt(s^2 + sd^2), c_noise = ln(s)/4.
+    c_in is NetworkInputs' (x/sqrt(alpha^2 sd^2 + sigma^2) = y/sqrt(s^2 + sd^2); denoiser.scale_input=false
+    turns it off as for every kind, which EDM never does). c_noise is EDM's ln(s)/4, not the 1000 t of the
+    other kinds: the U-Net and DiT feed it to the same sinusoidal embedding (frequencies 1 .. 1e-4) that EDM's
+    PositionalEmbedding is, so, as in EDM, only the fastest frequencies vary over ln(s)/4 in about [-1.7, 1.3]."""
+
+    name = "edm"
+
+    def scalings(self, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """EDM's c_skip(s), c_out(s) (applied to y = x/alpha), s = sigma/alpha."""
+        s, sd2 = sigma / alpha, self.sigma_data**2
+        return sd2 / (s * s + sd2), s * self.sigma_data / torch.sqrt(s * s + sd2)
+
+    def c_noise(self, t: Tensor) -> Tensor:
+        return 0.25 * torch.log(self.sde.noise_ratio(t))
+
+    def c_skip_out(self, t, alpha, sigma):
+        c_skip, c_out = self.scalings(alpha, sigma)
+        return c_skip / alpha, c_out
+
+    def predict(self, out, x, t, alpha, sigma):
+        c_skip, c_out = self.scalings(alpha, sigma)
+        return split("x0", c_skip * (x / alpha) + c_out * out, x, alpha, sigma)
+
+
 PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
     cls.name: cls
-    for cls in (EpsParameterization, X0Parameterization, VParameterization, ScoreParameterization, FlowParameterization, ConsistencyParameterization)
+    for cls in (EpsParameterization, X0Parameterization, VParameterization, ScoreParameterization, FlowParameterization,
+                ConsistencyParameterization, EDMParameterization)  # fmt: skip
 }
 
 

@@ -1,10 +1,10 @@
 """Which parameterization a run's network has (what it outputs): one resolver that every reader uses.
 
 `denoiser.prediction` chooses it, as part of the composed model; null takes the objective's own
-(ddpm: eps, ncsn: score, flow: flow, consistency: consistency, regression: x0). The denoising losses work in
-their own space through the model's conversions (DDPMObjective compares pred.eps with the noise, NCSN
-uses pred.score, FlowObjective the velocity of (pred.x0, pred.eps)), so they train any of eps, x0, v,
-score and flow; consistency needs its own c_skip/c_out.
+(ddpm: eps, ncsn: score, flow: flow, edm: edm, consistency: consistency, regression: x0). The denoising
+losses work in their own space through the model's conversions (DDPMObjective compares pred.eps with the
+noise, NCSN uses pred.score, FlowObjective the velocity of (pred.x0, pred.eps), EDM pred.x0), so they
+train any of eps, x0, v, score, flow and edm; consistency needs its own c_skip/c_out.
 `objective.prediction` (ddpm) is where configs and checkpoints before denoiser.prediction named it;
 it still counts, and must agree with denoiser.prediction when both are given. Torch-free: the
 schema (diffctl/schema/keys.py) runs it before torch is imported.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from diffctl.errors import ConfigError
 
-DENOISING = ("eps", "x0", "v", "score", "flow")  # what the ddpm, ncsn and flow losses train
+DENOISING = ("eps", "x0", "v", "score", "flow", "edm")  # what the ddpm, ncsn, flow and edm losses train
 # objective class (the `_target_` of conf/objective/*.yaml) -> (its name there, its own
 # parameterization, the parameterizations its loss can train)
 OBJECTIVE_PREDICTIONS = {
@@ -23,6 +23,7 @@ OBJECTIVE_PREDICTIONS = {
     "diffctl.objectives.FlowObjective": ("flow", "flow", DENOISING),
     "diffctl.objectives.ConsistencyObjective": ("consistency", "consistency", ("consistency",)),
     "diffctl.objectives.RegressionObjective": ("regression", "x0", ("x0",)),  # its loss is in x0 at t = T
+    "diffctl.objectives.EDMObjective": ("edm", "edm", DENOISING),
     # the student takes the teacher's denoiser.prediction (diffctl.teacher); v is the paper's choice
     "diffctl.objectives.ProgressiveObjective": ("progressive", "v", DENOISING),
 }

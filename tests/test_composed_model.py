@@ -25,12 +25,14 @@ def _pair(sde, t):
 
 
 # What each kind's network must output for the true (x0, eps), from the definitions in the papers:
-# eps (Ho et al.), x0, v = alpha eps - sigma x0 (Salimans & Ho), score = F / sigma = -eps / sigma (NCSN).
+# eps (Ho et al.), x0, v = alpha eps - sigma x0 (Salimans & Ho), score = F / sigma = -eps / sigma (NCSN), edm.
 TRUE_OUTPUT = {
     "eps": lambda x0, eps, a, s: eps,
     "x0": lambda x0, eps, a, s: x0,
     "v": lambda x0, eps, a, s: a * eps - s * x0,
     "score": lambda x0, eps, a, s: -eps,
+    # EDM (Karras et al. Table 1, sigma_data 0.5) in y = x/a = x0 + r eps, r = s/a: F = (x0 - c_skip y)/c_out
+    "edm": lambda x0, eps, a, s: (x0 - 0.25 / ((s / a) ** 2 + 0.25) * (x0 + s / a * eps)) / (0.5 * s / a / torch.sqrt(0.25 + (s / a) ** 2)),
 }
 
 
@@ -84,7 +86,7 @@ def test_input_scaling_gives_unit_variance_inputs_and_the_noise_label():
 def test_unknown_parameterization_is_refused():
     with pytest.raises(ValueError, match="unknown prediction type 'noise'"):
         make_parameterization("noise", VPSDE())
-    assert set(PARAMETERIZATIONS) == {"eps", "x0", "v", "score", "flow", "consistency"}
+    assert set(PARAMETERIZATIONS) == {"eps", "x0", "v", "score", "flow", "consistency", "edm"}
 
 
 def test_class_conditioner_null_dropout_and_sampling_labels():

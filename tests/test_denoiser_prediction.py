@@ -164,7 +164,7 @@ CONSISTENCY = "error: denoiser.prediction must be null or consistency with objec
     (["objective.prediction=x0", "denoiser.prediction=v"], CONFLICT),
     (["objective=consistency", "denoiser.prediction=x0"], CONSISTENCY),
     (["objective=ncsn", "denoiser.prediction=consistency"],
-     "error: denoiser.prediction must be null, eps, x0, v, score or flow with objective=ncsn, got consistency"),
+     "error: denoiser.prediction must be null, eps, x0, v, score, flow or edm with objective=ncsn, got consistency"),
 ])  # fmt: skip
 def test_impossible_combinations_are_one_line_errors_before_any_work(overrides, line, tmp_path):
     cfg = compose_train(tmp_path, [*tiny_overrides("unet"), *overrides])

@@ -15,12 +15,13 @@ from __future__ import annotations
 from diffctl.objectives.base import Objective, sample_times
 from diffctl.objectives.consistency import TARGET_DECAY_RULES, ConsistencyObjective
 from diffctl.objectives.denoising import DDPMObjective, NCSNObjective
+from diffctl.objectives.edm import EDMObjective
 from diffctl.objectives.flow import FlowObjective
 from diffctl.objectives.progressive import ProgressiveObjective
 from diffctl.objectives.regression import RegressionObjective
 
-OBJECTIVES = {"ddpm": DDPMObjective, "ncsn": NCSNObjective, "flow": FlowObjective, "consistency": ConsistencyObjective,
-              "regression": RegressionObjective, "progressive": ProgressiveObjective}
+OBJECTIVES = {"ddpm": DDPMObjective, "ncsn": NCSNObjective, "flow": FlowObjective, "edm": EDMObjective,
+              "consistency": ConsistencyObjective, "regression": RegressionObjective, "progressive": ProgressiveObjective}
 
-__all__ = ["OBJECTIVES", "Objective", "TARGET_DECAY_RULES", "DDPMObjective", "NCSNObjective", "FlowObjective", "ConsistencyObjective",
-           "RegressionObjective", "ProgressiveObjective", "sample_times"]
+__all__ = ["OBJECTIVES", "Objective", "TARGET_DECAY_RULES", "DDPMObjective", "NCSNObjective", "FlowObjective", "EDMObjective",
+           "ConsistencyObjective", "RegressionObjective", "ProgressiveObjective", "sample_times"]

@@ -96,10 +96,12 @@ LINEAR = {"t_max": Float(gt=0, lt=1), **_TIMES}
 SDE = {"diffctl.sde.VPSDE": VP, "diffctl.sde.SubVPSDE": VP, "diffctl.sde.VESDE": VE, "diffctl.sde.LinearSDE": LINEAR}
 
 OBJECTIVE = {
-    "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood"), "prediction": Choice("eps", "x0", "v", null=True)},
+    "diffctl.objectives.DDPMObjective": {"weighting": Choice("simple", "likelihood", "min_snr"),
+                                         "prediction": Choice("eps", "x0", "v", null=True), "snr_gamma": Float(gt=0, null=True)},
     "diffctl.objectives.NCSNObjective": {},
     "diffctl.objectives.FlowObjective": {"time_sampling": Choice("uniform", "logit_normal"), "logit_mean": Float(), "logit_std": Float(gt=0)},
     "diffctl.objectives.RegressionObjective": {},
+    "diffctl.objectives.EDMObjective": {"p_mean": Float(), "p_std": Float(gt=0), "sigma_data": Float(gt=0)},
     "diffctl.objectives.ProgressiveObjective": {"teacher": PATH_OR_NULL, "student_steps": Int(lo=1),
                                                 "weighting": Choice("truncated_snr", "snr"), "clip_teacher": Bool(null=True)},
     "diffctl.objectives.ConsistencyObjective": {
