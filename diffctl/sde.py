@@ -209,8 +209,8 @@ class LinearSDE(SDE):
     x_t = (1 - t) x0 + t z, alpha = 1 - t, sigma = t, velocity d x_t / dt = z - x0.
 
     Its SDE is dx = -x/(1 - t) dt + sqrt(2t/(1 - t)) dw. alpha(1) = 0, where x/alpha and sigma/alpha
-    (every sampler's variables) are undefined, so the path ends at T = t_max < 1: the prior N(0, 1)
-    stands for x_T there, as for VP, whose alpha(1) is 0.0067 (t_max = 0.995: s(T) = 199, VP's 152).
+    (every sampler's variables) are undefined, so the path ends at T = t_max < 1 and the prior stands
+    for x_T there, as for VP, whose alpha(1) is 0.0067 (t_max = 0.995: s(T) = 199, VP's 152).
     The papers start from pure noise N(0, I) at t = 1 exactly; here the prior is N(0, (1 - T)^2 + T^2),
     the marginal at T of unit-variance data (see prior_std), and it misses x_T's (1 - T) x0 term."""
 
