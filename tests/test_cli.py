@@ -26,7 +26,7 @@ def test_train_help_lists_config_groups_and_choices(tmp_path):
     out = run_cli(["train", "--help"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "diffctl train" in out.stdout
-    for text in ["model: dit, gmm, unet", "sde: ve, vp, vpsub", "objective: consistency, ddpm, ncsn"]:
+    for text in ["model: dit, gmm, unet", "sde: linear, ve, vp, vpsub", "objective: consistency, ddpm, edm, flow, ncsn, progressive"]:
         assert text in out.stdout
 
 

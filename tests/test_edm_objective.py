@@ -316,7 +316,7 @@ def test_configs_choose_the_edm_parameterization_and_refuse_what_cannot_train(tm
     assert (obj.p_mean, obj.p_std, obj.sigma_data) == (-1.2, 1.2, 0.7)  # sigma_data follows denoiser.sigma_data
     validate(compose_train(tmp_path, [*tiny_overrides("unet"), "denoiser.prediction=edm"]), "train")  # ddpm trains it too
     validate(compose_train(tmp_path, [*tiny_overrides("unet"), "objective=edm", "denoiser.prediction=v"]), "train")
-    with pytest.raises(ConfigError, match="must be null, eps, x0, v, score or edm with objective=edm, got consistency"):
+    with pytest.raises(ConfigError, match="must be null, eps, x0, v, score, flow or edm with objective=edm, got consistency"):
         validate(compose_train(tmp_path, [*tiny_overrides("unet"), "objective=edm", "denoiser.prediction=consistency"]), "train")
     with pytest.raises(ConfigError, match="objective.p_std must be > 0"):
         validate(compose_train(tmp_path, [*tiny_overrides("unet"), "objective=edm", "objective.p_std=0"]), "train")
