@@ -20,7 +20,7 @@ from diffctl.prediction import OBJECTIVE_PREDICTIONS, model_prediction
 from diffctl.rng import BatchRandom
 from diffctl.samplers import ode
 from diffctl.sde import LinearSDE, SubVPSDE, VESDE, VPSDE, broadcast
-from helpers import run_cli, run_sample, tiny_overrides
+from helpers import load_ckpt, run_cli, run_sample, run_train, tiny_overrides
 
 SDES = {"vp": VPSDE(), "vpsub": SubVPSDE(), "ve": VESDE(0.02, 10.0), "linear": LinearSDE()}
 MIXTURE = GaussianMixture(
@@ -280,15 +280,12 @@ def test_ode_euler_on_linear_matches_diffusers_flow_match_euler_step_by_step():
 
 # -------------------------------------------------------------------------------- the CLI
 def test_train_linear_flow_then_sample(tmp_path):
-    """`diffctl train sde=linear objective=flow` for 3 steps as a user runs it (the network outputs the
-    velocity; logit-normal times), then `diffctl sample` from its checkpoint with rectified flow's Euler
-    (in-process) and with pc (the CLI)."""
+    """`diffctl train sde=linear objective=flow` for 3 steps (the network outputs the velocity;
+    logit-normal times), then `diffctl sample` from its checkpoint with rectified flow's Euler
+    (in-process) and with pc (the CLI, as a user runs it)."""
     run_dir = tmp_path / "run"
-    train = ["train", *tiny_overrides("unet"), "sde=linear", "objective=flow", "objective.time_sampling=logit_normal", f"hydra.run.dir={run_dir}"]
-    out = run_cli(train, tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = sorted(run_dir.rglob("*.ckpt"))[-1]
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
+    run_train(run_dir, [*tiny_overrides("unet"), "sde=linear", "objective=flow", "objective.time_sampling=logit_normal"])
+    saved = load_ckpt(run_dir / "checkpoints" / "last.ckpt")["hyper_parameters"]
     text = json.dumps(saved, default=str)
     assert "diffctl.sde.LinearSDE" in text and "diffctl.objectives.FlowObjective" in text
     run_sample(tmp_path / "euler", [f"ckpt={run_dir}", "sampler=ode", "sampler.solver=euler", "steps=3", "num_samples=3", "batch_size=3", "metrics.names=[]"])
