@@ -8,8 +8,9 @@ import torch
 from helpers import compose_train, load_ckpt, run_train, subtree, tiny_overrides
 
 MODELS = ["unet", "dit"]
-SDES = ["vp", "vpsub", "ve"]
-OBJECTIVES = ["ddpm", "ncsn", "consistency"]
+SDES = ["vp", "vpsub", "ve", "linear"]
+# (progressive needs a teacher: tests/test_progressive.py; regression a condition: tests/test_regression_objective.py)
+OBJECTIVES = ["ddpm", "ncsn", "flow", "edm", "consistency"]
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -24,7 +25,7 @@ def test_every_combination_trains(tmp_path, model, sde, objective):
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert (tmp_path / "samples" / "step_0000003.png").is_file()
     stored = ckpt["hyper_parameters"]["config"]
-    assert stored["sde"]["_target_"].endswith({"vp": "VPSDE", "vpsub": "SubVPSDE", "ve": "VESDE"}[sde])
+    assert stored["sde"]["_target_"].endswith({"vp": "VPSDE", "vpsub": "SubVPSDE", "ve": "VESDE", "linear": "LinearSDE"}[sde])
 
 
 def _logged_losses(run_dir):
