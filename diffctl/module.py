@@ -119,7 +119,7 @@ class DiffusionModule(L.LightningModule):
         rng = BatchRandom(self.seed, *keyed)
         conditioner = self.denoiser.conditioner  # label dropout (CFG's null class) drawn before the objective's noise
         cond = conditioner.drop(conditioner.from_batch(batch, rng), rng)
-        loss = self.objective.loss(self.denoiser, x, cond, rng, target=self.target, step=step)
+        loss = self.objective.loss(self.denoiser, x, cond, rng, target=self.target, step=step, batch=batch)
         self._track_finite(loss.detach(), step, micro)
         if self._loss_is_read_at(step):
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)

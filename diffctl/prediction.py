@@ -21,6 +21,8 @@ OBJECTIVE_PREDICTIONS = {
     "diffctl.objectives.DDPMObjective": ("ddpm", "eps", DENOISING),
     "diffctl.objectives.NCSNObjective": ("ncsn", "score", DENOISING),
     "diffctl.objectives.FlowObjective": ("flow", "flow", DENOISING),
+    # the (k+1)-rectified flow takes its teacher's denoiser.prediction (diffctl.teacher)
+    "diffctl.objectives.ReflowObjective": ("reflow", "flow", DENOISING),
     "diffctl.objectives.ConsistencyObjective": ("consistency", "consistency", ("consistency",)),
     "diffctl.objectives.RegressionObjective": ("regression", "x0", ("x0",)),  # its loss is in x0 at t = T
     "diffctl.objectives.EDMObjective": ("edm", "edm", DENOISING),

@@ -34,7 +34,8 @@ def adopt_teacher_model(cfg: DictConfig) -> str | None:
     if cfg.get("resume") or not getattr(get_class(cfg.objective._target_), "model_from_teacher", False):
         return None
     if not cfg.objective.get("teacher"):
-        raise ConfigError("objective.teacher must name the checkpoint or run directory to distil (a diffusion model's)")
+        name = cfg.objective._target_.rsplit(".", 1)[-1].removesuffix("Objective").lower()
+        raise ConfigError(f"objective={name} needs objective.teacher: the checkpoint or run directory of the diffusion model it starts from")
     path = resolve_checkpoint(cfg.objective.teacher, "objective.teacher")
     stored = checkpoint_config(load_checkpoint(path, "objective.teacher"), path)
     check_stored_targets(stored, path)

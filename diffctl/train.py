@@ -28,6 +28,7 @@ from diffctl.console import ParamSummary, StepProgressBar, route_library_logs
 from diffctl.checkpoint import AtomicCheckpointIO, checkpoint_config, load_checkpoint, resolve_checkpoint
 from diffctl.errors import CheckpointError, ConfigError
 from diffctl.teacher import adopt_teacher_model, attach_teacher, init_from_teacher
+from diffctl.pairs import attach_pairs
 from diffctl.latent_training import encode_training_set, load_codec, resumed_codec, uses_first_stage
 from diffctl.memory import check_train
 from diffctl.networks.gmm import is_mixture
@@ -186,6 +187,7 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         codec, shape = load_codec(cfg, datamodule, shape, resumed_codec(cfg, ckpt_path))
     with open_dict(cfg):
         cfg.data_shape = shape
+    attach_pairs(cfg, datamodule, shape)  # reflow: the training set is the flow model's (noise, sample) pairs
     check_train(cfg, datamodule, shape)  # before the dataset and the network are allocated
     if codec is not None:  # encoded once, cached on disk (diffctl/latents.py)
         encode_training_set(cfg, datamodule, codec, accelerator_type(cfg.trainer.get("accelerator", "auto")))
@@ -198,6 +200,8 @@ def train(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> dict[st
         cfg.denoiser.prediction = denoiser.capabilities.prediction
     if getattr(objective, "teacher", None) is not None and objective.init_from_teacher:
         init_from_teacher(denoiser, objective.teacher)
+    if not getattr(objective, "keeps_teacher", True):  # reflow: the teacher gave its weights, training needs no more
+        objective.teacher = None
 
     module = DiffusionModule(
         denoiser,

@@ -18,10 +18,11 @@ from diffctl.objectives.denoising import DDPMObjective, NCSNObjective
 from diffctl.objectives.edm import EDMObjective
 from diffctl.objectives.flow import FlowObjective
 from diffctl.objectives.progressive import ProgressiveObjective
+from diffctl.objectives.reflow import ReflowObjective
 from diffctl.objectives.regression import RegressionObjective
 
-OBJECTIVES = {"ddpm": DDPMObjective, "ncsn": NCSNObjective, "flow": FlowObjective, "edm": EDMObjective,
+OBJECTIVES = {"ddpm": DDPMObjective, "ncsn": NCSNObjective, "flow": FlowObjective, "reflow": ReflowObjective, "edm": EDMObjective,
               "consistency": ConsistencyObjective, "regression": RegressionObjective, "progressive": ProgressiveObjective}
 
-__all__ = ["OBJECTIVES", "Objective", "TARGET_DECAY_RULES", "DDPMObjective", "NCSNObjective", "FlowObjective", "EDMObjective",
+__all__ = ["OBJECTIVES", "Objective", "TARGET_DECAY_RULES", "DDPMObjective", "NCSNObjective", "FlowObjective", "ReflowObjective", "EDMObjective",
            "ConsistencyObjective", "RegressionObjective", "ProgressiveObjective", "sample_times"]

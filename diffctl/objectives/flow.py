@@ -54,7 +54,10 @@ class FlowObjective(Objective):
 
     def loss(self, model: DiffusionModel, x0: Tensor, cond: dict | None, rng: BatchRandom, **_) -> Tensor:
         t = self.times(rng, x0.shape[0]).to(x0.dtype)
-        noise = rng.randn(x0.shape, x0.dtype)
+        return self.velocity_loss(model, x0, rng.randn(x0.shape, x0.dtype), t, cond)
+
+    def velocity_loss(self, model: DiffusionModel, x0: Tensor, noise: Tensor, t: Tensor, cond: dict | None) -> Tensor:
+        """The loss at x_t = alpha x0 + sigma noise: the per-sample mean squared velocity error, batch mean."""
         pred = model(self.sde.marginal(x0, t, noise), t, cond)
         target = velocity(self.sde, t, x0, noise)
         return (velocity(self.sde, t, pred.x0, pred.eps) - target).pow(2).flatten(1).mean(1).mean()

@@ -62,7 +62,7 @@ def _check_sampler(data, key: str) -> None:
 SAMPLER_NODE = SamplerNode(_check_sampler)  # sampler, sample_grid.sampler
 COMMANDS = {"train": "train", "sample": "sample", "likelihood": "likelihood", "fid_stats": "fid-stats", "export": "export",
             "train_classifier": "train-classifier", "train_autoencoder": "train-autoencoder", "inpaint": "inpaint",
-            "metrics_command": "metrics", "distill": "distill"}
+            "metrics_command": "metrics", "distill": "distill", "reflow": "reflow"}
 
 # ---------------------------------------------------------------- groups
 
@@ -100,6 +100,8 @@ OBJECTIVE = {
                                          "prediction": Choice("eps", "x0", "v", null=True), "snr_gamma": Float(gt=0, null=True)},
     "diffctl.objectives.NCSNObjective": {},
     "diffctl.objectives.FlowObjective": {"time_sampling": Choice("uniform", "logit_normal"), "logit_mean": Float(), "logit_std": Float(gt=0)},
+    "diffctl.objectives.ReflowObjective": {"pairs": PATH_OR_NULL, "teacher": PATH_OR_NULL, "init_from_teacher": Bool(),
+                                           "time_sampling": Choice("uniform", "logit_normal"), "logit_mean": Float(), "logit_std": Float(gt=0)},
     "diffctl.objectives.RegressionObjective": {},
     "diffctl.objectives.EDMObjective": {"p_mean": Float(), "p_std": Float(gt=0), "sigma_data": Float(gt=0)},
     "diffctl.objectives.ProgressiveObjective": {"teacher": PATH_OR_NULL, "student_steps": Int(lo=1),
@@ -257,7 +259,20 @@ def distill_schema() -> dict:
             "resume": Text(what="a `diffctl distill` run directory", null=True)}  # fmt: skip
 
 
-SCHEMAS = {"train": train_schema, "distill": distill_schema, "sample": sample_schema, "likelihood": likelihood_schema,
+@functools.cache
+def reflow_schema() -> dict:
+    sample = sample_schema()
+    overrides = lambda what: Seq(Text(what="a key=value override"), what=f"a list of `diffctl {what}` overrides (key=value strings)")  # noqa: E731
+    return {**COMMON, "num_pairs": Int(lo=1), "steps": Int(lo=1), "batch_size": Int(lo=1), "seed": SEED, "noise": sample["noise"],
+            "clip_denoised": Bool(null=True), "precision": sample["precision"], "trainer": sample["trainer"], "sampler": SAMPLER_NODE,
+            "train_steps": Int(lo=1), "init_from_teacher": Bool(), "train_overrides": overrides("train"),
+            "eval": {"steps": Seq(Int(lo=1), what="a non-empty list of step counts (integers >= 1)", min_len=1, unique=True),
+                     "num_samples": Int(lo=1), "seed": SEED, "straightness_steps": Int(lo=1), "straightness_samples": Int(lo=1),
+                     "sample_overrides": overrides("sample")},
+            "resume": Text(what="a `diffctl reflow` run directory", null=True)}  # fmt: skip
+
+
+SCHEMAS = {"train": train_schema, "distill": distill_schema, "reflow": reflow_schema, "sample": sample_schema, "likelihood": likelihood_schema,
            "fid_stats": fid_stats_schema, "export": export_schema, "train_classifier": train_classifier_schema,
            "inpaint": inpaint_schema, "metrics_command": metrics_command_schema,
            "train_autoencoder": train_autoencoder_schema}  # fmt: skip
