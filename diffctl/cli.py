@@ -171,6 +171,13 @@ def _distill_task(cfg):
     return distill(cfg)
 
 
+def _reflow_task(cfg):
+    _validated(cfg, "reflow")
+    from diffctl.reflow import reflow
+
+    return reflow(cfg)
+
+
 def _likelihood_task(cfg):
     _validated(cfg, "likelihood")
     from diffctl.likelihood import likelihood
@@ -184,6 +191,7 @@ SUBCOMMANDS = {
     "train-classifier": (_train_classifier_task, "train_classifier", "train a noise-conditional classifier for classifier guidance"),
     "train-autoencoder": (_train_autoencoder_task, "train_autoencoder", "train a KL autoencoder, the first stage of latent diffusion"),
     "distill": (_distill_task, "distill", "progressive distillation: halve a model's DDIM steps, round after round"),
+    "reflow": (_reflow_task, "reflow", "rectified flow's reflow: pairs from a flow model, a straighter model trained on them"),
     "sample": (_sample_task, "sample", "generate images from a checkpoint (samples.npz, PNG grid, metrics.json)"),
     "inpaint": (_inpaint_task, "inpaint", "fill masked regions of images with a checkpoint (RePaint; inpainted.npz, grid, metrics)"),
     "fid-stats": (_fid_stats_task, "fid_stats", "precompute reference statistics for FID/KID"),

@@ -34,7 +34,7 @@ class RoundFailed(DiffctlError):
     """A round's `diffctl train` process ended with an error (it printed it)."""
 
 
-def _value(v: Any) -> str:
+def override_value(v: Any) -> str:
     """A Python value as a Hydra command-line value."""
     if v is None:
         return "null"
@@ -43,7 +43,7 @@ def _value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_value(x) for x in v) + "]"
+        return "[" + ",".join(override_value(x) for x in v) + "]"
     return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
@@ -51,7 +51,7 @@ def data_overrides(teacher_cfg: dict) -> list[str]:
     """The teacher's data config as `diffctl train` overrides: the student trains on the teacher's data."""
     data = teacher_cfg.get("data") or {}
     name = data.get("name")
-    return ([f"data={name}"] if name else []) + [f"data.{k}={_value(v)}" for k, v in data.items() if k != "_target_"]
+    return ([f"data={name}"] if name else []) + [f"data.{k}={override_value(v)}" for k, v in data.items() if k != "_target_"]
 
 
 def make_plan(cfg: DictConfig) -> dict:
@@ -71,12 +71,13 @@ def make_plan(cfg: DictConfig) -> dict:
     return {**plan, "ckpt": str(path), "data": data_overrides(teacher_cfg), "rounds_done": []}
 
 
-def read_plan(run: Path) -> dict:
+def read_plan(run: Path, name: str = PLAN, command: str = "distill") -> dict:
+    """The plan file `name` of a `diffctl <command>` run directory, for resume=."""
     import json
 
-    path = run / PLAN
+    path = run / name
     if not path.is_file():
-        raise ConfigError(f"resume={run}: not a `diffctl distill` run directory (no {PLAN})")
+        raise ConfigError(f"resume={run}: not a `diffctl {command}` run directory (no {name})")
     try:
         return json.loads(path.read_text())
     except ValueError as err:
@@ -88,11 +89,11 @@ def round_command(plan: dict, k: int, run: Path) -> list[str]:
     round_dir = run / f"round_{k}"
     teacher = plan["ckpt"] if k == 1 else str(run / f"round_{k - 1}")
     student_steps = plan["teacher_steps"] // 2**k
-    args = ["train", "objective=progressive", f"objective.teacher={_value(teacher)}", f"objective.student_steps={student_steps}",
+    args = ["train", "objective=progressive", f"objective.teacher={override_value(teacher)}", f"objective.student_steps={student_steps}",
             *plan["data"], f"trainer.max_steps={plan['steps_per_round']}", *plan["train_overrides"],
-            f"hydra.run.dir={_value(str(round_dir))}"]  # fmt: skip
+            f"hydra.run.dir={override_value(str(round_dir))}"]  # fmt: skip
     if (round_dir / "checkpoints" / "last.ckpt").is_file():
-        args.append(f"resume={_value(str(round_dir))}")
+        args.append(f"resume={override_value(str(round_dir))}")
     return args
 
 
@@ -102,7 +103,7 @@ def round_step(round_dir: Path) -> int:
     return int(load_checkpoint(last, "a round's checkpoint").get("global_step", 0)) if last.is_file() else 0
 
 
-def run_round(args: list[str]) -> None:
+def run_round(args: list[str], what: str = "a round's") -> None:
     """One round as its own process; it prints its own progress and errors. A signal that stops this
     process reaches the round (Ctrl-C reaches the whole process group; SIGTERM is passed on), whose
     checkpoints stay for resume=."""
@@ -118,7 +119,7 @@ def run_round(args: list[str]) -> None:
                 proc.kill()
                 proc.wait()
     if code != 0:
-        raise RoundFailed(f"a round's `diffctl train` exited with status {code} (its error is above)")
+        raise RoundFailed(f"{what} `diffctl {args[0]}` exited with status {code} (its error is above)")
 
 
 def _kept(cfg) -> str:

@@ -28,7 +28,7 @@ from diffctl.errors import ConfigError
 
 LOCK = ".diffctl.lock"
 INDEX_JOBS = ("sample", "inpaint")  # resumable index jobs (diffctl.indexjob): resume=<run dir> continues in place
-IN_PLACE = (*INDEX_JOBS, "distill")  # commands whose resume=<run dir> continues in that directory
+IN_PLACE = (*INDEX_JOBS, "distill", "reflow")  # commands whose resume=<run dir> continues in that directory
 _held: dict[Path, int] = {}  # directory -> fd of its lock, held by this process
 _pending: set[Path] = set()  # claimed by ClaimRunDir for the task about to start in this process
 
