@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Few-step sampling: progressive distillation against DDIM on its teacher, consistency distillation and
-consistency training, FID at equal sampling steps (issue 19).
+"""Few-step sampling: progressive distillation against DDIM on its teacher, consistency distillation,
+consistency training, and rectified flow before and after reflow, FID at equal sampling steps (issue 19).
 
     python scripts/bench_distill.py --work /tmp/bench_distill           # everything (see the README for the time)
     python scripts/bench_distill.py --work /tmp/bd --quick              # a smoke run of every step (minutes)
@@ -11,9 +11,13 @@ Fashion-MNIST at --resolution (Debian's dataset-fashion-mnist). Steps:
   2. `diffctl distill` from --teacher-steps down to 1 step, --steps-per-round optimizer steps a round;
   3. consistency distillation from the same teacher and consistency training from scratch, each for the
      distillation's total optimizer steps (rounds x steps per round), the same network;
-  4. `diffctl sample` of --num images from each model at each step count it is made for (the teacher with
-     DDIM at every count, each student at its own, the consistency models at 1, 2 and 4), the same seeds;
-  5. every image set scored against the same --ref-limit training images with the same detector, and the
+  4. a flow-matching model (`sde=linear objective=flow`, the same network and wall-clock as the teacher) and
+     `diffctl reflow` of it: --pairs ODE pairs of --teacher-steps steps, the distillation's total optimizer
+     steps of training, and the straightness of both models' paths;
+  5. `diffctl sample` of --num images from each model at each step count it is made for (the teacher and
+     the flow model with DDIM at every count, which on sde=linear is Euler; each student at its own; the
+     consistency models and the reflowed model at 1, 2 and 4), the same seeds;
+  6. every image set scored against the same --ref-limit training images with the same detector, and the
      first --num test images themselves (the floor of FID at this sample count).
 Writes bench_distill.json and bench_distill.png (FID against sampling steps, one line per method).
 """
@@ -68,6 +72,21 @@ def distill(args, teacher: str, run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "rounds": result["rounds"], "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+def reflow(args, flow: str, run_dir: Path, train_steps: int) -> dict:
+    from diffctl.reflow import reflow as run
+
+    overrides = [*TRAIN, "optim.lr=1e-4", "optim.warmup_steps=0", "ema.decay=0.99", f"data.batch_size={args.train_batch}"]
+    t0 = time.perf_counter()
+    # Its own evaluation is cut to a token (16 samples, unscored): the rows below sample and score it as every other model.
+    result = run(compose_config("reflow", [f"ckpt={flow}", f"num_pairs={args.pairs}", f"steps={args.teacher_steps}",
+                                           f"batch_size={args.batch}", f"train_steps={train_steps}", "progress_bar=false",
+                                           "train_overrides=[" + ",".join(f"'{o}'" for o in overrides) + "]",
+                                           "eval.steps=[1]", "eval.num_samples=16", "eval.sample_overrides=['metrics.names=[]']"], run_dir))  # fmt: skip
+    res = result["results"]
+    return {"run_dir": str(run_dir), "train_dir": str(run_dir / "train"), "wall_s": round(time.perf_counter() - t0, 1),
+            "straightness_before": res["teacher"]["straightness"], "straightness_after": res["reflow"]["straightness"]}
+
+
 def sample_images(args, ckpt: str, out: Path, sampler: str, steps: int) -> dict:
     from diffctl.sample import sample
 
@@ -111,25 +130,30 @@ def run_benchmark(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "distill", "date": _dt.datetime.now().isoformat(timespec="seconds"), "environment": environment(),
               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")}}  # fmt: skip
-    print("1/5 teacher", flush=True)
+    print("1/6 teacher", flush=True)
     teacher = report["teacher"] = train(args, work / "teacher", ["denoiser.prediction=v", "trainer.max_steps=10000000", _max_time(args.teacher_minutes)])
-    print("2/5 progressive distillation", flush=True)
+    print("2/6 progressive distillation", flush=True)
     report["distill"] = distill(args, teacher["run_dir"], work / "distill")
     total = args.steps_per_round * (args.teacher_steps.bit_length() - 1)
-    print("3/5 consistency distillation and training", flush=True)
+    print("3/6 consistency distillation and training", flush=True)
     consistency = ["objective=consistency", f"trainer.max_steps={total}"]
     report["cd"] = train(args, work / "cd", [*consistency, f"objective.teacher={teacher['run_dir']}", "objective.num_scales_start=18",
                                              "objective.num_scales_end=18", "objective.target_decay_start=0.95", "optim.lr=1e-4"])  # fmt: skip
     report["ct"] = train(args, work / "ct", consistency)
-    print("4/5 sampling", flush=True)
+    print("4/6 flow matching and reflow", flush=True)
+    flow = report["flow"] = train(args, work / "flow", ["sde=linear", "objective=flow", "trainer.max_steps=10000000", _max_time(args.teacher_minutes)])
+    report["reflow"] = reflow(args, flow["run_dir"], work / "reflow", total)
+    print("5/6 sampling", flush=True)
     jobs = [("DDIM on the teacher", teacher["run_dir"], "ddim", 2**k) for k in range(args.teacher_steps.bit_length())]
     jobs += [("progressive distillation", r["run_dir"], "ddim", r["student_steps"]) for r in report["distill"]["rounds"]]
     jobs += [(name, report[key]["run_dir"], "consistency", n) for name, key in (("consistency distillation", "cd"), ("consistency training", "ct"))
              for n in CONSISTENCY_STEPS]  # fmt: skip
+    jobs += [("Euler on the flow model", flow["run_dir"], "ddim", 2**k) for k in range(args.teacher_steps.bit_length())]
+    jobs += [("reflow (2-rectified flow)", report["reflow"]["train_dir"], "ddim", n) for n in CONSISTENCY_STEPS]
     rows = []
     for i, (method, ckpt, sampler, steps) in enumerate(jobs):
         rows.append({"method": method, "steps": steps, **sample_images(args, ckpt, work / "samples" / f"{i:02d}", sampler, steps)})
-    print("5/5 scoring", flush=True)
+    print("6/6 scoring", flush=True)
     for i, row in enumerate(rows):
         row.update(score(args, Path(row["samples"]), f"{i:02d}"))
     report["floor"] = score(args, test_images(args, work), "test")
@@ -152,7 +176,11 @@ def print_report(report: dict) -> None:
     for m in methods:
         fid = {r["steps"]: r["fid"] for r in report["rows"] if r["method"] == m}
         table.add_row(m, *(f"{fid[n]:.1f}" if n in fid else "" for n in steps))
-    Console(width=150).print(table)
+    console = Console(width=150)
+    console.print(table)
+    r = report["reflow"]
+    console.print(f"straightness of the flow model's paths (Liu et al. eq. 5, 16 Euler steps): {r['straightness_before']:.4f} before reflow, "
+                  f"{r['straightness_after']:.4f} after")  # fmt: skip
 
 
 def plot(report: dict, path: Path) -> None:
@@ -183,6 +211,7 @@ def main(argv=None) -> dict:
     p.add_argument("--teacher-minutes", type=float, default=15.0, help="training wall-clock of the teacher")
     p.add_argument("--teacher-steps", type=int, default=64, help="the teacher's DDIM steps, a power of two: distilled down to 1")
     p.add_argument("--steps-per-round", type=int, default=500)
+    p.add_argument("--pairs", type=int, default=5000, help="reflow's (noise, sample) pairs")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="training images (default: all 60000)")
     p.add_argument("--num", type=int, default=500, help="images per row")
@@ -194,6 +223,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.teacher_minutes, args.teacher_steps, args.steps_per_round, args.num, args.ref_limit, args.limit = 0.2, 4, 5, 50, 100, 512
+        args.pairs = 64
     return finish(run_benchmark(args), args, print_report, plot)
 
 
